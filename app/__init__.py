@@ -1,0 +1,1 @@
+"""Event-sourced activity service: durable event log, resumable SSE streams, projections."""

@@ -1,0 +1,1 @@
+"""Agent activities: what agents report and how it reaches the log."""

@@ -1,0 +1,109 @@
+"""Validation of agent events reported over HTTP, and their translation into log appends."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+from app.eventlog import NewEvent, canonical_payload, parse_event_id
+from app.projections.agents import AGENT_STREAM
+
+__all__ = [
+    "MAX_BATCH_EVENTS",
+    "AgentEventIn",
+    "AgentEventsIn",
+    "BatchEventIn",
+    "InvalidReport",
+    "check_source_id",
+    "to_new_event",
+]
+
+MAX_BATCH_EVENTS = 1000
+SOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,199}")
+
+AgentEventName = Literal["started", "progress", "heartbeat", "complete", "failed"]
+
+
+class InvalidReport(ValueError):
+    """An agent event that breaks the contract; ``field`` names the offending part."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class AgentEventIn(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /agents/{source_id}/events``."""
+
+    event: AgentEventName
+    payload: dict[str, Any]
+    event_id: str | None = None
+    expected_version: int | None = None
+
+
+class BatchEventIn(AgentEventIn, forbid_unknown_fields=True):
+    source_id: str = ""
+
+
+class AgentEventsIn(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /agents/events``: all or nothing."""
+
+    events: list[BatchEventIn]
+
+
+def check_source_id(source_id: str, field: str = "source_id") -> str:
+    if not SOURCE_ID_PATTERN.fullmatch(source_id):
+        raise InvalidReport(
+            field,
+            f"{field} must be 1-200 characters of letters, digits and ._:@+=- starting with a "
+            f"letter or digit, got {source_id[:60]!r}",
+        )
+    return source_id
+
+
+def to_new_event(source_id: str, report: AgentEventIn, prefix: str = "") -> NewEvent:
+    """Check one reported event against the contract and make it appendable."""
+    check_source_id(source_id, f"{prefix}source_id")
+    payload = report.payload
+    agent_name = payload.get("agent_name")
+    if not isinstance(agent_name, str) or not agent_name.strip() or len(agent_name) > 200:
+        raise InvalidReport(
+            f"{prefix}payload.agent_name",
+            "payload.agent_name must be a non-empty string (at most 200 characters)",
+        )
+    for key in ("status", "message"):
+        if key in payload and not isinstance(payload[key], str):
+            raise InvalidReport(f"{prefix}payload.{key}", f"payload.{key} must be a string")
+    if "progress" in payload:
+        progress = payload["progress"]
+        if (
+            isinstance(progress, bool)
+            or not isinstance(progress, (int, float))
+            or not 0 <= progress <= 1
+        ):
+            raise InvalidReport(
+                f"{prefix}payload.progress",
+                f"payload.progress must be a number from 0 to 1, got {progress!r}",
+            )
+    if report.expected_version is not None and report.expected_version < 0:
+        raise InvalidReport(f"{prefix}expected_version", "expected_version must be 0 or more")
+    event_id = None
+    if report.event_id is not None:
+        try:
+            event_id = parse_event_id(report.event_id)
+        except ValueError as exc:
+            raise InvalidReport(f"{prefix}event_id", str(exc)) from None
+    try:
+        raw = canonical_payload(payload)
+    except ValueError as exc:
+        raise InvalidReport(f"{prefix}payload", str(exc)) from None
+    return NewEvent(
+        stream=AGENT_STREAM,
+        source_id=source_id,
+        event=report.event,
+        payload=raw,
+        event_id=event_id,
+        expected_version=report.expected_version,
+    )

@@ -1,0 +1,163 @@
+"""``/agents``: agents report their activity; dashboards read and follow it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, get, post
+from litestar.exceptions import ClientException, NotFoundException
+from litestar.params import Parameter
+
+from app.agents.reports import (
+    MAX_BATCH_EVENTS,
+    AgentEventIn,
+    AgentEventsIn,
+    check_source_id,
+    to_new_event,
+)
+from app.api.deps import build_filter
+from app.api.events import LastEventIdHeader, LastEventIdQuery
+from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
+from app.projections.agents import AGENT_STREAM, ActivityRow, list_activities, load_activity
+from app.services import Services
+
+__all__ = ["AgentsController"]
+
+AGENT_STATUSES = ("running", "stalled", "completed", "failed")
+
+
+class Appended(msgspec.Struct):
+    position: int
+    version: int
+    event_id: str
+    timestamp: str
+    #: True when this event_id was already in the log (a retry): nothing new was written.
+    duplicate: bool = False
+
+
+class BatchAppended(msgspec.Struct):
+    positions: list[int]
+    versions: list[int]
+    event_ids: list[str]
+
+
+async def _fresh(services: Services) -> None:
+    """Read-your-writes: wait until the agents projection reflects the log's current head."""
+    head = await services.store.head()
+    await services.projections.wait_for("agents", head, within=2.0)
+
+
+class AgentsController(Controller):
+    path = "/agents"
+    tags = ["agents"]
+
+    @post("/{source_id:str}/events", summary="Append one agent event", status_code=201)
+    async def append_event(
+        self, services: Services, source_id: str, data: AgentEventIn
+    ) -> Appended:
+        result = await services.store.append_one(to_new_event(source_id, data))
+        return Appended(
+            position=result.position,
+            version=result.version,
+            event_id=result.event_id,
+            timestamp=result.timestamp,
+            duplicate=result.duplicate,
+        )
+
+    @post("/events", summary="Append agent events atomically", status_code=201)
+    async def append_events(self, services: Services, data: AgentEventsIn) -> BatchAppended:
+        if not data.events:
+            raise ClientException(
+                detail="events must hold at least one event", extra={"field": "events"}
+            )
+        if len(data.events) > MAX_BATCH_EVENTS:
+            raise ClientException(
+                detail=f"a batch holds at most {MAX_BATCH_EVENTS} events, got {len(data.events)}",
+                extra={"field": "events"},
+            )
+        batch = [
+            to_new_event(item.source_id, item, prefix=f"events[{index}].")
+            for index, item in enumerate(data.events)
+        ]
+        ids = [event.event_id for event in batch if event.event_id]
+        if len(ids) != len(set(ids)):
+            raise ClientException(
+                detail="event_id values must be unique within a batch", extra={"field": "events"}
+            )
+        results = await services.store.append(batch)
+        return BatchAppended(
+            positions=[r.position for r in results],
+            versions=[r.version for r in results],
+            event_ids=[r.event_id for r in results],
+        )
+
+    @get("/", summary="Agent activities, most recent first")
+    async def list_agents(
+        self,
+        services: Services,
+        status: Annotated[
+            list[str] | None,
+            Parameter(
+                description=f"any of {', '.join(AGENT_STATUSES)} (repeatable)", required=False
+            ),
+        ] = None,
+        agent_name: Annotated[list[str] | None, Parameter(required=False)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        before: Annotated[int | None, Parameter(ge=1, required=False)] = None,
+    ) -> list[ActivityRow]:
+        checked = build_filter(agent_name=agent_name)
+        for value in status or ():
+            if value not in AGENT_STATUSES:
+                raise ClientException(
+                    detail=f"status must be one of {', '.join(AGENT_STATUSES)}, got {value[:40]!r}",
+                    extra={"field": "status"},
+                )
+        await _fresh(services)
+        async with services.engine.connect() as connection:
+            return await list_activities(
+                connection,
+                heartbeat_seconds=services.settings.server.heartbeat_seconds,
+                statuses=tuple(status or ()),
+                agent_names=checked.agent_names,
+                limit=limit,
+                before=before,
+            )
+
+    @get("/stream", summary="Follow agent events over SSE (resumable)")
+    async def stream_agents(
+        self,
+        services: Services,
+        last_event_id_header: LastEventIdHeader = None,
+        last_event_id: LastEventIdQuery = None,
+        agent_name: Annotated[list[str] | None, Parameter(required=False)] = None,
+        source_id: Annotated[list[str] | None, Parameter(required=False)] = None,
+    ) -> EventStreamResponse:
+        after = parse_last_event_id(last_event_id_header, last_event_id)
+        event_filter = build_filter(
+            stream=[AGENT_STREAM], source_id=source_id, agent_name=agent_name
+        )
+        settings = services.settings.server
+        return EventStreamResponse(
+            event_stream(
+                services.store,
+                after,
+                event_filter,
+                build=envelope_frame,
+                heartbeat_seconds=settings.heartbeat_seconds,
+                retry_ms=settings.retry_ms,
+            ),
+            write_timeout=settings.write_timeout_seconds,
+        )
+
+    @get("/{source_id:str}", summary="One agent activity")
+    async def get_agent(self, services: Services, source_id: str) -> ActivityRow:
+        check_source_id(source_id)
+        await _fresh(services)
+        async with services.engine.connect() as connection:
+            row = await load_activity(
+                connection, source_id, heartbeat_seconds=services.settings.server.heartbeat_seconds
+            )
+        if row is None:
+            raise NotFoundException(detail=f"no agent activity {source_id!r}")
+        return row

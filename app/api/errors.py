@@ -1,0 +1,75 @@
+"""Every failure as the contract's JSON error: ``{"status_code", "detail", "extra"}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import ValidationException
+from litestar.types import ExceptionHandlersMap
+
+from app.agents.reports import InvalidReport
+from app.eventlog import EventIdReused, LogUnavailable, VersionConflict
+
+__all__ = ["exception_handlers"]
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(status_code: int, detail: str, extra: Any = None) -> Response[Any]:
+    return Response(
+        {"status_code": status_code, "detail": detail, "extra": extra if extra is not None else {}},
+        status_code=status_code,
+        media_type=MediaType.JSON,
+    )
+
+
+def _invalid_report(_: Request[Any, Any, Any], exc: InvalidReport) -> Response[Any]:
+    return error_response(422, str(exc), {"field": exc.field})
+
+
+def _validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    # Name the offending field in the detail itself, not only in ``extra``.
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    parts = []
+    for problem in problems:
+        if isinstance(problem, dict):
+            key = problem.get("key")
+            message = problem.get("message", "")
+            parts.append(f"{key}: {message}" if key else str(message))
+    detail = exc.detail if not parts else f"{exc.detail}: " + "; ".join(parts)
+    return error_response(400, detail, problems or exc.extra)
+
+
+def _version_conflict(_: Request[Any, Any, Any], exc: VersionConflict) -> Response[Any]:
+    return error_response(
+        409,
+        str(exc),
+        {
+            "stream": exc.stream,
+            "source_id": exc.source_id,
+            "expected_version": exc.expected,
+            "current_version": exc.actual,
+        },
+    )
+
+
+def _event_id_reused(_: Request[Any, Any, Any], exc: EventIdReused) -> Response[Any]:
+    return error_response(409, str(exc), {"event_id": exc.event_id, "position": exc.position})
+
+
+def _unavailable(_: Request[Any, Any, Any], exc: LogUnavailable) -> Response[Any]:
+    logger.warning("log unavailable: %s", exc)
+    response = error_response(503, str(exc))
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+exception_handlers: ExceptionHandlersMap = {
+    InvalidReport: _invalid_report,
+    ValidationException: _validation,
+    VersionConflict: _version_conflict,
+    EventIdReused: _event_id_reused,
+    LogUnavailable: _unavailable,
+}

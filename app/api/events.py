@@ -1,0 +1,93 @@
+"""``/events``: the whole log, paged and streamed."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, get
+from litestar.params import Parameter
+
+from app.api.deps import build_filter
+from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
+from app.eventlog import Event
+from app.services import Services
+
+__all__ = ["EventPage", "EventsController"]
+
+MAX_PAGE = 1000
+
+
+class EventPage(msgspec.Struct):
+    events: list[Event]
+    #: Pass as ``after`` for the next page (the last position looked at, not only returned).
+    next_after: int
+    head: int
+
+
+StreamFilter = Annotated[
+    list[str] | None, Parameter(description="only these streams (repeatable)", required=False)
+]
+SourceFilter = Annotated[
+    list[str] | None, Parameter(description="only these sources (repeatable)", required=False)
+]
+EventNameFilter = Annotated[
+    list[str] | None, Parameter(description="only these event names (repeatable)", required=False)
+]
+LastEventIdHeader = Annotated[
+    str | None,
+    Parameter(header="Last-Event-ID", required=False, description="resume after this position"),
+]
+LastEventIdQuery = Annotated[
+    str | None,
+    Parameter(
+        query="last_event_id",
+        required=False,
+        description="resume after this position (for clients that cannot set headers)",
+    ),
+]
+
+
+class EventsController(Controller):
+    path = "/events"
+    tags = ["log"]
+
+    @get("/", summary="Read the log after a position")
+    async def list_events(
+        self,
+        services: Services,
+        after: Annotated[int, Parameter(ge=0, description="return events above this position")] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 100,
+        stream: StreamFilter = None,
+        source_id: SourceFilter = None,
+        event: EventNameFilter = None,
+    ) -> EventPage:
+        page = await services.store.read_after(
+            after, build_filter(stream=stream, source_id=source_id, event=event), limit
+        )
+        return EventPage(events=page.events, next_after=page.scanned_to, head=page.head)
+
+    @get("/stream", summary="Follow the log over SSE (resumable)")
+    async def stream_events(
+        self,
+        services: Services,
+        last_event_id_header: LastEventIdHeader = None,
+        last_event_id: LastEventIdQuery = None,
+        stream: StreamFilter = None,
+        source_id: SourceFilter = None,
+        event: EventNameFilter = None,
+    ) -> EventStreamResponse:
+        after = parse_last_event_id(last_event_id_header, last_event_id)
+        event_filter = build_filter(stream=stream, source_id=source_id, event=event)
+        settings = services.settings.server
+        return EventStreamResponse(
+            event_stream(
+                services.store,
+                after,
+                event_filter,
+                build=envelope_frame,
+                heartbeat_seconds=settings.heartbeat_seconds,
+                retry_ms=settings.retry_ms,
+            ),
+            write_timeout=settings.write_timeout_seconds,
+        )

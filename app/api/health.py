@@ -1,0 +1,34 @@
+"""``/health``: does the log answer, and how far behind are the projections."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import MediaType, Response, get
+
+from app.services import Services
+
+__all__ = ["health"]
+
+logger = logging.getLogger(__name__)
+
+
+@get("/health", summary="Liveness of the log and its read models", tags=["service"])
+async def health(services: Services) -> Response[dict[str, Any]]:
+    checks: dict[str, Any] = {}
+    healthy = True
+    try:
+        head = await services.store.head()
+        checks["database"] = {"status": "ok", "head": head}
+        checks["projections"] = {
+            name: {"checkpoint": await services.projections.checkpoint(name)}
+            for name in services.projections.projections
+        }
+    except Exception as exc:
+        logger.warning("health check: database unavailable: %s", exc)
+        healthy = False
+        checks["database"] = {"status": "error", "detail": str(exc)}
+    checks["subscribers"] = services.store.feed.subscribers
+    body = {"status": "ok" if healthy else "unavailable", **checks}
+    return Response(body, status_code=200 if healthy else 503, media_type=MediaType.JSON)

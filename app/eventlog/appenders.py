@@ -1,0 +1,224 @@
+"""Dialect-specific appenders: one transaction per group-committed batch.
+
+Appends are serialised so that commit order equals position order. A tailer reads
+``position > last``; if a lower position could commit after a higher one became visible, the
+tailer would move past it and never see it. On SQLite the database's single write lock
+(``BEGIN IMMEDIATE``) gives this; on PostgreSQL a transaction-scoped advisory lock does, held
+from before the head is read until commit. Positions are assigned as head + 1, … under that
+lock, so they are also gapless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+from app.database import SQLITE_PRAGMAS
+from app.eventlog.envelope import Event, NewEvent, utc_now
+from app.eventlog.errors import LogUnavailable
+from app.eventlog.plan import Plan, SourceKey, plan_batch, source_keys, supplied_ids
+
+__all__ = [
+    "APPEND_LOCK_KEY",
+    "NOTIFY_CHANNEL",
+    "Appender",
+    "PostgresAppender",
+    "SqliteAppender",
+    "postgres_dsn",
+]
+
+# pg_advisory_xact_lock key for appends ("activity" in ASCII).
+APPEND_LOCK_KEY = 0x6163746976697479
+NOTIFY_CHANNEL = "activity_events"
+
+_COLUMNS = "position, stream, source_id, version, event, event_id, timestamp, payload"
+
+
+class Appender(Protocol):
+    async def start(self) -> None: ...
+
+    async def write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan: ...
+
+    async def close(self) -> None: ...
+
+
+def _event_from_row(row: Sequence[Any]) -> Event:
+    return Event(
+        position=row[0],
+        stream=row[1],
+        source_id=row[2],
+        version=row[3],
+        event=row[4],
+        event_id=row[5],
+        timestamp=row[6],
+        payload=msgspec.Raw(row[7].encode()),
+    )
+
+
+class SqliteAppender:
+    """Runs each batch as one synchronous transaction on a dedicated thread.
+
+    One thread hop per batch instead of one per statement (aiosqlite's model): the whole
+    read-plan-insert-commit sequence costs a single wake-up of the event loop.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-append")
+        self._connection: sqlite3.Connection | None = None
+
+    async def start(self) -> None:
+        await self._run(self._connect)
+
+    def _connect(self) -> None:
+        connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        for pragma in SQLITE_PRAGMAS:
+            connection.execute(pragma)
+        self._connection = connection
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+        try:
+            plan: Plan = await self._run(self._write, batch)
+        except sqlite3.Error as exc:
+            raise LogUnavailable(f"the event log could not be written: {exc}") from exc
+        return plan
+
+    def _write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+        connection = self._connection
+        assert connection is not None, "SqliteAppender.start() was not awaited"
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            head = connection.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+            versions: dict[SourceKey, int] = {}
+            for key in source_keys(batch):
+                found = connection.execute(
+                    "SELECT max(version) FROM events WHERE stream = ? AND source_id = ?", key
+                ).fetchone()[0]
+                versions[key] = found or 0
+            existing = self._existing(connection, supplied_ids(batch))
+            plan = plan_batch(
+                batch, head=head, versions=versions, existing=existing, timestamp=utc_now()
+            )
+            if plan.rows:
+                connection.executemany(
+                    f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", plan.rows
+                )
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        return plan
+
+    @staticmethod
+    def _existing(connection: sqlite3.Connection, ids: set[str]) -> dict[str, Event]:
+        found: dict[str, Event] = {}
+        pending = list(ids)
+        # Chunked to stay far below SQLite's host-parameter limit.
+        for start in range(0, len(pending), 500):
+            chunk = pending[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for row in connection.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE event_id IN ({marks})", chunk
+            ):
+                found[row[5]] = _event_from_row(row)
+        return found
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+        await self._run(_close)
+        self._executor.shutdown(wait=True)
+
+
+def postgres_dsn(url: str) -> str:
+    """A libpq-style DSN for asyncpg from a SQLAlchemy ``postgresql+asyncpg://`` URL."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class PostgresAppender:
+    """One dedicated asyncpg connection; each batch is one transaction under the append lock."""
+
+    def __init__(self, url: str) -> None:
+        self._dsn = postgres_dsn(url)
+        self._connection: Any = None
+
+    async def start(self) -> None:
+        await self._connect()
+
+    async def _connect(self) -> Any:
+        import asyncpg
+
+        if self._connection is None or self._connection.is_closed():
+            self._connection = await asyncpg.connect(self._dsn)
+        return self._connection
+
+    async def write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+        import asyncpg
+
+        try:
+            connection = await self._connect()
+            async with connection.transaction():
+                return await self._write(connection, batch)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            await self._discard()
+            raise LogUnavailable(f"the event log could not be written: {exc}") from exc
+
+    async def _discard(self) -> None:
+        if self._connection is not None:
+            self._connection.terminate()
+            self._connection = None
+
+    async def _write(self, connection: Any, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
+        keys = sorted(source_keys(batch))
+        records = await connection.fetch(
+            "SELECT s.stream, s.source_id, (SELECT max(e.version) FROM events e"
+            " WHERE e.stream = s.stream AND e.source_id = s.source_id)"
+            " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)",
+            [key[0] for key in keys],
+            [key[1] for key in keys],
+        )
+        versions = {(r[0], r[1]): r[2] or 0 for r in records}
+        ids = supplied_ids(batch)
+        existing: dict[str, Event] = {}
+        if ids:
+            for record in await connection.fetch(
+                f"SELECT {_COLUMNS} FROM events WHERE event_id = ANY($1::text[])", list(ids)
+            ):
+                existing[record[5]] = _event_from_row(record)
+        plan = plan_batch(
+            batch, head=head, versions=versions, existing=existing, timestamp=utc_now()
+        )
+        if plan.rows:
+            columns = list(zip(*plan.rows, strict=True))
+            await connection.execute(
+                f"INSERT INTO events ({_COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[],"
+                " $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[])",
+                *columns,
+            )
+            # Delivered at commit; it only wakes other processes' tails (the table is the data).
+            await connection.execute(
+                "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(plan.rows[-1].position)
+            )
+        return plan
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None

@@ -1,0 +1,147 @@
+"""The event envelope: what the log stores and what every client receives.
+
+The payload is kept as raw JSON bytes (:class:`msgspec.Raw`) from the moment it is validated:
+what a client sent is canonicalised once, stored as text, and embedded verbatim in every
+envelope and SSE frame afterwards, so nothing is re-encoded per reader and nothing drifts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "MAX_PAYLOAD_DEPTH",
+    "Event",
+    "InvalidPayload",
+    "NewEvent",
+    "canonical_payload",
+    "decode_event",
+    "encode_event",
+    "format_timestamp",
+    "new_event_id",
+    "parse_event_id",
+    "utc_now",
+]
+
+# Deeper payloads are refused: they are never useful and cost stack on every decoder.
+MAX_PAYLOAD_DEPTH = 32
+
+
+class Event(msgspec.Struct, frozen=True, gc=False):
+    """One persisted event, exactly as the contract's envelope."""
+
+    position: int
+    stream: str
+    source_id: str
+    version: int
+    event: str
+    event_id: str
+    timestamp: str
+    payload: msgspec.Raw
+
+    def payload_dict(self) -> dict[str, Any]:
+        value: dict[str, Any] = _dict_decoder.decode(self.payload)
+        return value
+
+
+class NewEvent(msgspec.Struct, frozen=True, gc=False):
+    """An event to append. ``payload`` is canonical JSON from :func:`canonical_payload`."""
+
+    stream: str
+    source_id: str
+    event: str
+    payload: msgspec.Raw
+    event_id: str | None = None
+    expected_version: int | None = None
+
+
+class InvalidPayload(ValueError):
+    """A payload that is not a JSON object, or one nested deeper than allowed."""
+
+
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(Event)
+_dict_decoder = msgspec.json.Decoder(dict[str, Any])
+_any_decoder = msgspec.json.Decoder()
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes | str) -> Event:
+    return _event_decoder.decode(data)
+
+
+def canonical_payload(payload: Any) -> msgspec.Raw:
+    """Validate ``payload`` (a mapping, or JSON bytes of an object) and return compact JSON.
+
+    Compact output matters beyond size: an SSE ``data:`` line must not contain a newline.
+    """
+    if isinstance(payload, (bytes, bytearray, memoryview, msgspec.Raw)):
+        try:
+            payload = _any_decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise InvalidPayload(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidPayload(f"payload must be a JSON object, got {_json_type(payload)}")
+    _check_depth(payload, 1)
+    try:
+        return msgspec.Raw(_encoder.encode(payload))
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidPayload(f"payload is not JSON-serialisable: {exc}") from exc
+
+
+def _check_depth(value: Any, depth: int) -> None:
+    if depth > MAX_PAYLOAD_DEPTH:
+        raise InvalidPayload(f"payload is nested deeper than {MAX_PAYLOAD_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidPayload("payload keys must be strings")
+            if isinstance(item, (dict, list)):
+                _check_depth(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, (dict, list)):
+                _check_depth(item, depth + 1)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def parse_event_id(value: str) -> str:
+    """Normalise a client-supplied event id to the canonical lowercase UUID form."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(f"event_id must be a UUID, got {value!r}") from exc
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339, UTC, millisecond precision: ``2025-01-24T12:34:56.789Z``."""
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def utc_now() -> str:
+    return format_timestamp(datetime.now(UTC))

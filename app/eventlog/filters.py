@@ -1,0 +1,54 @@
+"""Which events a reader wants: the same filter serves table reads and live tails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from sqlalchemy import ColumnElement
+
+from app.eventlog.envelope import Event
+from app.eventlog.tables import events
+
+__all__ = ["EventFilter"]
+
+
+class EventFilter(msgspec.Struct, frozen=True):
+    """All given criteria must hold; within one criterion, any of the values may match."""
+
+    streams: tuple[str, ...] = ()
+    source_ids: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    # Matched against ``payload.agent_name``; applied after the table read.
+    agent_names: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.streams or self.source_ids or self.events or self.agent_names)
+
+    def clauses(self) -> list[ColumnElement[bool]]:
+        """SQL conditions for the criteria the table has columns (and indexes) for."""
+        found: list[ColumnElement[bool]] = []
+        for column, values in (
+            (events.c.stream, self.streams),
+            (events.c.source_id, self.source_ids),
+            (events.c.event, self.events),
+        ):
+            if len(values) == 1:
+                found.append(column == values[0])
+            elif values:
+                found.append(column.in_(values))
+        return found
+
+    def matches(self, event: Event, payload: dict[str, Any] | None = None) -> bool:
+        if self.streams and event.stream not in self.streams:
+            return False
+        if self.source_ids and event.source_id not in self.source_ids:
+            return False
+        if self.events and event.event not in self.events:
+            return False
+        if self.agent_names:
+            if payload is None:
+                payload = event.payload_dict()
+            return payload.get("agent_name") in self.agent_names
+        return True

@@ -1,0 +1,235 @@
+"""Wake-ups for tailers, and the in-process window of the log's newest events.
+
+A :class:`LogFeed` knows the highest committed position this process has seen and keeps the
+events just below it in a bounded ring, so that a thousand tailers that are caught up share one
+read of the table (and one encoding of each event) instead of each querying it. The table stays
+the data: the ring is only ever filled in position order from committed rows, and a tailer that
+falls behind the ring reads the table itself. A wake-up carries no data; after one, readers
+re-read ``position > last``.
+
+Sources of wake-ups: this process's appender (which hands over its committed batch), PostgreSQL
+LISTEN/NOTIFY for other processes' appends, and a slow fallback poll, since NOTIFY is lost across
+reconnects and behind transaction-pooling proxies, and SQLite has no notifications at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from app.eventlog.envelope import Event, encode_event
+
+__all__ = ["LogEntry", "LogFeed", "PostgresListener"]
+
+logger = logging.getLogger(__name__)
+
+
+class LogEntry:
+    """An event with its encodings, computed once and shared by every subscriber."""
+
+    __slots__ = ("_envelope", "_frames", "_payload", "event")
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self._envelope: bytes | None = None
+        self._payload: dict[str, Any] | None = None
+        self._frames: dict[str, bytes] | None = None
+
+    @property
+    def position(self) -> int:
+        return self.event.position
+
+    def envelope_json(self) -> bytes:
+        if self._envelope is None:
+            self._envelope = encode_event(self.event)
+        return self._envelope
+
+    def payload(self) -> dict[str, Any]:
+        if self._payload is None:
+            self._payload = self.event.payload_dict()
+        return self._payload
+
+    def frame(self, kind: str, build: Callable[[LogEntry], bytes]) -> bytes:
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = {}
+        found = frames.get(kind)
+        if found is None:
+            found = frames[kind] = build(self)
+        return found
+
+
+ReadAfter = Callable[[int, int], Awaitable[list[Event]]]
+
+
+class LogFeed:
+    """The newest committed events of the log, as seen by this process."""
+
+    def __init__(
+        self, read_after: ReadAfter, *, head: int, capacity: int = 10_000, poll_seconds: float = 1.0
+    ) -> None:
+        self._read_after = read_after
+        self._capacity = capacity
+        self._poll_seconds = poll_seconds
+        self._ring: deque[LogEntry] = deque(maxlen=capacity)
+        self._head = head
+        self._changed = asyncio.get_running_loop().create_future()
+        self._wake = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None
+        self.subscribers = 0
+
+    @property
+    def head(self) -> int:
+        """Every position up to this one is committed and visible to readers."""
+        return self._head
+
+    def start(self) -> None:
+        self._follower = asyncio.create_task(self._follow(), name="log-feed-follower")
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future resolved at the next advance of the head. Take it *before* reading, then
+        compare with :attr:`head`: an advance in between is never missed."""
+        return self._changed
+
+    def entries_after(self, position: int) -> list[LogEntry] | None:
+        """The entries after ``position`` up to the head, or None if the ring no longer (or
+        not yet) holds them all and the caller must read the table."""
+        if position >= self._head:
+            return []
+        ring = self._ring
+        if not ring or ring[0].position > position + 1:
+            return None
+        start = position + 1 - ring[0].position
+        if start == 0:
+            return list(ring)
+        return [ring[i] for i in range(start, len(ring))]
+
+    def publish(self, events: Sequence[Event]) -> None:
+        """Hand over events this process just committed; contiguous ones go straight into the
+        ring, anything else (another writer's rows in between) is read from the table."""
+        if not events:
+            return
+        if events[0].position == self._head + 1:
+            self._extend(events)
+        elif events[-1].position > self._head:
+            self.wake()
+
+    def advance_to(self, position: int) -> None:
+        """Another process committed up to ``position`` (a NOTIFY; 0 when unknown, as after a
+        reconnect): fetch what is new."""
+        if position <= 0 or position > self._head:
+            self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _extend(self, events: Sequence[Event]) -> None:
+        self._ring.extend(LogEntry(event) for event in events)
+        self._head = events[-1].position
+        changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        changed.set_result(None)
+
+    async def _follow(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_seconds)
+            self._wake.clear()
+            try:
+                await self._catch_up()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("log feed could not read the table; retrying", exc_info=True)
+
+    async def _catch_up(self) -> None:
+        while True:
+            events = await self._read_after(self._head, 1000)
+            # The appender may have advanced the head while this read was in flight.
+            events = [event for event in events if event.position > self._head]
+            if not events:
+                return
+            if events[0].position != self._head + 1:
+                # Positions are gapless except where a log was imported from an offset.
+                self._ring.clear()
+            self._extend(events)
+            if len(events) < 1000:
+                return
+
+
+def _on_termination(lost: asyncio.Event) -> Callable[[Any], None]:
+    def terminated(_connection: Any) -> None:
+        lost.set()
+
+    return terminated
+
+
+class PostgresListener:
+    """LISTEN on the append channel; wakes the feed, re-LISTENs after the connection drops."""
+
+    def __init__(self, dsn: str, channel: str, on_notify: Callable[[int], None]) -> None:
+        self._dsn = dsn
+        self._channel = channel
+        self._on_notify = on_notify
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="postgres-listener")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _notified(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            self._on_notify(int(payload))
+        except ValueError:
+            self._on_notify(0)
+
+    async def _run(self) -> None:
+        import asyncpg
+
+        delay = 0.1
+        while True:
+            lost = asyncio.Event()
+            connection: Any = None
+            try:
+                connection = await asyncpg.connect(self._dsn)
+                connection.add_termination_listener(_on_termination(lost))
+                await connection.add_listener(self._channel, self._notified)
+                self.connected.set()
+                delay = 0.1
+                # Whatever was appended while we were not listening is fetched now.
+                self._on_notify(0)
+                while not lost.is_set():
+                    try:
+                        await asyncio.wait_for(lost.wait(), 5.0)
+                    except TimeoutError:
+                        # A half-open connection never reports its loss; a query does.
+                        await asyncio.wait_for(connection.fetchval("SELECT 1"), 5.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
+            finally:
+                self.connected.clear()
+                if connection is not None and not connection.is_closed():
+                    connection.terminate()
+            # Wake the feed: the fallback poll covers the gap, but sooner is better.
+            self._on_notify(0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,274 @@
+"""The event store: the only code that writes the events table.
+
+Appends are group-committed: every request waiting while the previous transaction was being
+made durable goes into the next transaction together, so one fsync acknowledges many callers.
+A request is still all or nothing on its own (a conflict in one does not fail the others), and
+``append`` returns only after the transaction holding the request has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import msgspec
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.database import is_sqlite, sqlite_path
+from app.eventlog.appenders import (
+    NOTIFY_CHANNEL,
+    Appender,
+    PostgresAppender,
+    SqliteAppender,
+    postgres_dsn,
+)
+from app.eventlog.envelope import Event, NewEvent
+from app.eventlog.errors import AppendError, LogUnavailable
+from app.eventlog.filters import EventFilter
+from app.eventlog.notify import LogFeed, PostgresListener
+from app.eventlog.plan import AppendResult
+from app.eventlog.tables import events
+
+__all__ = ["AppendResult", "EventStore", "Page", "read_page"]
+
+logger = logging.getLogger(__name__)
+
+_COLUMNS = (
+    events.c.position,
+    events.c.stream,
+    events.c.source_id,
+    events.c.version,
+    events.c.event,
+    events.c.event_id,
+    events.c.timestamp,
+    events.c.payload,
+)
+
+
+class Page(NamedTuple):
+    events: list[Event]
+    # Every position up to here has been looked at: the next page starts after it.
+    scanned_to: int
+    head: int
+
+
+class _Request:
+    __slots__ = ("events", "future")
+
+    def __init__(self, events: Sequence[NewEvent], future: asyncio.Future[list[AppendResult]]):
+        self.events = events
+        self.future = future
+
+
+async def _head(connection: AsyncConnection) -> int:
+    result = await connection.execute(select(func.coalesce(func.max(events.c.position), 0)))
+    return int(result.scalar_one())
+
+
+def _to_event(row: Sequence[Any]) -> Event:
+    return Event(
+        position=row[0],
+        stream=row[1],
+        source_id=row[2],
+        version=row[3],
+        event=row[4],
+        event_id=row[5],
+        timestamp=row[6],
+        payload=msgspec.Raw(row[7]),
+    )
+
+
+async def read_page(
+    connection: AsyncConnection,
+    after: int,
+    event_filter: EventFilter | None = None,
+    limit: int = 1000,
+) -> Page:
+    """Up to ``limit`` matching events above ``after``, read on the caller's connection."""
+    event_filter = event_filter or EventFilter()
+    # The head first: every row at or below it is committed (commit order is position order),
+    # so a short page can say "scanned up to the head" and the next read starts there.
+    head = await _head(connection)
+    if after >= head:
+        return Page([], after, head)
+    query = (
+        select(*_COLUMNS)
+        .where(events.c.position > after, events.c.position <= head)
+        .where(*event_filter.clauses())
+        .order_by(events.c.position)
+        .limit(limit)
+    )
+    found = [_to_event(row) for row in (await connection.execute(query)).all()]
+    scanned_to = found[-1].position if len(found) == limit else head
+    if event_filter.agent_names:
+        found = [event for event in found if event_filter.matches(event)]
+    return Page(found, scanned_to, head)
+
+
+class EventStore:
+    """Append, read and follow the log. Create with :meth:`open`, release with :meth:`close`."""
+
+    def __init__(self, engine: AsyncEngine, appender: Appender, *, max_batch_events: int) -> None:
+        self._engine = engine
+        self._appender = appender
+        self._max_batch = max_batch_events
+        self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._listener: PostgresListener | None = None
+        self._closed = False
+        self.feed: LogFeed
+
+    @classmethod
+    async def open(
+        cls,
+        engine: AsyncEngine,
+        *,
+        max_batch_events: int = 2000,
+        poll_seconds: float = 1.0,
+        feed_capacity: int = 10_000,
+    ) -> EventStore:
+        url = engine.url.render_as_string(hide_password=False)
+        appender: Appender
+        if is_sqlite(url):
+            path = sqlite_path(url)
+            if path is None:
+                raise ValueError("the event log needs a SQLite file, not an in-memory database")
+            appender = SqliteAppender(path)
+        else:
+            appender = PostgresAppender(url)
+        await appender.start()
+        store = cls(engine, appender, max_batch_events=max_batch_events)
+        store.feed = LogFeed(
+            store._read_for_feed,
+            head=await store.head(),
+            capacity=feed_capacity,
+            poll_seconds=poll_seconds,
+        )
+        store.feed.start()
+        if not is_sqlite(url):
+            store._listener = PostgresListener(
+                postgres_dsn(url), NOTIFY_CHANNEL, store.feed.advance_to
+            )
+            store._listener.start()
+        store._writer = asyncio.create_task(store._write_loop(), name="event-log-writer")
+        return store
+
+    async def close(self) -> None:
+        """Stop taking appends, finish the ones already queued, release every resource."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            await self._queue.put(None)
+            await self._writer
+        if self._listener is not None:
+            await self._listener.close()
+        await self.feed.close()
+        await self._appender.close()
+
+    # -- appending -------------------------------------------------------------------------
+
+    async def append(self, batch: Sequence[NewEvent]) -> list[AppendResult]:
+        """Append ``batch`` atomically; returns once it is durable.
+
+        Raises :class:`VersionConflict` or :class:`EventIdReused` (nothing written),
+        :class:`LogUnavailable` if the database cannot be written.
+        """
+        if not batch:
+            raise ValueError("an append needs at least one event")
+        if self._closed:
+            raise LogUnavailable("the event log is shutting down")
+        ids = [event.event_id for event in batch if event.event_id is not None]
+        if len(ids) != len(set(ids)):
+            raise ValueError("event_id values must be unique within one append")
+        future: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(batch, future))
+        return await future
+
+    async def append_one(self, event: NewEvent) -> AppendResult:
+        return (await self.append([event]))[0]
+
+    async def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            request = await self._queue.get()
+            if request is None:
+                break
+            group = [request]
+            size = len(request.events)
+            while size < self._max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stopping = True
+                    break
+                group.append(nxt)
+                size += len(nxt.events)
+            await self._commit(group)
+
+    async def _commit(self, group: list[_Request]) -> None:
+        try:
+            plan = await self._appender.write([request.events for request in group])
+        except Exception as exc:
+            if not isinstance(exc, LogUnavailable):
+                logger.exception("append failed")
+                exc = LogUnavailable(f"the event log could not be written: {exc}")
+            for request in group:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        for request, outcome in zip(group, plan.outcomes, strict=True):
+            if request.future.done():
+                continue
+            if isinstance(outcome, AppendError):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+        if plan.rows:
+            self.feed.publish([row.to_event() for row in plan.rows])
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def head(self) -> int:
+        """The highest committed position (0 for an empty log)."""
+        async with self._engine.connect() as connection:
+            return await _head(connection)
+
+    async def read_after(
+        self, after: int, event_filter: EventFilter | None = None, limit: int = 1000
+    ) -> Page:
+        """Up to ``limit`` matching events with a position above ``after``, in order."""
+        async with self._engine.connect() as connection:
+            return await read_page(connection, after, event_filter, limit)
+
+    async def _read_for_feed(self, after: int, limit: int) -> list[Event]:
+        async with self._engine.connect() as connection:
+            query = (
+                select(*_COLUMNS)
+                .where(events.c.position > after)
+                .order_by(events.c.position)
+                .limit(limit)
+            )
+            return [_to_event(row) for row in (await connection.execute(query)).all()]
+
+    async def read_source(
+        self, stream: str, source_id: str, *, until_position: int | None = None
+    ) -> list[Event]:
+        """Every event of one source, in version order (optionally as of a position)."""
+        query = select(*_COLUMNS).where(events.c.stream == stream, events.c.source_id == source_id)
+        if until_position is not None:
+            query = query.where(events.c.position <= until_position)
+        async with self._engine.connect() as connection:
+            rows = (await connection.execute(query.order_by(events.c.version))).all()
+        return [_to_event(row) for row in rows]
+
+    async def source_version(self, stream: str, source_id: str) -> int:
+        async with self._engine.connect() as connection:
+            result = await connection.execute(
+                select(func.coalesce(func.max(events.c.version), 0)).where(
+                    events.c.stream == stream, events.c.source_id == source_id
+                )
+            )
+            return int(result.scalar_one())

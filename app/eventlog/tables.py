@@ -1,0 +1,32 @@
+"""The events table: the log itself, and the only table the append path writes."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
+
+from app.database import metadata
+
+__all__ = ["POSITION", "events"]
+
+# INTEGER PRIMARY KEY is SQLite's rowid (the table's own key, no second b-tree); BIGINT elsewhere.
+POSITION = BigInteger().with_variant(Integer(), "sqlite")
+
+events = Table(
+    "events",
+    metadata,
+    # Assigned by the appender under the log's write lock, so it is gapless and commit-ordered.
+    Column("position", POSITION, primary_key=True, autoincrement=False),
+    Column("stream", String(100), nullable=False),
+    Column("source_id", String(200), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("event", String(100), nullable=False),
+    Column("event_id", String(36), nullable=False, unique=True),
+    # RFC 3339 text as sent on the wire: fixed width, so text order is time order.
+    Column("timestamp", String(24), nullable=False),
+    # Canonical compact JSON text (not JSONB, which would reorder keys).
+    Column("payload", Text, nullable=False),
+    Index("uq_events_stream_source_id_version", "stream", "source_id", "version", unique=True),
+    Index("ix_events_source_id_position", "source_id", "position"),
+    Index("ix_events_stream_position", "stream", "position"),
+    Index("ix_events_event_position", "event", "position"),
+)

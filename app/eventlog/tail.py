@@ -1,0 +1,63 @@
+"""Replay from a position, then follow the log live, with no gap and no duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from app.eventlog.filters import EventFilter
+from app.eventlog.notify import LogEntry
+from app.eventlog.store import EventStore
+
+__all__ = ["replay_then_tail"]
+
+
+async def replay_then_tail(
+    store: EventStore,
+    after: int,
+    event_filter: EventFilter | None = None,
+    *,
+    idle_timeout: float | None = None,
+    chunk: int = 1000,
+) -> AsyncIterator[list[LogEntry]]:
+    """Yield lists of matching entries with positions above ``after``, in position order.
+
+    Reads the table until caught up with the feed's window, then takes entries from the
+    window as the head advances. A reader that falls behind the window (slow, or just
+    resumed far back) reads the table again; nobody waits for it. When nothing arrives for
+    ``idle_timeout`` seconds an empty list is yielded, so the caller can send a heartbeat.
+    """
+    event_filter = event_filter or EventFilter()
+    unfiltered = event_filter.is_empty
+    feed = store.feed
+    feed.subscribers += 1
+    try:
+        last = after
+        while True:
+            # Taken before looking at the head: an append landing after this line resolves it.
+            changed = feed.changed()
+            entries = feed.entries_after(last)
+            if entries is None:
+                page = await store.read_after(last, event_filter, chunk)
+                last = max(last, page.scanned_to)
+                if page.events:
+                    yield [LogEntry(event) for event in page.events]
+                continue
+            if entries:
+                last = entries[-1].position
+                if not unfiltered:
+                    entries = [e for e in entries if _matches(event_filter, e)]
+                if entries:
+                    yield entries
+                continue
+            done, _ = await asyncio.wait((changed,), timeout=idle_timeout)
+            if not done:
+                yield []
+    finally:
+        feed.subscribers -= 1
+
+
+def _matches(event_filter: EventFilter, entry: LogEntry) -> bool:
+    # The entry's decoded payload is cached, so a thousand filtered tails decode it once.
+    payload = entry.payload() if event_filter.agent_names else None
+    return event_filter.matches(entry.event, payload)

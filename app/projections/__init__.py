@@ -1,0 +1,20 @@
+"""Read models folded from the log, each with a checkpoint."""
+
+from __future__ import annotations
+
+from app.projections.agents import AgentProjection
+from app.projections.base import Projection, checkpoints
+from app.projections.runner import ProjectionRunner, UnknownProjection
+
+__all__ = [
+    "AgentProjection",
+    "Projection",
+    "ProjectionRunner",
+    "UnknownProjection",
+    "all_projections",
+    "checkpoints",
+]
+
+
+def all_projections() -> list[Projection]:
+    return [AgentProjection()]

@@ -1,0 +1,195 @@
+"""Folds the log into the projections' tables, each event exactly once.
+
+Every step reads the events after a projection's checkpoint and applies them in one
+transaction that also moves the checkpoint, so a crash at any point leaves the rows and the
+checkpoint in agreement. The checkpoint row is locked for the step (``FOR UPDATE``; SQLite's
+write lock does the same), so two processes never apply the same events.
+
+Reads after an append see it by waiting for the checkpoint: an API read first takes the log's
+head, then waits (briefly) until the projection has caught up to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.database import upsert, write_transaction
+from app.eventlog import EventStore
+from app.eventlog.envelope import utc_now
+from app.eventlog.store import read_page
+from app.projections.base import Projection, checkpoints
+
+__all__ = ["ProjectionRunner", "UnknownProjection"]
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownProjection(KeyError):
+    pass
+
+
+class ProjectionRunner:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        projections: Sequence[Projection],
+        *,
+        store: EventStore | None = None,
+        batch_size: int = 1000,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._batch_size = batch_size
+        self._poll_seconds = poll_seconds
+        self.projections = {projection.name: projection for projection in projections}
+        self._positions: dict[str, int] = {}
+        self._advanced: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def get(self, name: str) -> Projection:
+        try:
+            return self.projections[name]
+        except KeyError:
+            known = ", ".join(sorted(self.projections))
+            raise UnknownProjection(f"no projection named {name!r} (known: {known})") from None
+
+    async def start(self) -> None:
+        await self._ensure_checkpoints()
+        self._task = asyncio.create_task(self._run(), name="projection-runner")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _ensure_checkpoints(self) -> None:
+        async with self._engine.connect() as connection:
+            connection = await write_transaction(connection)
+            async with connection.begin():
+                await upsert(
+                    connection,
+                    checkpoints,
+                    [
+                        {"name": name, "position": 0, "updated_at": utc_now()}
+                        for name in self.projections
+                    ],
+                    key=("name",),
+                    update=False,
+                )
+
+    async def _run(self) -> None:
+        assert self._store is not None, "a running projector follows a store's feed"
+        feed = self._store.feed
+        while True:
+            changed = feed.changed()
+            try:
+                for name in self.projections:
+                    await self.catch_up(name, until=feed.head)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("projection step failed; retrying")
+                await asyncio.sleep(self._poll_seconds)
+                continue
+            await asyncio.wait((changed,), timeout=self._poll_seconds)
+
+    async def catch_up(self, name: str, *, until: int | None = None) -> int:
+        """Apply everything after the checkpoint (up to ``until`` if given, else the head)."""
+        projection = self.get(name)
+        while True:
+            async with self._engine.connect() as connection:
+                connection = await write_transaction(connection)
+                async with connection.begin():
+                    position, more = await self._step(connection, projection)
+            self._note(name, position)
+            if not more or (until is not None and position >= until):
+                return position
+
+    async def _step(self, connection: AsyncConnection, projection: Projection) -> tuple[int, bool]:
+        position = (
+            await connection.execute(
+                select(checkpoints.c.position)
+                .where(checkpoints.c.name == projection.name)
+                .with_for_update()
+            )
+        ).scalar_one()
+        page = await read_page(connection, position, projection.source_filter, self._batch_size)
+        if page.scanned_to <= position:
+            return position, False
+        if page.events:
+            await projection.apply(connection, page.events)
+        await connection.execute(
+            update(checkpoints)
+            .where(checkpoints.c.name == projection.name)
+            .values(position=page.scanned_to, updated_at=utc_now())
+        )
+        return page.scanned_to, page.scanned_to < page.head
+
+    def _note(self, name: str, position: int) -> None:
+        if position > self._positions.get(name, -1):
+            self._positions[name] = position
+            if self._advanced is not None and not self._advanced.done():
+                self._advanced.set_result(None)
+
+    async def checkpoint(self, name: str) -> int:
+        async with self._engine.connect() as connection:
+            result = await connection.execute(
+                select(checkpoints.c.position).where(checkpoints.c.name == name)
+            )
+            position = int(result.scalar_one_or_none() or 0)
+        self._note(name, position)
+        return position
+
+    async def wait_for(self, name: str, position: int, *, within: float = 5.0) -> bool:
+        """Wait (at most ``within`` seconds) until projection ``name`` reflects the log up to
+        ``position``; False if it did not get there in time."""
+        if self._positions.get(name, -1) >= position:
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            # Another process may be the one projecting: the table is the truth.
+            if await self.checkpoint(name) >= position:
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            if self._advanced is None or self._advanced.done():
+                self._advanced = loop.create_future()
+            await asyncio.wait((self._advanced,), timeout=min(remaining, 0.05))
+
+    async def rebuild(self, name: str) -> int:
+        """Empty the projection and fold the whole log again, in one transaction: readers see
+        the old rows until the new ones are complete."""
+        projection = self.get(name)
+        await self._ensure_checkpoints()
+        async with self._engine.connect() as connection:
+            connection = await write_transaction(connection)
+            async with connection.begin():
+                await connection.execute(
+                    select(checkpoints.c.position)
+                    .where(checkpoints.c.name == name)
+                    .with_for_update()
+                )
+                for table in projection.tables:
+                    await connection.execute(delete(table))
+                await connection.execute(
+                    update(checkpoints)
+                    .where(checkpoints.c.name == name)
+                    .values(position=0, updated_at=utc_now())
+                )
+                more = True
+                position = 0
+                while more:
+                    position, more = await self._step(connection, projection)
+        self._positions[name] = position
+        return position

@@ -1,0 +1,127 @@
+"""Configuration, read once from the environment (and an optional ``.env`` file).
+
+One settings class per concern; :func:`load_settings` builds them all from a mapping so that
+tests and the command line can pass their own environment without touching ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+
+import msgspec
+
+__all__ = [
+    "DatabaseSettings",
+    "ServerSettings",
+    "Settings",
+    "SettingsError",
+    "get_settings",
+    "load_settings",
+    "read_env_file",
+]
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+class DatabaseSettings(msgspec.Struct, frozen=True):
+    url: str = "sqlite+aiosqlite:///./data/events.db"
+    # Connections per process for reads and projections; the append path uses its own.
+    pool_size: int = 10
+    # The longest a group-committed batch may grow, in events.
+    max_batch_events: int = 2000
+
+
+class ServerSettings(msgspec.Struct, frozen=True):
+    heartbeat_seconds: float = 15.0
+    # The first SSE frame's ``retry:`` hint, in milliseconds.
+    retry_ms: int = 3000
+    # A write to an SSE subscriber that takes longer than this ends the stream.
+    write_timeout_seconds: float = 5.0
+    # How often a tail re-reads the table when no wake-up arrives (lost NOTIFY, other writers).
+    poll_seconds: float = 1.0
+
+
+class Settings(msgspec.Struct, frozen=True):
+    database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+
+
+# Environment variable -> (section, field). Unlisted variables are ignored.
+_ENV_FIELDS: dict[str, tuple[str, str]] = {
+    "DATABASE_URL": ("database", "url"),
+    "DATABASE_POOL_SIZE": ("database", "pool_size"),
+    "APPEND_MAX_BATCH": ("database", "max_batch_events"),
+    "HEARTBEAT_SECONDS": ("server", "heartbeat_seconds"),
+    "SSE_RETRY_MS": ("server", "retry_ms"),
+    "SSE_WRITE_TIMEOUT_SECONDS": ("server", "write_timeout_seconds"),
+    "TAIL_POLL_SECONDS": ("server", "poll_seconds"),
+}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse ``KEY=VALUE`` lines of a ``.env`` file; ``#`` comments and blank lines are skipped."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep:
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from ``environ`` (default: ``.env`` overlaid by the process environment)."""
+    if environ is None:
+        environ = {**read_env_file(Path(".env")), **os.environ}
+    sections: dict[str, dict[str, str]] = {}
+    for name, (section, field) in _ENV_FIELDS.items():
+        value = environ.get(name)
+        if value is not None and value != "":
+            sections.setdefault(section, {})[field] = value
+    try:
+        settings = msgspec.convert(sections, type=Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid configuration: {_env_name(str(exc))}") from exc
+    _check(settings)
+    return settings
+
+
+def _env_name(message: str) -> str:
+    # msgspec names the failing field as `$.section.field`; say which variable that is.
+    for name, (section, field) in _ENV_FIELDS.items():
+        message = message.replace(f"`$.{section}.{field}`", name)
+    return message
+
+
+def _check(settings: Settings) -> None:
+    url = settings.database.url
+    if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+        raise SettingsError(
+            "DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://, "
+            f"got {url!r}"
+        )
+    if settings.server.heartbeat_seconds <= 0:
+        raise SettingsError("HEARTBEAT_SECONDS must be greater than 0")
+    if settings.database.max_batch_events < 1:
+        raise SettingsError("APPEND_MAX_BATCH must be at least 1")
+    if settings.server.poll_seconds <= 0:
+        raise SettingsError("TAIL_POLL_SECONDS must be greater than 0")
+
+
+@cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

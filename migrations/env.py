@@ -1,0 +1,60 @@
+"""Alembic environment: async engine, the service's own metadata, one lock per upgrade."""
+
+from __future__ import annotations
+
+import asyncio
+import logging.config
+
+from alembic import context
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+import app.projections  # noqa: F401  (registers the projection tables on the metadata)
+from app.database import create_engine, metadata
+from app.eventlog import tables as _event_tables  # noqa: F401
+from app.settings import load_settings
+
+config = context.config
+if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+    logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+target_metadata = metadata
+
+# Instances started together must not race each other through the same migration.
+_MIGRATION_LOCK_KEY = 0x616374697669747A
+
+
+def _url() -> str:
+    return config.get_main_option("sqlalchemy.url") or load_settings().database.url
+
+
+def _run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+            )
+        context.run_migrations()
+
+
+async def _run_online() -> None:
+    engine = create_engine(_url(), pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run)
+    finally:
+        await engine.dispose()
+
+
+if context.is_offline_mode():
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    asyncio.run(_run_online())
