@@ -7,7 +7,7 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, get, post
 from litestar.exceptions import ClientException, NotFoundException
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from app.agents.reports import (
     MAX_BATCH_EVENTS,
@@ -16,11 +16,10 @@ from app.agents.reports import (
     check_source_id,
     to_new_event,
 )
-from app.api.deps import build_filter
+from app.api.deps import ServicesDep, build_filter
 from app.api.events import LastEventIdHeader, LastEventIdQuery
 from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
 from app.projections.agents import AGENT_STREAM, ActivityRow, list_activities, load_activity
-from app.services import Services
 
 __all__ = ["AgentsController"]
 
@@ -42,7 +41,7 @@ class BatchAppended(msgspec.Struct):
     event_ids: list[str]
 
 
-async def _fresh(services: Services) -> None:
+async def _fresh(services: ServicesDep) -> None:
     """Read-your-writes: wait until the agents projection reflects the log's current head."""
     head = await services.store.head()
     await services.projections.wait_for("agents", head, within=2.0)
@@ -54,7 +53,7 @@ class AgentsController(Controller):
 
     @post("/{source_id:str}/events", summary="Append one agent event", status_code=201)
     async def append_event(
-        self, services: Services, source_id: str, data: AgentEventIn
+        self, services: ServicesDep, source_id: FromPath[str], data: JSONBody[AgentEventIn]
     ) -> Appended:
         result = await services.store.append_one(to_new_event(source_id, data))
         return Appended(
@@ -66,7 +65,9 @@ class AgentsController(Controller):
         )
 
     @post("/events", summary="Append agent events atomically", status_code=201)
-    async def append_events(self, services: Services, data: AgentEventsIn) -> BatchAppended:
+    async def append_events(
+        self, services: ServicesDep, data: JSONBody[AgentEventsIn]
+    ) -> BatchAppended:
         if not data.events:
             raise ClientException(
                 detail="events must hold at least one event", extra={"field": "events"}
@@ -95,16 +96,16 @@ class AgentsController(Controller):
     @get("/", summary="Agent activities, most recent first")
     async def list_agents(
         self,
-        services: Services,
+        services: ServicesDep,
         status: Annotated[
             list[str] | None,
-            Parameter(
+            QueryParameter(
                 description=f"any of {', '.join(AGENT_STATUSES)} (repeatable)", required=False
             ),
         ] = None,
-        agent_name: Annotated[list[str] | None, Parameter(required=False)] = None,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
-        before: Annotated[int | None, Parameter(ge=1, required=False)] = None,
+        agent_name: Annotated[list[str] | None, QueryParameter(required=False)] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        before: Annotated[int | None, QueryParameter(ge=1, required=False)] = None,
     ) -> list[ActivityRow]:
         checked = build_filter(agent_name=agent_name)
         for value in status or ():
@@ -127,11 +128,11 @@ class AgentsController(Controller):
     @get("/stream", summary="Follow agent events over SSE (resumable)")
     async def stream_agents(
         self,
-        services: Services,
+        services: ServicesDep,
         last_event_id_header: LastEventIdHeader = None,
         last_event_id: LastEventIdQuery = None,
-        agent_name: Annotated[list[str] | None, Parameter(required=False)] = None,
-        source_id: Annotated[list[str] | None, Parameter(required=False)] = None,
+        agent_name: Annotated[list[str] | None, QueryParameter(required=False)] = None,
+        source_id: Annotated[list[str] | None, QueryParameter(required=False)] = None,
     ) -> EventStreamResponse:
         after = parse_last_event_id(last_event_id_header, last_event_id)
         event_filter = build_filter(
@@ -151,7 +152,7 @@ class AgentsController(Controller):
         )
 
     @get("/{source_id:str}", summary="One agent activity")
-    async def get_agent(self, services: Services, source_id: str) -> ActivityRow:
+    async def get_agent(self, services: ServicesDep, source_id: FromPath[str]) -> ActivityRow:
         check_source_id(source_id)
         await _fresh(services)
         async with services.engine.connect() as connection:

@@ -5,15 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
 
 from app.eventlog import EventFilter
 from app.services import Services
 
-__all__ = ["MAX_FILTER_VALUES", "build_filter", "provide_services"]
+__all__ = ["MAX_FILTER_VALUES", "ServicesDep", "build_filter", "provide_services"]
 
 MAX_FILTER_VALUES = 20
 MAX_FILTER_LENGTH = 200
+
+
+#: Handlers take ``services: ServicesDep``; it is provided app-wide from ``app.state``.
+ServicesDep = NamedDependency[Services]
 
 
 def provide_services(state: State) -> Services:

@@ -6,12 +6,11 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, get
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, QueryParameter
 
-from app.api.deps import build_filter
+from app.api.deps import ServicesDep, build_filter
 from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
 from app.eventlog import Event
-from app.services import Services
 
 __all__ = ["EventPage", "EventsController"]
 
@@ -26,22 +25,23 @@ class EventPage(msgspec.Struct):
 
 
 StreamFilter = Annotated[
-    list[str] | None, Parameter(description="only these streams (repeatable)", required=False)
+    list[str] | None, QueryParameter(description="only these streams (repeatable)", required=False)
 ]
 SourceFilter = Annotated[
-    list[str] | None, Parameter(description="only these sources (repeatable)", required=False)
+    list[str] | None, QueryParameter(description="only these sources (repeatable)", required=False)
 ]
 EventNameFilter = Annotated[
-    list[str] | None, Parameter(description="only these event names (repeatable)", required=False)
+    list[str] | None,
+    QueryParameter(description="only these event names (repeatable)", required=False),
 ]
 LastEventIdHeader = Annotated[
     str | None,
-    Parameter(header="Last-Event-ID", required=False, description="resume after this position"),
+    HeaderParameter(name="Last-Event-ID", required=False, description="resume after this position"),
 ]
 LastEventIdQuery = Annotated[
     str | None,
-    Parameter(
-        query="last_event_id",
+    QueryParameter(
+        name="last_event_id",
         required=False,
         description="resume after this position (for clients that cannot set headers)",
     ),
@@ -55,9 +55,11 @@ class EventsController(Controller):
     @get("/", summary="Read the log after a position")
     async def list_events(
         self,
-        services: Services,
-        after: Annotated[int, Parameter(ge=0, description="return events above this position")] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE)] = 100,
+        services: ServicesDep,
+        after: Annotated[
+            int, QueryParameter(ge=0, description="return events above this position")
+        ] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 100,
         stream: StreamFilter = None,
         source_id: SourceFilter = None,
         event: EventNameFilter = None,
@@ -70,7 +72,7 @@ class EventsController(Controller):
     @get("/stream", summary="Follow the log over SSE (resumable)")
     async def stream_events(
         self,
-        services: Services,
+        services: ServicesDep,
         last_event_id_header: LastEventIdHeader = None,
         last_event_id: LastEventIdQuery = None,
         stream: StreamFilter = None,

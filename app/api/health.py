@@ -7,7 +7,7 @@ from typing import Any
 
 from litestar import MediaType, Response, get
 
-from app.services import Services
+from app.api.deps import ServicesDep
 
 __all__ = ["health"]
 
@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 @get("/health", summary="Liveness of the log and its read models", tags=["service"])
-async def health(services: Services) -> Response[dict[str, Any]]:
+async def health(services: ServicesDep) -> Response[dict[str, Any]]:
     checks: dict[str, Any] = {}
     healthy = True
     try:

@@ -1,0 +1,197 @@
+"""Shared helpers for tests: real servers (in-process and as subprocesses) and SSE reading."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import uvicorn
+
+from app.asgi import create_app
+from app.services import Services
+from app.settings import Settings, load_settings
+
+__all__ = [
+    "InProcessServer",
+    "ServerProcess",
+    "SseFrame",
+    "agent_event",
+    "free_port",
+    "make_settings",
+    "read_frames",
+    "running_server",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def make_settings(database_url: str, **env: str) -> Settings:
+    """Settings for a test: the given database, fast heartbeats and polls, plus ``env``."""
+    values = {
+        "DATABASE_URL": database_url,
+        "HEARTBEAT_SECONDS": "1",
+        "TAIL_POLL_SECONDS": "0.2",
+        **env,
+    }
+    return load_settings(values)
+
+
+def agent_event(
+    event: str = "progress", agent_name: str = "tagger", **payload: Any
+) -> dict[str, Any]:
+    return {"event": event, "payload": {"agent_name": agent_name, **payload}}
+
+
+@dataclass
+class InProcessServer:
+    """A real uvicorn server on a loopback socket, in the test's event loop."""
+
+    base_url: str
+    server: uvicorn.Server
+    app: Any
+
+    @property
+    def services(self) -> Services:
+        services: Services = self.app.state.services
+        return services
+
+
+@contextlib.asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[InProcessServer]:
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, lifespan="on", log_level="warning", timeout_graceful_shutdown=1, ws="none"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server exited during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start within 30 s")
+            await asyncio.sleep(0.01)
+        yield InProcessServer(base_url=f"http://127.0.0.1:{port}", server=server, app=app)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close()
+
+
+@dataclass
+class ServerProcess:
+    """``python -m app serve`` as a child process (for kill -9 and restart tests)."""
+
+    env: Mapping[str, str]
+    port: int = field(default_factory=free_port)
+    cwd: Path = ROOT
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app",
+                "serve",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=self.cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    async def wait_ready(self, within: float = 30.0) -> None:
+        deadline = time.monotonic() + within
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=2) as client:
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+                    raise RuntimeError(f"server exited with {self.process.returncode}: {stderr}")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/health")).status_code == 200:
+                        return
+                await asyncio.sleep(0.05)
+        raise TimeoutError(f"server on port {self.port} not ready in {within} s")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+
+
+class SseFrame(msgspec.Struct):
+    event: str | None
+    data: str
+    id: str | None = None
+    retry: int | None = None
+
+    def json(self) -> Any:
+        return msgspec.json.decode(self.data)
+
+
+async def read_frames(response: httpx.Response) -> AsyncIterator[SseFrame]:
+    """Parse an SSE body strictly (what a browser would see), frame by frame."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            raw, buffer = buffer.split(b"\n\n", 1)
+            fields: dict[str, list[str]] = {}
+            for line in raw.decode().split("\n"):
+                name, _, value = line.partition(":")
+                fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
+            yield SseFrame(
+                event=fields.get("event", [None])[0],
+                data="\n".join(fields.get("data", [])),
+                id=fields.get("id", [None])[0],
+                retry=int(fields["retry"][0]) if "retry" in fields else None,
+            )
