@@ -6,12 +6,15 @@ tests and the command line can pass their own environment without touching ``os.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 
 import msgspec
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 __all__ = [
     "DatabaseSettings",
@@ -113,12 +116,35 @@ def _check(settings: Settings) -> None:
             "DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://, "
             f"got {url!r}"
         )
-    if settings.server.heartbeat_seconds <= 0:
-        raise SettingsError("HEARTBEAT_SECONDS must be greater than 0")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Not the URL itself in these messages: it may hold a password.
+        raise SettingsError("DATABASE_URL is not a valid database URL") from None
+    except ValueError as exc:  # a port that is not a number
+        raise SettingsError(f"DATABASE_URL is not a valid database URL: {exc}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise SettingsError(
+            "DATABASE_URL must name a SQLite file (sqlite+aiosqlite:///path/to/events.db): "
+            "an in-memory database cannot be shared by the service's connections"
+        )
+    server = settings.server
+    # NaN and infinity parse as floats, but no period or timeout can be either.
+    for name, seconds in (
+        ("HEARTBEAT_SECONDS", server.heartbeat_seconds),
+        ("SSE_WRITE_TIMEOUT_SECONDS", server.write_timeout_seconds),
+        ("TAIL_POLL_SECONDS", server.poll_seconds),
+    ):
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise SettingsError(f"{name} must be a number of seconds greater than 0, got {seconds}")
+    if server.retry_ms < 0:
+        raise SettingsError(f"SSE_RETRY_MS must be 0 or more, got {server.retry_ms}")
+    if settings.database.pool_size < 1:
+        raise SettingsError(
+            f"DATABASE_POOL_SIZE must be at least 1, got {settings.database.pool_size}"
+        )
     if settings.database.max_batch_events < 1:
         raise SettingsError("APPEND_MAX_BATCH must be at least 1")
-    if settings.server.poll_seconds <= 0:
-        raise SettingsError("TAIL_POLL_SECONDS must be greater than 0")
 
 
 @cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import sys
@@ -11,30 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
 
+from app.database import upgrade_database
+
 __all__ = ["raw_sqlite_rate"]
 
 SOURCES = 100
-_SCHEMA = (
-    """CREATE TABLE events (
-        position INTEGER PRIMARY KEY,
-        stream TEXT NOT NULL,
-        source_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        event TEXT NOT NULL,
-        event_id TEXT NOT NULL UNIQUE,
-        timestamp TEXT NOT NULL,
-        payload TEXT NOT NULL
-    )""",
-    "CREATE UNIQUE INDEX ix_events_source_version ON events (stream, source_id, version)",
-    "CREATE INDEX ix_events_source_position ON events (stream, source_id, position)",
-    "CREATE INDEX ix_events_stream_position ON events (stream, position)",
-)
 _INSERT = (
-    "INSERT INTO events (stream, source_id, version, event, event_id, timestamp, payload)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (position, stream, source_id, version, event, event_id, timestamp,"
+    " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-Row = tuple[str, str, int, str, str, str, str]
+Row = tuple[int, str, str, int, str, str, str, str]
 
 
 def _payload(n: int) -> dict[str, object]:
@@ -45,13 +33,14 @@ def _prepare_rows(rows: int) -> list[Row]:
     timestamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return [
         (
+            n + 1,
             "agent",
             f"bench-{n % SOURCES}",
             n // SOURCES + 1,
             "progress",
             str(uuid4()),
             timestamp,
-            json.dumps(_payload(n)),
+            json.dumps(_payload(n), separators=(",", ":")),
         )
         for n in range(rows)
     ]
@@ -66,12 +55,12 @@ def raw_sqlite_rate(path: Path, rows: int, batch: int = 1000) -> float:
     if path.exists():
         raise FileExistsError(f"{path} exists; raw_sqlite_rate only writes to a new file")
     prepared = _prepare_rows(rows)
+    # The service's own schema (same indexes), so both sides write the same b-trees.
+    asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{path}"))
     connection = sqlite3.connect(path, isolation_level=None)
     try:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
-        for statement in _SCHEMA:
-            connection.execute(statement)
         started = time.perf_counter()
         for offset in range(0, rows, batch):
             connection.execute("BEGIN IMMEDIATE")

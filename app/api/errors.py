@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from litestar import MediaType, Request, Response
-from litestar.exceptions import ValidationException
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
 from app.agents.reports import InvalidReport
@@ -23,6 +23,14 @@ def error_response(status_code: int, detail: str, extra: Any = None) -> Response
         status_code=status_code,
         media_type=MediaType.JSON,
     )
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    # Litestar's own handler leaves out ``extra`` when there is none; the contract always has it.
+    response = error_response(exc.status_code, exc.detail, exc.extra)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
 
 
 def _invalid_report(_: Request[Any, Any, Any], exc: InvalidReport) -> Response[Any]:
@@ -67,6 +75,7 @@ def _unavailable(_: Request[Any, Any, Any], exc: LogUnavailable) -> Response[Any
 
 
 exception_handlers: ExceptionHandlersMap = {
+    HTTPException: _http_error,
     InvalidReport: _invalid_report,
     ValidationException: _validation,
     VersionConflict: _version_conflict,

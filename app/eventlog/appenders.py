@@ -61,6 +61,38 @@ def _event_from_row(row: Sequence[Any]) -> Event:
     )
 
 
+class VersionCache:
+    """Each source's current version, as this appender last committed it.
+
+    Valid only while nobody else appends: every batch reads the head under the write lock,
+    and a head other than the one this appender last committed means another writer (another
+    process) moved the log, so the cache is dropped and versions are read from the table.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._versions: dict[SourceKey, int] = {}
+        self._head: int | None = None
+
+    def begin(
+        self, head: int, keys: set[SourceKey]
+    ) -> tuple[dict[SourceKey, int], list[SourceKey]]:
+        """The cached versions of ``keys``, and the keys that must be read from the table."""
+        if head != self._head:
+            self._versions.clear()
+        known = {key: self._versions[key] for key in keys if key in self._versions}
+        return known, [key for key in keys if key not in known]
+
+    def committed(self, plan: Plan, head: int) -> None:
+        if len(self._versions) > self._capacity:
+            self._versions.clear()
+        self._versions.update(plan.versions)
+        self._head = plan.rows[-1].position if plan.rows else head
+
+    def forget(self) -> None:
+        self._head = None
+
+
 class SqliteAppender:
     """Runs each batch as one synchronous transaction on a dedicated thread.
 
@@ -72,6 +104,7 @@ class SqliteAppender:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-append")
         self._connection: sqlite3.Connection | None = None
+        self._cache = VersionCache()
 
     async def start(self) -> None:
         await self._run(self._connect)
@@ -98,8 +131,8 @@ class SqliteAppender:
         connection.execute("BEGIN IMMEDIATE")
         try:
             head = connection.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
-            versions: dict[SourceKey, int] = {}
-            for key in source_keys(batch):
+            versions, missing = self._cache.begin(head, source_keys(batch))
+            for key in missing:
                 found = connection.execute(
                     "SELECT max(version) FROM events WHERE stream = ? AND source_id = ?", key
                 ).fetchone()[0]
@@ -114,9 +147,11 @@ class SqliteAppender:
                 )
             connection.execute("COMMIT")
         except BaseException:
+            self._cache.forget()
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
+        self._cache.committed(plan, head)
         return plan
 
     @staticmethod
@@ -156,6 +191,7 @@ class PostgresAppender:
     def __init__(self, url: str) -> None:
         self._dsn = postgres_dsn(url)
         self._connection: Any = None
+        self._cache = VersionCache()
 
     async def start(self) -> None:
         await self._connect()
@@ -173,28 +209,36 @@ class PostgresAppender:
         try:
             connection = await self._connect()
             async with connection.transaction():
-                return await self._write(connection, batch)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            await self._discard()
-            raise LogUnavailable(f"the event log could not be written: {exc}") from exc
+                plan, head = await self._write(connection, batch)
+        except BaseException as exc:
+            self._cache.forget()
+            if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+                await self._discard()
+                raise LogUnavailable(f"the event log could not be written: {exc}") from exc
+            raise
+        self._cache.committed(plan, head)
+        return plan
 
     async def _discard(self) -> None:
         if self._connection is not None:
             self._connection.terminate()
             self._connection = None
 
-    async def _write(self, connection: Any, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+    async def _write(
+        self, connection: Any, batch: Sequence[Sequence[NewEvent]]
+    ) -> tuple[Plan, int]:
         await connection.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
         head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
-        keys = sorted(source_keys(batch))
-        records = await connection.fetch(
-            "SELECT s.stream, s.source_id, (SELECT max(e.version) FROM events e"
-            " WHERE e.stream = s.stream AND e.source_id = s.source_id)"
-            " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)",
-            [key[0] for key in keys],
-            [key[1] for key in keys],
-        )
-        versions = {(r[0], r[1]): r[2] or 0 for r in records}
+        versions, missing = self._cache.begin(head, source_keys(batch))
+        if missing:
+            records = await connection.fetch(
+                "SELECT s.stream, s.source_id, (SELECT max(e.version) FROM events e"
+                " WHERE e.stream = s.stream AND e.source_id = s.source_id)"
+                " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)",
+                [key[0] for key in missing],
+                [key[1] for key in missing],
+            )
+            versions.update({(r[0], r[1]): r[2] or 0 for r in records})
         ids = supplied_ids(batch)
         existing: dict[str, Event] = {}
         if ids:
@@ -216,7 +260,7 @@ class PostgresAppender:
             await connection.execute(
                 "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(plan.rows[-1].position)
             )
-        return plan
+        return plan, head
 
     async def close(self) -> None:
         if self._connection is not None:

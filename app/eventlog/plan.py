@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from app.eventlog.envelope import Event, NewEvent, new_event_id
+from app.eventlog.envelope import Event, NewEvent, new_event_ids
 from app.eventlog.errors import AppendError, EventIdReused, VersionConflict
 
 __all__ = ["AppendResult", "Plan", "Row", "plan_batch", "source_keys", "supplied_ids"]
@@ -58,6 +58,8 @@ class Plan(NamedTuple):
     rows: list[Row]
     # Per request, in order: its results, or the error that refused it (and only it).
     outcomes: list[list[AppendResult] | AppendError]
+    # Every source's version once the plan commits (those it touched and those it was given).
+    versions: dict[SourceKey, int] = {}
 
 
 def source_keys(batch: Iterable[Sequence[NewEvent]]) -> set[SourceKey]:
@@ -82,31 +84,76 @@ def plan_batch(
     current = dict(versions)
     written: dict[str, Row] = {}
     for request in batch:
+        if all(new.event_id is None and new.expected_version is None for new in request):
+            # Nothing in it can be refused: no trial copy of the versions is needed.
+            outcomes.append(_assign(request, head, rows, current, timestamp))
+            continue
+        trial = _Trial(current)
+        first = len(rows)
         try:
-            request_rows, results, request_versions = _plan_request(
-                request, head + len(rows), current, existing, written, timestamp
-            )
+            results = _plan_checked(request, head, rows, trial, existing, written, timestamp)
         except AppendError as exc:
+            del rows[first:]
             outcomes.append(exc)
             continue
-        current.update(request_versions)
-        rows.extend(request_rows)
-        written.update((row.event_id, row) for row in request_rows)
+        current.update(trial.changed)
+        written.update((row.event_id, row) for row in rows[first:])
         outcomes.append(results)
-    return Plan(rows, outcomes)
+    return Plan(rows, outcomes, current)
 
 
-def _plan_request(
+class _Trial:
+    """Versions as a request would leave them, kept apart until the request is accepted."""
+
+    __slots__ = ("base", "changed")
+
+    def __init__(self, base: Mapping[SourceKey, int]) -> None:
+        self.base = base
+        self.changed: dict[SourceKey, int] = {}
+
+    def get(self, key: SourceKey) -> int:
+        found = self.changed.get(key)
+        return found if found is not None else self.base.get(key, 0)
+
+
+def _assign(
     request: Sequence[NewEvent],
     head: int,
-    current: Mapping[SourceKey, int],
+    rows: list[Row],
+    current: dict[SourceKey, int],
+    timestamp: str,
+) -> list[AppendResult]:
+    results: list[AppendResult] = []
+    ids = new_event_ids(len(request))
+    for new, event_id in zip(request, ids, strict=True):
+        key = (new.stream, new.source_id)
+        version = current.get(key, 0) + 1
+        current[key] = version
+        row = Row(
+            head + len(rows) + 1,
+            new.stream,
+            new.source_id,
+            version,
+            new.event,
+            event_id,
+            timestamp,
+            bytes(new.payload).decode(),
+        )
+        rows.append(row)
+        results.append(AppendResult(row.position, version, event_id, timestamp))
+    return results
+
+
+def _plan_checked(
+    request: Sequence[NewEvent],
+    head: int,
+    rows: list[Row],
+    trial: _Trial,
     existing: Mapping[str, Event],
     written: Mapping[str, Row],
     timestamp: str,
-) -> tuple[list[Row], list[AppendResult], dict[SourceKey, int]]:
-    rows: list[Row] = []
+) -> list[AppendResult]:
     results: list[AppendResult] = []
-    versions: dict[SourceKey, int] = {}
     for new in request:
         if new.event_id is not None:
             earlier = _find_earlier(new, existing, written)
@@ -114,24 +161,24 @@ def _plan_request(
                 results.append(earlier)
                 continue
         key = (new.stream, new.source_id)
-        version = versions.get(key, current.get(key, 0))
+        version = trial.get(key)
         if new.expected_version is not None and new.expected_version != version:
             raise VersionConflict(new.stream, new.source_id, new.expected_version, version)
         version += 1
-        versions[key] = version
+        trial.changed[key] = version
         row = Row(
-            position=head + len(rows) + 1,
-            stream=new.stream,
-            source_id=new.source_id,
-            version=version,
-            event=new.event,
-            event_id=new.event_id or new_event_id(),
-            timestamp=timestamp,
-            payload=bytes(new.payload).decode(),
+            head + len(rows) + 1,
+            new.stream,
+            new.source_id,
+            version,
+            new.event,
+            new.event_id or new_event_ids(1)[0],
+            timestamp,
+            bytes(new.payload).decode(),
         )
         rows.append(row)
         results.append(AppendResult(row.position, version, row.event_id, timestamp))
-    return rows, results, versions
+    return results
 
 
 def _find_earlier(
