@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -53,6 +54,23 @@ class Page(NamedTuple):
     # Every position up to here has been looked at: the next page starts after it.
     scanned_to: int
     head: int
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+_SOURCE_ID = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+
+
+def _check_names(event: NewEvent) -> None:
+    # Stream and event names go into SSE frames verbatim: a newline would forge a frame.
+    if not _NAME.fullmatch(event.stream):
+        raise ValueError(f"stream must be 1-100 of A-Z a-z 0-9 _ . : -, got {event.stream!r}")
+    if not _NAME.fullmatch(event.event):
+        raise ValueError(f"event must be 1-100 of A-Z a-z 0-9 _ . : -, got {event.event!r}")
+    if not _SOURCE_ID.fullmatch(event.source_id):
+        raise ValueError(
+            f"source_id must be 1-200 characters without control characters, "
+            f"got {event.source_id!r}"
+        )
 
 
 class _Request:
@@ -181,6 +199,8 @@ class EventStore:
             raise ValueError("an append needs at least one event")
         if self._closed:
             raise LogUnavailable("the event log is shutting down")
+        for event in batch:
+            _check_names(event)
         ids = [event.event_id for event in batch if event.event_id is not None]
         if len(ids) != len(set(ids)):
             raise ValueError("event_id values must be unique within one append")
