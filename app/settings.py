@@ -17,7 +17,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 __all__ = [
+    "ContentSettings",
     "DatabaseSettings",
+    "IngestSettings",
     "ServerSettings",
     "Settings",
     "SettingsError",
@@ -49,9 +51,41 @@ class ServerSettings(msgspec.Struct, frozen=True):
     poll_seconds: float = 1.0
 
 
+class IngestSettings(msgspec.Struct, frozen=True):
+    # Ingest jobs run at once per instance.
+    concurrency: int = 4
+    # Allow article URLs that resolve to loopback/private/link-local addresses.
+    allow_private_urls: bool = False
+    youtube_proxy_url: str | None = None
+    # Transcript language preference, most wanted first; any other language comes last.
+    transcript_languages: tuple[str, ...] = ("en",)
+    # Per HTTP request (connect, read) to YouTube or an article site.
+    http_timeout_seconds: float = 15.0
+    # A whole transcript fetch, retries excluded.
+    transcript_timeout_seconds: float = 60.0
+    max_article_bytes: int = 10 * 1024 * 1024
+    # Attempts for a retryable YouTube failure (blocked, request failed), with backoff.
+    retry_attempts: int = 3
+    retry_base_seconds: float = 2.0
+    # A job's claim expires this long after its last renewal; another instance may then take
+    # the job over.
+    lease_seconds: float = 30.0
+
+
+class ContentSettings(msgspec.Struct, frozen=True):
+    surrealdb_url: str = "surrealkv://./data/content"
+    namespace: str = "activity"
+    database: str = "activity"
+    user: str | None = None
+    password: str | None = None
+    archive_dir: str = "./data/archive"
+
+
 class Settings(msgspec.Struct, frozen=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
+    content: ContentSettings = msgspec.field(default_factory=ContentSettings)
 
 
 # Environment variable -> (section, field). Unlisted variables are ignored.
@@ -63,7 +97,26 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "SSE_RETRY_MS": ("server", "retry_ms"),
     "SSE_WRITE_TIMEOUT_SECONDS": ("server", "write_timeout_seconds"),
     "TAIL_POLL_SECONDS": ("server", "poll_seconds"),
+    "INGEST_CONCURRENCY": ("ingest", "concurrency"),
+    "INGEST_ALLOW_PRIVATE_URLS": ("ingest", "allow_private_urls"),
+    "YOUTUBE_PROXY_URL": ("ingest", "youtube_proxy_url"),
+    "TRANSCRIPT_LANGUAGES": ("ingest", "transcript_languages"),
+    "INGEST_HTTP_TIMEOUT_SECONDS": ("ingest", "http_timeout_seconds"),
+    "TRANSCRIPT_TIMEOUT_SECONDS": ("ingest", "transcript_timeout_seconds"),
+    "INGEST_MAX_ARTICLE_BYTES": ("ingest", "max_article_bytes"),
+    "INGEST_RETRY_ATTEMPTS": ("ingest", "retry_attempts"),
+    "INGEST_RETRY_BASE_SECONDS": ("ingest", "retry_base_seconds"),
+    "INGEST_LEASE_SECONDS": ("ingest", "lease_seconds"),
+    "SURREALDB_URL": ("content", "surrealdb_url"),
+    "SURREALDB_NAMESPACE": ("content", "namespace"),
+    "SURREALDB_DATABASE": ("content", "database"),
+    "SURREALDB_USER": ("content", "user"),
+    "SURREALDB_PASS": ("content", "password"),
+    "ARCHIVE_DIR": ("content", "archive_dir"),
 }
+
+# Comma-separated variables, read as tuples.
+_LIST_FIELDS = {"TRANSCRIPT_LANGUAGES"}
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -89,11 +142,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build settings from ``environ`` (default: ``.env`` overlaid by the process environment)."""
     if environ is None:
         environ = {**read_env_file(Path(".env")), **os.environ}
-    sections: dict[str, dict[str, str]] = {}
+    sections: dict[str, dict[str, str | list[str]]] = {}
     for name, (section, field) in _ENV_FIELDS.items():
         value = environ.get(name)
         if value is not None and value != "":
-            sections.setdefault(section, {})[field] = value
+            parsed: str | list[str] = value
+            if name in _LIST_FIELDS:
+                parsed = [item.strip() for item in value.split(",") if item.strip()]
+            sections.setdefault(section, {})[field] = parsed
     try:
         settings = msgspec.convert(sections, type=Settings, strict=False)
     except msgspec.ValidationError as exc:

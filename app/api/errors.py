@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from litestar import MediaType, Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
 from app.agents.reports import InvalidReport
@@ -27,7 +27,11 @@ def error_response(status_code: int, detail: str, extra: Any = None) -> Response
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     # Litestar's own handler leaves out ``extra`` when there is none; the contract always has it.
-    response = error_response(exc.status_code, exc.detail, exc.extra)
+    detail, extra = exc.detail, exc.extra
+    if isinstance(exc.__cause__, SerializationException):
+        # Litestar passes on the decoder's words alone ("Input data was truncated").
+        detail, extra = f"the request body is not valid JSON: {detail}", {"field": "body"}
+    response = error_response(exc.status_code, detail, extra)
     if exc.headers:
         response.headers.update(exc.headers)
     return response
