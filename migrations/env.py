@@ -9,6 +9,7 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+import app.jobs
 import app.projections  # noqa: F401  (registers the projection tables on the metadata)
 from app.database import create_engine, metadata
 from app.eventlog import tables as _event_tables  # noqa: F401

@@ -284,6 +284,18 @@ class EventStore:
             rows = (await connection.execute(query.order_by(events.c.version))).all()
         return [_to_event(row) for row in rows]
 
+    async def last_event(self, stream: str, source_id: str) -> Event | None:
+        """The newest event of one source, or None if it has none."""
+        query = (
+            select(*_COLUMNS)
+            .where(events.c.stream == stream, events.c.source_id == source_id)
+            .order_by(events.c.version.desc())
+            .limit(1)
+        )
+        async with self._engine.connect() as connection:
+            row = (await connection.execute(query)).first()
+        return None if row is None else _to_event(row)
+
     async def source_version(self, stream: str, source_id: str) -> int:
         async with self._engine.connect() as connection:
             result = await connection.execute(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from app.projections.agents import AgentProjection
 from app.projections.base import Projection, checkpoints
+from app.projections.ingests import IngestProjection
 from app.projections.runner import ProjectionRunner, UnknownProjection
 
 __all__ = [
     "AgentProjection",
+    "IngestProjection",
     "Projection",
     "ProjectionRunner",
     "UnknownProjection",
@@ -17,4 +19,4 @@ __all__ = [
 
 
 def all_projections() -> list[Projection]:
-    return [AgentProjection()]
+    return [AgentProjection(), IngestProjection()]
