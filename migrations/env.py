@@ -9,10 +9,11 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+# Every module that defines tables, so that the metadata knows them all.
+import app.eventlog.tables
 import app.jobs
-import app.projections  # noqa: F401  (registers the projection tables on the metadata)
+import app.projections  # noqa: F401
 from app.database import create_engine, metadata
-from app.eventlog import tables as _event_tables  # noqa: F401
 from app.settings import load_settings
 
 config = context.config
