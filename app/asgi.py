@@ -13,6 +13,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 
 from app.api import AgentsController, EventsController, exception_handlers, health
 from app.api.deps import provide_services
+from app.api.ingest import IngestController, IngestsController
 from app.services import open_services
 from app.settings import Settings, get_settings
 
@@ -29,7 +30,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
 
     return Litestar(
-        route_handlers=[EventsController, AgentsController, health],
+        route_handlers=[
+            EventsController,
+            AgentsController,
+            IngestController,
+            IngestsController,
+            health,
+        ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=exception_handlers,
         lifespan=[lifespan],

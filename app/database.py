@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,10 @@ metadata = MetaData(
 # WAL lets readers run beside the single writer; synchronous=FULL makes every commit durable
 # (acknowledged = on disk). busy_timeout makes a second writer wait instead of failing at once.
 SQLITE_PRAGMAS = (
+    # First, so that the pragmas after it wait too (switching a new file to WAL needs a lock).
+    "PRAGMA busy_timeout=10000",
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=FULL",
-    "PRAGMA busy_timeout=10000",
     "PRAGMA foreign_keys=ON",
 )
 
@@ -129,10 +131,17 @@ def _alembic_config(url: str) -> Any:
     return config
 
 
+# Alembic keeps the running migration's context in a module-level global, so two upgrades in
+# one process (two services opened at once) must take turns; other processes are kept apart by
+# the database (migrations/env.py).
+_UPGRADE_LOCK = threading.Lock()
+
+
 def _upgrade(url: str) -> None:
     from alembic import command
 
-    command.upgrade(_alembic_config(url), "head")
+    with _UPGRADE_LOCK:
+        command.upgrade(_alembic_config(url), "head")
 
 
 async def upgrade_database(url: str) -> None:

@@ -163,6 +163,10 @@ class JobRunner:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
     def is_running(self, job_id: str) -> bool:
         return job_id in self._running
 

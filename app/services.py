@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.content import Archive, ContentStore
 from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore
+from app.ingest.pipeline import IngestPipeline
+from app.ingest.service import IngestJobs, IngestService
+from app.jobs import JobRunner, Leases, new_instance_id
 from app.projections import ProjectionRunner, all_projections
 from app.settings import Settings
 
@@ -22,15 +27,23 @@ class Services:
     engine: AsyncEngine
     store: EventStore
     projections: ProjectionRunner
+    content: ContentStore
+    archive: Archive
+    ingest: IngestService
+    jobs: JobRunner
+    instance: str
 
 
 @asynccontextmanager
-async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIterator[Services]:
-    """Engine, event store (appender, feed, LISTEN) and projection runner, each closing its own
-    resource on the way out, last opened first closed."""
+async def open_services(
+    settings: Settings, *, migrate: bool = True, run_jobs: bool = True
+) -> AsyncIterator[Services]:
+    """Engine, event store (appender, feed, LISTEN), projection runner, content store and job
+    runner, each closing its own resource on the way out, last opened first closed."""
     url = settings.database.url
     if migrate:
         await upgrade_database(url)
+    instance = new_instance_id()
     async with AsyncExitStack() as stack:
         engine = create_engine(url, pool_size=settings.database.pool_size)
         stack.push_async_callback(engine.dispose)
@@ -40,9 +53,42 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> AsyncIte
             poll_seconds=settings.server.poll_seconds,
         )
         stack.push_async_callback(store.close)
-        runner = ProjectionRunner(
+        projections = ProjectionRunner(
             engine, all_projections(), store=store, poll_seconds=settings.server.poll_seconds
         )
-        await runner.start()
-        stack.push_async_callback(runner.close)
-        yield Services(settings=settings, engine=engine, store=store, projections=runner)
+        await projections.start()
+        stack.push_async_callback(projections.close)
+        content = await ContentStore.open(settings.content)
+        stack.push_async_callback(content.close)
+        archive = Archive(Path(settings.content.archive_dir))
+        ingest = IngestService(store, engine)
+        pipeline = IngestPipeline(settings.ingest, content, archive, ingest)
+        jobs = JobRunner(
+            store,
+            projections,
+            Leases(engine, instance, settings.ingest.lease_seconds),
+            [
+                IngestJobs(
+                    ingest,
+                    engine,
+                    pipeline,
+                    concurrency=settings.ingest.concurrency,
+                    instance=instance,
+                )
+            ],
+            poll_seconds=settings.server.poll_seconds,
+        )
+        if run_jobs:
+            jobs.start()
+        stack.push_async_callback(jobs.close)
+        yield Services(
+            settings=settings,
+            engine=engine,
+            store=store,
+            projections=projections,
+            content=content,
+            archive=archive,
+            ingest=ingest,
+            jobs=jobs,
+            instance=instance,
+        )

@@ -70,6 +70,10 @@ class IngestSettings(msgspec.Struct, frozen=True):
     # A job's claim expires this long after its last renewal; another instance may then take
     # the job over.
     lease_seconds: float = 30.0
+    # A whole channel listing: yt-dlp gets this long, then the RSS fallback as long again.
+    channel_timeout_seconds: float = 120.0
+    # A whole article fetch, redirects included; text extraction gets as long again.
+    article_timeout_seconds: float = 60.0
 
 
 class ContentSettings(msgspec.Struct, frozen=True):
@@ -107,6 +111,8 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "INGEST_RETRY_ATTEMPTS": ("ingest", "retry_attempts"),
     "INGEST_RETRY_BASE_SECONDS": ("ingest", "retry_base_seconds"),
     "INGEST_LEASE_SECONDS": ("ingest", "lease_seconds"),
+    "CHANNEL_TIMEOUT_SECONDS": ("ingest", "channel_timeout_seconds"),
+    "ARTICLE_TIMEOUT_SECONDS": ("ingest", "article_timeout_seconds"),
     "SURREALDB_URL": ("content", "surrealdb_url"),
     "SURREALDB_NAMESPACE": ("content", "namespace"),
     "SURREALDB_DATABASE": ("content", "database"),

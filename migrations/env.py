@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 import app.eventlog.tables
 import app.jobs
 import app.projections  # noqa: F401
-from app.database import create_engine, metadata
+from app.database import create_engine, metadata, write_transaction
 from app.settings import load_settings
 
 config = context.config
@@ -31,11 +31,17 @@ def _url() -> str:
 
 
 def _run(connection: Connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
+        render_as_batch=sqlite,
         compare_type=True,
+        # SQLite's DDL is transactional too: one transaction for the whole upgrade, begun
+        # IMMEDIATE (below), so a second instance waits for the write lock and then finds the
+        # database already at head, instead of failing half-way with "database is locked" or
+        # re-running a migration the first one committed.
+        transactional_ddl=True,
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
@@ -49,6 +55,7 @@ async def _run_online() -> None:
     engine = create_engine(_url(), pool_size=1)
     try:
         async with engine.connect() as connection:
+            connection = await write_transaction(connection)
             await connection.run_sync(_run)
     finally:
         await engine.dispose()

@@ -82,8 +82,8 @@ async def postgres_url(postgres_only: None) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return make_settings(database_url)
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return make_settings(database_url, ARCHIVE_DIR=str(tmp_path / "archive"))
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ def make_settings(database_url: str, **env: str) -> Settings:
         "DATABASE_URL": database_url,
         "HEARTBEAT_SECONDS": "1",
         "TAIL_POLL_SECONDS": "0.2",
+        "SURREALDB_URL": "mem://",
+        "ARCHIVE_DIR": tempfile.mkdtemp(prefix="activity-archive-"),
         **env,
     }
     return load_settings(values)
@@ -118,7 +121,12 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {**os.environ, **self.env}
+        # The embedded defaults would put content under the repository's ./data/.
+        defaults = {
+            "SURREALDB_URL": "mem://",
+            "ARCHIVE_DIR": tempfile.mkdtemp(prefix="activity-archive-"),
+        }
+        env = {**os.environ, **defaults, **self.env}
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -195,3 +203,69 @@ async def read_frames(response: httpx.Response) -> AsyncIterator[SseFrame]:
                 id=fields.get("id", [None])[0],
                 retry=int(fields["retry"][0]) if "retry" in fields else None,
             )
+
+
+class LocalSite:
+    """A small HTTP server on 127.0.0.1 in a thread, standing in for the web at its edge.
+
+    ``routes`` maps a path to (status, content type, body); ``delays`` holds seconds to wait
+    before answering a path (a slow site, to catch an ingest mid-step). Works for servers in
+    other processes too, since it listens on a real socket.
+    """
+
+    def __init__(self, routes: dict[str, tuple[int, str, bytes]] | None = None) -> None:
+        import http.server
+        import threading
+
+        self.routes: dict[str, tuple[int, str, bytes]] = dict(routes or {})
+        self.delays: dict[str, float] = {}
+        self.hits: dict[str, int] = {}
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                site.hits[path] = site.hits.get(path, 0) + 1
+                delay = site.delays.get(path, 0.0)
+                if delay:
+                    time.sleep(delay)
+                status, content_type, body = site.routes.get(
+                    path, (404, "text/plain", b"not found")
+                )
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def __enter__(self) -> LocalSite:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+async def eventually(
+    predicate: Callable[[], bool], within: float = 10.0, step: float = 0.05
+) -> bool:
+    """Poll ``predicate`` until it holds or ``within`` seconds pass; returns its last value."""
+    for _ in range(max(1, int(within / step))):
+        if predicate():
+            return True
+        await asyncio.sleep(step)
+    return predicate()

@@ -11,6 +11,7 @@ from litestar.types import ExceptionHandlersMap
 
 from app.agents.reports import InvalidReport
 from app.eventlog import EventIdReused, LogUnavailable, VersionConflict
+from app.ingest.urls import InvalidUrl
 
 __all__ = ["exception_handlers"]
 
@@ -39,6 +40,10 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
 
 def _invalid_report(_: Request[Any, Any, Any], exc: InvalidReport) -> Response[Any]:
     return error_response(422, str(exc), {"field": exc.field})
+
+
+def _invalid_url(_: Request[Any, Any, Any], exc: InvalidUrl) -> Response[Any]:
+    return error_response(400, f"url: {exc}", {"field": "url"})
 
 
 def _validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
@@ -81,6 +86,7 @@ def _unavailable(_: Request[Any, Any, Any], exc: LogUnavailable) -> Response[Any
 exception_handlers: ExceptionHandlersMap = {
     HTTPException: _http_error,
     InvalidReport: _invalid_report,
+    InvalidUrl: _invalid_url,
     ValidationException: _validation,
     VersionConflict: _version_conflict,
     EventIdReused: _event_id_reused,

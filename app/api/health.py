@@ -1,4 +1,4 @@
-"""``/health``: does the log answer, and how far behind are the projections."""
+"""``/health``: do the log and the content store answer; how far are the projections."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ async def health(services: ServicesDep) -> Response[dict[str, Any]]:
         logger.warning("health check: database unavailable: %s", exc)
         healthy = False
         checks["database"] = {"status": "error", "detail": str(exc)}
+    try:
+        await services.content.health()
+        checks["content_store"] = {"status": "ok", "url": services.content.url}
+    except Exception as exc:
+        logger.warning("health check: content store unavailable: %s", exc)
+        healthy = False
+        checks["content_store"] = {"status": "error", "detail": str(exc)}
     checks["subscribers"] = services.store.feed.subscribers
+    checks["jobs_running"] = services.jobs.running_count
     body = {"status": "ok" if healthy else "unavailable", **checks}
     return Response(body, status_code=200 if healthy else 503, media_type=MediaType.JSON)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from sqlalchemy import func, select
@@ -36,6 +37,8 @@ from app.eventlog.tables import events
 __all__ = ["AppendResult", "EventStore", "Page", "read_page"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _COLUMNS = (
     events.c.position,
@@ -137,6 +140,7 @@ class EventStore:
         self._writer: asyncio.Task[None] | None = None
         self._listener: PostgresListener | None = None
         self._closed = False
+        self._reads: set[asyncio.Task[Any]] = set()
         self.feed: LogFeed
 
     @classmethod
@@ -186,6 +190,8 @@ class EventStore:
             await self._listener.close()
         await self.feed.close()
         await self._appender.close()
+        if self._reads:
+            await asyncio.gather(*self._reads, return_exceptions=True)
 
     # -- appending -------------------------------------------------------------------------
 
@@ -251,17 +257,34 @@ class EventStore:
 
     # -- reading ---------------------------------------------------------------------------
 
+    async def _read_to_the_end(self, read: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``read`` on a pooled connection to its end, even if the caller is cancelled.
+
+        SSE subscribers hang up in the middle of reads all the time. A query cancelled mid-way
+        makes SQLAlchemy discard its connection, and with aiosqlite that leaves a close task
+        pending forever, one per hang-up; finishing a short read is cheaper and leaks nothing.
+        """
+
+        async def run() -> T:
+            async with self._engine.connect() as connection:
+                return await read(connection)
+
+        task = asyncio.create_task(run())
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+        return await asyncio.shield(task)
+
     async def head(self) -> int:
         """The highest committed position (0 for an empty log)."""
-        async with self._engine.connect() as connection:
-            return await _head(connection)
+        return await self._read_to_the_end(_head)
 
     async def read_after(
         self, after: int, event_filter: EventFilter | None = None, limit: int = 1000
     ) -> Page:
         """Up to ``limit`` matching events with a position above ``after``, in order."""
-        async with self._engine.connect() as connection:
-            return await read_page(connection, after, event_filter, limit)
+        return await self._read_to_the_end(
+            partial(read_page, after=after, event_filter=event_filter, limit=limit)
+        )
 
     async def _read_for_feed(self, after: int, limit: int) -> list[Event]:
         async with self._engine.connect() as connection:

@@ -1,0 +1,431 @@
+"""The content store: ingested videos, channels and articles as SurrealDB records.
+
+Records are ``video:<video_id>``, ``channel:<channel_id>`` and ``article:<url hash>``. Every
+statement addresses them through ``RecordID`` values and query parameters: the SDK pastes a
+string resource into the statement unescaped, so a key is never formatted into SurrealQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import os
+import random
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import websockets.exceptions
+from surrealdb import (
+    AsyncEmbeddedSurrealConnection,
+    AsyncHttpSurrealConnection,
+    AsyncSurreal,
+    AsyncWsSurrealConnection,
+    Duration,
+    RecordID,
+    ServerError,
+    SurrealError,
+    Table,
+)
+
+from app.settings import ContentSettings
+
+__all__ = [
+    "TABLES",
+    "ContentStore",
+    "ContentStoreLocked",
+    "ContentUnavailable",
+    "article_key",
+    "normalize_article_url",
+]
+
+TABLES: Final = frozenset({"video", "channel", "article"})
+
+# Engines that keep their data in a local path. SurrealKV takes no lock of its own, so two
+# processes opening one path would each write their own view of it and silently diverge.
+_LOCAL_SCHEMES: Final = ("surrealkv://", "surrealkv+versioned://", "file://")
+_REMOTE_SCHEMES: Final = ("ws://", "wss://", "http://", "https://")
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_HEALTH_TIMEOUT_SECONDS: Final = 5.0
+_CONFLICT_ATTEMPTS: Final = 10
+_CONFLICT_BASE_SECONDS: Final = 0.002
+
+# What a broken connection or a failed statement raises, from the SDK, the network or the
+# embedded engine.
+_STORE_ERRORS: Final = (
+    SurrealError,
+    OSError,
+    websockets.exceptions.WebSocketException,
+    aiohttp.ClientError,
+)
+
+
+class ContentStoreLocked(RuntimeError):
+    """Another process (or another store in this one) holds the local content store path."""
+
+
+class ContentUnavailable(RuntimeError):
+    """The content store cannot be reached or did not answer."""
+
+
+def normalize_article_url(url: str) -> str:
+    """``url`` without surrounding blanks or ``#fragment``, with scheme and host in lower case.
+
+    Path and query keep their case: servers may treat them as case-sensitive.
+    """
+    parts = urlsplit(url.strip())
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}{at}{hostport.lower()}"
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path, parts.query, ""))
+
+
+def article_key(url: str) -> str:
+    """The record key of an article: the first 32 hex digits of sha256(normalized URL)."""
+    normalized = normalize_article_url(url)
+    return hashlib.sha256(normalized.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass
+class _PathLock:
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        try:
+            # A later holder writes its own pid; an empty file never names a stale one.
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+
+
+def _local_path(url: str) -> str | None:
+    for scheme in _LOCAL_SCHEMES:
+        if url.startswith(scheme):
+            path = url[len(scheme) :].split("?", 1)[0]
+            if not path:
+                raise ValueError(f"SURREALDB_URL {url!r} names no path")
+            return path
+    return None
+
+
+def _lock_path(path: str) -> _PathLock:
+    """Take an exclusive, non-blocking lock on ``<path>.lock`` and write our pid into it.
+
+    ``flock`` locks belong to the open file, so a second opener in this same process is
+    refused too, and the kernel drops the lock when the holder dies, however it dies.
+    """
+    data_path = Path(path)
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = data_path.with_name(data_path.name + ".lock")
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _read_pid(fd)
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise ContentStoreLocked(_locked_message(path, holder)) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _PathLock(lock_file, fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _locked_message(path: str, pid: int | None) -> str:
+    if pid == os.getpid():
+        holder = f"is already open in this process (pid {pid})"
+        advice = "close the other store first or set SURREALDB_URL to another path"
+    else:
+        who = f" (pid {pid})" if pid is not None else ""
+        holder = f"is in use by another process{who}"
+        advice = "stop it or set SURREALDB_URL to another path"
+    return f"content store {path} {holder}; {advice}"
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _check_table(table: str) -> str:
+    if table not in TABLES:
+        raise ValueError(f"unknown content table {table!r}; expected one of {sorted(TABLES)}")
+    return table
+
+
+def _record_id(table: str, key: str) -> RecordID:
+    _check_table(table)
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a record key must be a non-empty string, got {key!r}")
+    return RecordID(table, key)
+
+
+def _to_plain(value: Any) -> Any:
+    """SurrealDB values as JSON-able Python: record ids as ``table:key``, times as ISO 8601."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, dict):
+        return {str(name): _to_plain(item) for name, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(item) for item in value]
+    if isinstance(value, RecordID):
+        key = value.id if isinstance(value.id, str) else _to_plain(value.id)
+        return f"{value.table_name}:{key}"
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, Duration):
+        return value.to_string()
+    if isinstance(value, Table):
+        return value.table_name
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+def _one(result: Any) -> dict[str, Any] | None:
+    if isinstance(result, list):
+        result = result[0] if result else None
+    if isinstance(result, dict):
+        plain: dict[str, Any] = _to_plain(result)
+        return plain
+    return None
+
+
+def _content(record: dict[str, Any]) -> dict[str, Any]:
+    # The record id is the address; a stored copy's "id" (a string after _to_plain) would
+    # contradict it and make SurrealDB refuse the statement.
+    return {name: value for name, value in record.items() if name != "id"}
+
+
+_Connection = AsyncEmbeddedSurrealConnection | AsyncWsSurrealConnection | AsyncHttpSurrealConnection
+
+
+class _RecordLocks:
+    """One asyncio lock per record, held only while someone is waiting for or holding it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, record_id: RecordID) -> AsyncIterator[None]:
+        key = (record_id.table_name, str(record_id.id))
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class ContentStore:
+    """One connection to SurrealDB (embedded or a server) and, for a local path, its lock.
+
+    Values of ``None`` are stored as SurrealDB ``NONE``, which means "no such field": a field
+    put or merged as ``None`` is absent from what :meth:`get` returns, and
+    ``query_table(where_missing=...)`` finds it.
+    """
+
+    def __init__(self, db: _Connection, url: str, lock: _PathLock | None) -> None:
+        self._db: _Connection | None = db
+        self._url = url
+        self._lock = lock
+        # Writes to one record wait for each other: with concurrent merges into one record,
+        # the embedded SurrealKV engine (SDK 2.0) was seen to drop one that reported success.
+        self._writing = _RecordLocks()
+
+    @property
+    def url(self) -> str:
+        return _redacted(self._url)
+
+    @classmethod
+    async def open(cls, settings: ContentSettings) -> ContentStore:
+        """Connect, sign in when a user and password are set, and select namespace/database.
+
+        Raises :class:`ContentStoreLocked` when another opener holds a local path, and
+        :class:`ContentUnavailable` when the database cannot be reached.
+        """
+        url = settings.surrealdb_url
+        local_path = _local_path(url)
+        # A non-blocking flock and a few bytes on a local file: no thread needed, and none
+        # that could take the lock after a cancelled open() stopped waiting for it.
+        try:
+            lock = _lock_path(local_path) if local_path else None
+        except OSError as exc:
+            raise ContentUnavailable(f"content store {local_path} cannot be opened: {exc}") from exc
+        db: _Connection | None = None
+        try:
+            db = AsyncSurreal(url)
+            if not isinstance(db, AsyncHttpSurrealConnection):
+                await db.connect()
+            if url.startswith(_REMOTE_SCHEMES) and settings.user and settings.password:
+                await db.signin({"username": settings.user, "password": settings.password})
+            await db.use(settings.namespace, settings.database)
+        except BaseException as exc:
+            if db is not None:
+                with contextlib.suppress(*_STORE_ERRORS, NotImplementedError):
+                    await _close_connection(db)
+            if lock is not None:
+                lock.release()
+            if isinstance(exc, _STORE_ERRORS):
+                raise ContentUnavailable(
+                    f"content store {_redacted(url)} is unavailable: {exc}"
+                ) from exc
+            raise
+        return cls(db, url, lock)
+
+    async def close(self) -> None:
+        """Close the connection and release the path lock; closing twice is harmless."""
+        db, self._db = self._db, None
+        lock, self._lock = self._lock, None
+        try:
+            if db is not None:
+                await _close_connection(db)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    async def health(self) -> None:
+        """Raise :class:`ContentUnavailable` unless a trivial query answers in time."""
+        db = self._connection()
+        try:
+            async with asyncio.timeout(_HEALTH_TIMEOUT_SECONDS):
+                answer = await db.query("RETURN $probe", {"probe": 1})
+        except TimeoutError:
+            raise ContentUnavailable(
+                f"content store {self.url} did not answer within {_HEALTH_TIMEOUT_SECONDS:g} s"
+            ) from None
+        except _STORE_ERRORS as exc:
+            raise ContentUnavailable(f"content store {self.url} failed: {exc}") from exc
+        if answer != 1:
+            raise ContentUnavailable(f"content store {self.url} answered {answer!r} to a probe")
+
+    async def get(self, table: str, key: str) -> dict[str, Any] | None:
+        record_id = _record_id(table, key)
+        result = await self._call(f"read {_describe(record_id)}", lambda db: db.select(record_id))
+        return _one(result)
+
+    async def exists(self, table: str, key: str) -> bool:
+        record_id = _record_id(table, key)
+        # Only the id, so that a large transcript is not shipped just to be discarded.
+        result = await self._call(
+            f"read {_describe(record_id)}",
+            lambda db: db.query("SELECT VALUE id FROM $record", {"record": record_id}),
+        )
+        return bool(result)
+
+    async def put(self, table: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace the whole record; returns it as stored."""
+        record_id = _record_id(table, key)
+        content = _content(record)
+        async with self._writing.hold(record_id):
+            result = await self._call(
+                f"write {_describe(record_id)}", lambda db: db.upsert(record_id, content)
+            )
+        stored = _one(result)
+        if stored is None:
+            raise ContentUnavailable(
+                f"content store {self.url} stored nothing for {_describe(record_id)}"
+            )
+        return stored
+
+    async def merge(self, table: str, key: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """Set ``fields`` on an existing record (``None`` removes a field) and return it;
+        ``None`` if the record does not exist, which is then not created."""
+        record_id = _record_id(table, key)
+        content = _content(fields)
+        async with self._writing.hold(record_id):
+            result = await self._call(
+                f"write {_describe(record_id)}", lambda db: db.merge(record_id, content)
+            )
+        return _one(result)
+
+    async def query_table(
+        self, table: str, *, where_missing: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` records of ``table``; with ``where_missing``, only those that lack
+        that field (e.g. videos without ``tags``)."""
+        _check_table(table)
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        variables: dict[str, Any] = {"table": table, "limit": limit}
+        statement = "SELECT * FROM type::table($table)"
+        if where_missing is not None:
+            if not _FIELD.fullmatch(where_missing):
+                raise ValueError(
+                    f"where_missing must be a field name like 'tags' or 'meta.summary', "
+                    f"got {where_missing!r}"
+                )
+            variables["field"] = where_missing
+            statement += " WHERE type::field($field) IS NONE"
+        statement += " LIMIT $limit"
+        result = await self._call(f"query {table}", lambda db: db.query(statement, variables))
+        rows = result if isinstance(result, list) else []
+        return [plain for plain in (_one(row) for row in rows) if plain is not None]
+
+    def _connection(self) -> _Connection:
+        if self._db is None:
+            raise ContentUnavailable(f"content store {self.url} is closed")
+        return self._db
+
+    async def _call(self, action: str, operation: Callable[[_Connection], Awaitable[Any]]) -> Any:
+        db = self._connection()
+        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+            try:
+                return await operation(db)
+            except _STORE_ERRORS as exc:
+                if attempt < _CONFLICT_ATTEMPTS and _is_conflict(exc):
+                    # Optimistic transactions: two writes to one record (or the first writes
+                    # to a new table) at once make all but one fail; each is safe to repeat.
+                    await asyncio.sleep(random.uniform(0, _CONFLICT_BASE_SECONDS * 2**attempt))
+                    continue
+                raise ContentUnavailable(
+                    f"content store {self.url} failed to {action}: {exc}"
+                ) from exc
+        raise AssertionError("unreachable")
+
+
+def _describe(record_id: RecordID) -> str:
+    return f"{record_id.table_name} {record_id.id!r}"
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, ServerError) and "can be retried" in str(exc)
+
+
+async def _close_connection(db: _Connection) -> None:
+    # The HTTP client opens a session per request and has nothing to close.
+    if not isinstance(db, AsyncHttpSurrealConnection):
+        await db.close()
