@@ -4,11 +4,9 @@ oEmbed) served through ``responses``."""
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,24 +23,24 @@ from app.ingest.youtube import (
     fetch_transcript,
 )
 from app.settings import IngestSettings
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "youtube"
-
-API_KEY = "AIzaSyAO_FJ2SlqU8Q4STEHLGCilw_Y9_11qcW8"  # the one in watch.html
-WATCH = "https://www.youtube.com/watch"
-PLAYER = "https://www.youtube.com/youtubei/v1/player"
-OEMBED = "https://www.youtube.com/oembed"
-
-VIDEO = "Xk3fQ9pLm2A"  # manual English, auto-generated English, manual German
-GENERATED_ONLY = "Q7mTr2vXbN4"
-GERMAN_ONLY = "Lp5Zc8wHd0E"
-
-# Which timedtext file each caption track (by vssId) serves.
-TIMEDTEXT = {
-    ".en": "timedtext_en.xml",
-    "a.en": "timedtext_en_asr.xml",
-    ".de": "timedtext_de.xml",
-}
+from tests.fakes.youtube import (
+    GENERATED_ONLY,
+    GERMAN_ONLY,
+    OEMBED,
+    PLAYER,
+    VIDEO,
+    WATCH,
+    calls_to,
+    player,
+    read_fixture,
+    serve_player,
+    serve_timedtext,
+    serve_video,
+    serve_watch_page,
+    track_like,
+    tracks_of,
+    with_tracks,
+)
 
 SETTINGS = IngestSettings(
     retry_attempts=3,
@@ -50,15 +48,6 @@ SETTINGS = IngestSettings(
     http_timeout_seconds=7.5,
     transcript_timeout_seconds=10.0,
 )
-
-
-def read_fixture(name: str) -> str:
-    return (FIXTURES / name).read_text(encoding="utf-8")
-
-
-def player(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(read_fixture(name))
-    return data
 
 
 @pytest.fixture
@@ -84,88 +73,6 @@ class Recorder:
     @property
     def notices(self) -> list[tuple[Any, ...]]:
         return [entry for entry in self.log if entry[0] == "retry"]
-
-
-def serve_watch_page(
-    mock: responses.RequestsMock, video_id: str, *, status: int = 200, body: str | None = None
-) -> None:
-    mock.get(
-        WATCH,
-        body=read_fixture("watch.html") if body is None else body,
-        status=status,
-        content_type="text/html; charset=utf-8",
-        match=[matchers.query_param_matcher({"v": video_id})],
-    )
-
-
-def serve_player(
-    mock: responses.RequestsMock, video_id: str, data: dict[str, Any], *, status: int = 200
-) -> None:
-    mock.post(
-        PLAYER,
-        json=data,
-        status=status,
-        match=[
-            # Only a key read from the watch page and this video's id get an answer.
-            matchers.query_param_matcher({"key": API_KEY}),
-            matchers.json_params_matcher({"videoId": video_id}, strict_match=False),
-        ],
-    )
-
-
-def serve_timedtext(
-    mock: responses.RequestsMock, data: dict[str, Any], *, status: int = 200
-) -> None:
-    """Serve each caption track's transcript at exactly the URL the player JSON gives for it
-    (the library drops ``&fmt=srv3`` to get the plain XML format)."""
-    renderer = data.get("captions", {}).get("playerCaptionsTracklistRenderer", {})
-    for track in renderer.get("captionTracks", []):
-        url, _, query = track["baseUrl"].replace("&fmt=srv3", "").partition("?")
-        mock.get(
-            url,
-            body=read_fixture(TIMEDTEXT[track["vssId"]]),
-            status=status,
-            content_type="text/xml; charset=UTF-8",
-            match=[matchers.query_string_matcher(query)],
-        )
-
-
-def serve_video(mock: responses.RequestsMock, video_id: str, data: dict[str, Any]) -> None:
-    serve_watch_page(mock, video_id)
-    serve_player(mock, video_id, data)
-    serve_timedtext(mock, data)
-
-
-def calls_to(mock: responses.RequestsMock, prefix: str) -> int:
-    return sum(1 for call in mock.calls if (call.request.url or "").startswith(prefix))
-
-
-def tracks_of(data: dict[str, Any]) -> list[dict[str, Any]]:
-    tracks: list[dict[str, Any]] = data["captions"]["playerCaptionsTracklistRenderer"][
-        "captionTracks"
-    ]
-    return tracks
-
-
-def with_tracks(data: dict[str, Any], *tracks: dict[str, Any]) -> dict[str, Any]:
-    changed = copy.deepcopy(data)
-    changed["captions"]["playerCaptionsTracklistRenderer"]["captionTracks"] = list(tracks)
-    return changed
-
-
-def track_like(track: dict[str, Any], *, code: str, name: str, asr: bool) -> dict[str, Any]:
-    """A caption track for another language, shaped like ``track``."""
-    changed = copy.deepcopy(track)
-    changed["baseUrl"] = changed["baseUrl"].replace(
-        f"&lang={track['languageCode']}", f"&lang={code}"
-    )
-    if asr:
-        changed["baseUrl"] = changed["baseUrl"].replace("&key=yt8", "&key=yt8&kind=asr")
-        changed["kind"] = "asr"
-    changed["languageCode"] = code
-    changed["name"] = {"runs": [{"text": name}]}
-    changed["vssId"] = ("a." if asr else ".") + code
-    return changed
 
 
 # --- success paths -------------------------------------------------------------------------
