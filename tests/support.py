@@ -163,6 +163,8 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -232,11 +234,14 @@ class LocalSite:
                 status, content_type, body = site.routes.get(
                     path, (404, "text/plain", b"not found")
                 )
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client (a killed server, say) went away: nothing to answer
 
             def log_message(self, format: str, *args: Any) -> None:
                 return

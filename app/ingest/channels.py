@@ -186,24 +186,8 @@ async def list_channel(
         reason = "yt-dlp gave no upload dates; dates from the RSS feed"
         if progress is not None:
             await progress("listing_videos", f"{reason}...", {"fallback": "rss"})
-        feed = await _read_feed_with_deadline(
-            target, draft.channel_id or target.channel_id, settings, deadline
-        )
-        dates = {video.video_id: video.published for video in feed.videos}
-        dated = [
-            dataclasses.replace(video, published=dates.get(video.video_id))
-            for video in draft.videos
-        ]
-        return _listing(
-            target,
-            dataclasses.replace(
-                draft, videos=dated, channel_id=draft.channel_id or feed.channel_id
-            ),
-            limit,
-            today,
-            "yt-dlp",
-            reason,
-        )
+        dated = await _dated_from_feed(target, draft, settings, deadline)
+        return _listing(target, dated, limit, today, "yt-dlp", reason)
 
     if progress is not None:
         await progress(
@@ -221,6 +205,23 @@ async def list_channel(
         failure.details.setdefault("yt_dlp_error", ytdlp_error)
         raise
     return _listing(target, feed, limit, today, "rss", ytdlp_error)
+
+
+async def _dated_from_feed(
+    target: _Target, draft: _Draft, settings: IngestSettings, deadline: float
+) -> _Draft:
+    feed = await _read_feed_with_deadline(
+        target, draft.channel_id or target.channel_id, settings, deadline
+    )
+    dates = {video.video_id: video.published for video in feed.videos}
+    return dataclasses.replace(
+        draft,
+        channel_id=draft.channel_id or feed.channel_id,
+        videos=[
+            dataclasses.replace(video, published=dates.get(video.video_id))
+            for video in draft.videos
+        ],
+    )
 
 
 def _parse_channel_url(url: str) -> _Target:

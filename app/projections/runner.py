@@ -52,6 +52,7 @@ class ProjectionRunner:
         self._positions: dict[str, int] = {}
         self._advanced: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._checkpoints_ready = False
 
     def get(self, name: str) -> Projection:
         try:
@@ -85,6 +86,7 @@ class ProjectionRunner:
                     key=("name",),
                     update=False,
                 )
+        self._checkpoints_ready = True
 
     async def _run(self) -> None:
         assert self._store is not None, "a running projector follows a store's feed"
@@ -107,6 +109,8 @@ class ProjectionRunner:
     async def catch_up(self, name: str, *, until: int | None = None) -> int:
         """Apply everything after the checkpoint (up to ``until`` if given, else the head)."""
         projection = self.get(name)
+        if not self._checkpoints_ready:  # a runner used without start() has made no rows yet
+            await self._ensure_checkpoints()
         while True:
             async with self._engine.connect() as connection:
                 connection = await write_transaction(connection)
@@ -154,6 +158,7 @@ class ProjectionRunner:
     async def wait_for(self, name: str, position: int, *, within: float = 5.0) -> bool:
         """Wait (at most ``within`` seconds) until projection ``name`` reflects the log up to
         ``position``; False if it did not get there in time."""
+        self.get(name)
         if self._positions.get(name, -1) >= position:
             return True
         loop = asyncio.get_running_loop()
