@@ -1,0 +1,505 @@
+"""EventStore contract, on a real database (SQLite, and PostgreSQL when configured)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from app.database import create_engine, sqlite_path, upgrade_database
+from app.eventlog import (
+    Event,
+    EventFilter,
+    EventIdReused,
+    EventStore,
+    LogUnavailable,
+    NewEvent,
+    VersionConflict,
+    canonical_payload,
+)
+from app.eventlog.plan import Plan
+from app.services import Services
+from app.settings import Settings
+
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def new(
+    source_id: str = "a1",
+    event: str = "progress",
+    *,
+    stream: str = "agents",
+    event_id: str | None = None,
+    expected_version: int | None = None,
+    **payload: Any,
+) -> NewEvent:
+    return NewEvent(
+        stream=stream,
+        source_id=source_id,
+        event=event,
+        payload=canonical_payload(payload),
+        event_id=event_id,
+        expected_version=expected_version,
+    )
+
+
+@pytest.fixture
+def store(services: Services) -> EventStore:
+    return services.store
+
+
+async def read_all(store: EventStore, event_filter: EventFilter | None = None) -> list[Event]:
+    found: list[Event] = []
+    after = 0
+    for _ in range(10_000):
+        page = await store.read_after(after, event_filter, limit=7)
+        found.extend(page.events)
+        if page.scanned_to >= page.head:
+            return found
+        after = page.scanned_to
+    raise AssertionError("read_after paging did not reach the head")
+
+
+async def table_contents(url: str) -> list[tuple[Any, ...]]:
+    """The events table as a brand-new engine (another process, after a restart) sees it."""
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(
+                text(
+                    "SELECT position, stream, source_id, version, event, event_id, payload"
+                    " FROM events ORDER BY position"
+                )
+            )
+            return [tuple(row) for row in rows]
+    finally:
+        await engine.dispose()
+
+
+# -- appending ---------------------------------------------------------------------------------
+
+
+async def test_append_one_returns_its_position_and_per_source_version(store: EventStore) -> None:
+    assert await store.head() == 0
+
+    first = await store.append_one(new("a1"))
+    second = await store.append_one(new("a1"))
+    other = await store.append_one(new("a2"))
+
+    assert [(r.position, r.version, r.duplicate) for r in (first, second, other)] == [
+        (1, 1, False),
+        (2, 2, False),
+        (3, 1, False),
+    ]
+    assert str(uuid.UUID(first.event_id)) == first.event_id
+    assert TIMESTAMP.match(first.timestamp)
+    assert await store.head() == 3
+    assert await store.source_version("agents", "a1") == 2
+    assert await store.source_version("agents", "nobody") == 0
+
+
+async def test_append_batch_returns_consecutive_positions(store: EventStore) -> None:
+    await store.append_one(new("a2"))
+
+    found = await store.append([new("a1"), new("a2"), new("a1"), new("a3", stream="jobs")])
+
+    assert [(r.position, r.version) for r in found] == [(2, 1), (3, 2), (4, 2), (5, 1)]
+    assert len({r.timestamp for r in found}) == 1
+    stored = (await store.read_after(1)).events
+    assert [(e.position, e.source_id, e.version, e.event_id) for e in stored] == [
+        (r.position, source, r.version, r.event_id)
+        for r, source in zip(found, ["a1", "a2", "a1", "a3"], strict=True)
+    ]
+
+
+async def test_a_conflict_inside_a_batch_writes_nothing_of_it(store: EventStore) -> None:
+    await store.append([new("a1"), new("a2")])
+    before = (await store.read_after(0)).events
+
+    with pytest.raises(VersionConflict) as raised:
+        await store.append([new("a1"), new("a2", expected_version=0), new("a3")])
+
+    assert (raised.value.source_id, raised.value.expected, raised.value.actual) == ("a2", 0, 1)
+    assert await store.head() == 2
+    assert (await store.read_after(0)).events == before
+    assert await store.source_version("agents", "a1") == 1
+    assert await store.source_version("agents", "a3") == 0
+    # Nothing of the refused batch took a position or a version.
+    after = await store.append_one(new("a1"))
+    assert (after.position, after.version) == (3, 2)
+
+
+async def test_a_conflict_refuses_only_its_own_request_among_concurrent_ones(
+    store: EventStore,
+) -> None:
+    await store.append_one(new("a1"))
+    requests = [[new(f"s{n}"), new(f"s{n}")] for n in range(30)]
+    requests[13] = [new("s13"), new("a1", expected_version=5)]
+
+    outcomes = await asyncio.gather(*(store.append(r) for r in requests), return_exceptions=True)
+
+    assert isinstance(outcomes[13], VersionConflict)
+    accepted = [o for n, o in enumerate(outcomes) if n != 13]
+    assert all(isinstance(o, list) for o in accepted)
+    positions = sorted(r.position for o in accepted if isinstance(o, list) for r in o)
+    assert positions == list(range(2, 2 + 58))
+    assert await store.head() == 59
+    assert await store.source_version("agents", "s13") == 0
+
+
+async def test_expected_version_on_a_new_and_an_existing_source(store: EventStore) -> None:
+    created = await store.append_one(new("fresh", expected_version=0))
+    assert (created.position, created.version) == (1, 1)
+
+    with pytest.raises(VersionConflict) as raised:
+        await store.append_one(new("fresh", expected_version=0))
+    assert (raised.value.expected, raised.value.actual) == (0, 1)
+    assert "expected_version 0" in str(raised.value)
+
+    with pytest.raises(VersionConflict) as raised:
+        await store.append_one(new("other", expected_version=3))
+    assert raised.value.actual == 0
+
+    following = await store.append_one(new("fresh", expected_version=1))
+    assert following.version == 2
+    assert await store.head() == 2
+
+
+async def test_a_retried_append_returns_the_original_and_writes_nothing(store: EventStore) -> None:
+    event_id = str(uuid.uuid4())
+    original = await store.append_one(new("a1", event_id=event_id, n=1))
+    await store.append_one(new("a1"))
+
+    retried = await store.append_one(new("a1", event_id=event_id, n=1))
+
+    assert retried == original._replace(duplicate=True)
+    assert await store.head() == 2
+    assert [e.event_id for e in (await store.read_after(0)).events].count(event_id) == 1
+
+
+async def test_a_retried_batch_returns_every_original(store: EventStore) -> None:
+    batch = [new(f"a{n}", event_id=str(uuid.uuid4()), n=n) for n in range(3)]
+    original = await store.append(batch)
+
+    assert await store.append(batch) == [r._replace(duplicate=True) for r in original]
+    extended = await store.append([*batch, new("a9", event_id=str(uuid.uuid4()))])
+
+    assert extended[:3] == [r._replace(duplicate=True) for r in original]
+    assert (extended[3].position, extended[3].duplicate) == (4, False)
+    assert await store.head() == 4
+
+
+async def test_a_retry_with_expected_version_is_still_a_retry(store: EventStore) -> None:
+    event = new("a1", event_id=str(uuid.uuid4()), expected_version=0)
+    original = await store.append_one(event)
+
+    assert await store.append_one(event) == original._replace(duplicate=True)
+
+
+async def test_retries_racing_each_other_and_other_appends_write_once(
+    store: EventStore,
+) -> None:
+    events = [new(f"s{n % 4}", event_id=str(uuid.uuid4()), n=n) for n in range(60)]
+    # Every event sent three times at once, interleaved with appends without an id.
+    calls = [store.append_one(event) for event in events for _ in range(3)]
+    calls += [store.append_one(new("noise", n=n)) for n in range(40)]
+
+    outcomes = await asyncio.gather(*calls)
+
+    for n in range(60):
+        attempts = outcomes[3 * n : 3 * n + 3]
+        assert len({(r.position, r.version, r.event_id) for r in attempts}) == 1
+        assert sum(not r.duplicate for r in attempts) == 1
+    assert await store.head() == 100
+    stored = await read_all(store)
+    assert [e.position for e in stored] == list(range(1, 101))
+    assert {e.event_id for e in stored} >= {event.event_id for event in events}
+
+
+async def test_an_event_id_reused_for_other_content_is_refused(store: EventStore) -> None:
+    event_id = str(uuid.uuid4())
+    original = await store.append_one(new("a1", event_id=event_id, n=1))
+
+    for changed in (
+        new("a1", event_id=event_id, n=2),
+        new("a1", "finished", event_id=event_id, n=1),
+        new("a2", event_id=event_id, n=1),
+    ):
+        with pytest.raises(EventIdReused) as raised:
+            await store.append([new("a3"), changed])
+        assert raised.value.position == original.position
+        assert event_id in str(raised.value)
+    assert await store.head() == 1
+
+    # Two different events racing under one new id: the first committed wins, the other is
+    # refused with the winner's position, even when both land in the same transaction.
+    contested = str(uuid.uuid4())
+    outcomes = await asyncio.gather(
+        store.append_one(new("a1", event_id=contested, n=1)),
+        store.append_one(new("a1", event_id=contested, n=2)),
+        return_exceptions=True,
+    )
+    won, lost = outcomes
+    assert not isinstance(won, BaseException)
+    assert isinstance(lost, EventIdReused)
+    assert (won.position, lost.position) == (2, 2)
+    assert [e.payload_dict() for e in await store.read_source("agents", "a1")] == [
+        {"n": 1},
+        {"n": 1},
+    ]
+
+
+async def test_malformed_appends_are_refused_before_reaching_the_log(store: EventStore) -> None:
+    with pytest.raises(ValueError, match="at least one event"):
+        await store.append([])
+    event_id = str(uuid.uuid4())
+    with pytest.raises(ValueError, match="unique"):
+        await store.append([new(event_id=event_id, n=1), new(event_id=event_id, n=2)])
+    assert await store.head() == 0
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def mixed_log(store: EventStore) -> list[Event]:
+    """Forty events over two streams, four sources, three event names and three agents."""
+    batch = [
+        new(
+            ["a1", "a2", "a3", "j1"][n % 4],
+            ["started", "progress", "progress", "finished", "progress"][n % 5],
+            stream="jobs" if n % 4 == 3 else "agents",
+            agent_name=["tagger", "writer", "scout"][n % 3],
+            n=n,
+        )
+        for n in range(40)
+    ]
+    await store.append(batch[:25])
+    for event in batch[25:]:
+        await store.append_one(event)
+    return (await store.read_after(0)).events
+
+
+def wanted(event_filter: EventFilter, event: Event) -> bool:
+    """The filter's meaning, spelled out independently of the code under test."""
+    return (
+        (not event_filter.streams or event.stream in event_filter.streams)
+        and (not event_filter.source_ids or event.source_id in event_filter.source_ids)
+        and (not event_filter.events or event.event in event_filter.events)
+        and (
+            not event_filter.agent_names
+            or event.payload_dict()["agent_name"] in event_filter.agent_names
+        )
+    )
+
+
+FILTERS = [
+    EventFilter(),
+    EventFilter(streams=("jobs",)),
+    EventFilter(source_ids=("a2",)),
+    EventFilter(source_ids=("a1", "j1")),
+    EventFilter(events=("finished",)),
+    EventFilter(events=("started", "finished")),
+    EventFilter(agent_names=("writer",)),
+    EventFilter(agent_names=("writer", "scout"), events=("progress",)),
+    EventFilter(streams=("agents",), source_ids=("a1", "a3"), agent_names=("tagger",)),
+    EventFilter(source_ids=("nobody",)),
+]
+
+
+async def test_read_after_returns_exactly_the_matching_events(
+    store: EventStore, mixed_log: list[Event]
+) -> None:
+    # One log, many filters (a database per filter would only make the suite slower).
+    for event_filter in FILTERS:
+        expected = [e for e in mixed_log if wanted(event_filter, e)]
+
+        page = await store.read_after(0, event_filter)
+        paged = await read_all(store, event_filter)
+        later = await store.read_after(20, event_filter)
+
+        assert page.events == expected, event_filter
+        assert (page.scanned_to, page.head) == (40, 40), event_filter
+        assert paged == expected, event_filter
+        assert later.events == [e for e in expected if e.position > 20], event_filter
+    jobs = [e for e in mixed_log if e.stream == "jobs"]
+    assert {e.source_id for e in jobs} == {"j1"}
+    assert len(jobs) == 10
+
+
+async def test_a_full_page_is_scanned_to_its_last_event_a_short_one_to_the_head(
+    store: EventStore, mixed_log: list[Event]
+) -> None:
+    full = await store.read_after(5, limit=10)
+    assert [e.position for e in full.events] == list(range(6, 16))
+    assert (full.scanned_to, full.head) == (15, 40)
+
+    finished = EventFilter(events=("finished",))
+    full_filtered = await store.read_after(0, finished, limit=2)
+    assert [e.position for e in full_filtered.events] == [4, 9]
+    assert full_filtered.scanned_to == 9
+
+    short = await store.read_after(30, finished, limit=5)
+    assert [e.position for e in short.events] == [34, 39]
+    assert short.scanned_to == 40
+
+    nothing = await store.read_after(40)
+    assert (nothing.events, nothing.scanned_to, nothing.head) == ([], 40, 40)
+    assert mixed_log[-1].position == 40
+
+
+async def test_an_agent_name_page_never_claims_more_than_it_scanned(
+    store: EventStore, mixed_log: list[Event]
+) -> None:
+    # agent_name is matched after the table read: a page may hold fewer events than the
+    # limit, but its scanned_to must not skip any matching event beyond what it returned.
+    scouts = EventFilter(agent_names=("scout",))
+    page = await store.read_after(0, scouts, limit=6)
+
+    assert [e.position for e in page.events] == [3, 6]
+    assert page.scanned_to == 6
+    assert await read_all(store, scouts) == [e for e in mixed_log if wanted(scouts, e)]
+
+
+async def test_read_source_is_in_version_order_and_stops_at_until_position(
+    store: EventStore,
+) -> None:
+    await asyncio.gather(*(store.append_one(new(f"a{n % 3}", n=n)) for n in range(30)))
+    await store.append_one(new("a1", stream="jobs"))
+
+    a1 = await store.read_source("agents", "a1")
+    assert [e.version for e in a1] == list(range(1, 11))
+    assert [e.position for e in a1] == sorted(e.position for e in a1)
+    assert {(e.stream, e.source_id) for e in a1} == {("agents", "a1")}
+    cut = a1[4].position
+    assert await store.read_source("agents", "a1", until_position=cut) == a1[:5]
+    assert await store.read_source("agents", "a1", until_position=0) == []
+    assert [e.version for e in await store.read_source("jobs", "a1")] == [1]
+    assert await store.read_source("agents", "nobody") == []
+
+
+# -- group commit and durability -----------------------------------------------------------------
+
+
+async def test_concurrent_appends_share_transactions_and_are_all_durable(
+    store: EventStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    appender: Any = store._appender
+    write = appender.write
+    transactions: list[int] = []
+
+    async def counting_write(batch: Sequence[Sequence[NewEvent]]) -> Plan:
+        transactions.append(len(batch))
+        plan: Plan = await write(batch)
+        return plan
+
+    monkeypatch.setattr(appender, "write", counting_write)
+
+    found = await asyncio.gather(*(store.append_one(new(f"s{n % 7}", n=n)) for n in range(200)))
+
+    assert sorted(r.position for r in found) == list(range(1, 201))
+    assert sum(transactions) == 200
+    assert len(transactions) <= 20, f"200 appends took {len(transactions)} transactions"
+    rows = await table_contents(settings.database.url)
+    assert [(row[0], row[5]) for row in rows] == sorted((r.position, r.event_id) for r in found)
+
+
+async def test_sqlite_appender_commits_durably(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    await upgrade_database(url)
+    engine = create_engine(url)
+    store = await EventStore.open(engine)
+    try:
+        await store.append_one(new())
+        appender: Any = store._appender
+
+        def pragmas() -> tuple[int, str]:
+            connection = appender._connection
+            synchronous = connection.execute("PRAGMA synchronous").fetchone()[0]
+            journal = connection.execute("PRAGMA journal_mode").fetchone()[0]
+            return synchronous, journal
+
+        # Queried on the appender's own connection, on its own thread.
+        assert await appender._run(pragmas) == (2, "wal")  # 2 = FULL
+        path = sqlite_path(url)
+        assert path is not None
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+async def test_postgres_appender_commits_durably(postgres_url: str) -> None:
+    await upgrade_database(postgres_url)
+    engine = create_engine(postgres_url)
+    store = await EventStore.open(engine)
+    try:
+        await store.append_one(new())
+        appender: Any = store._appender
+        connection = appender._connection
+        # Acknowledged means flushed: a commit waits for its WAL record to reach disk.
+        assert await connection.fetchval("SHOW synchronous_commit") == "on"
+        assert await connection.fetchval("SHOW fsync") == "on"
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+async def test_close_finishes_queued_appends_then_refuses_new_ones(database_url: str) -> None:
+    await upgrade_database(database_url)
+    engine = create_engine(database_url)
+    store = await EventStore.open(engine)
+    try:
+        pending = [asyncio.create_task(store.append_one(new(n=n))) for n in range(50)]
+        await asyncio.sleep(0)  # let every task queue its append
+
+        await store.close()
+
+        assert sorted(t.result().position for t in pending) == list(range(1, 51))
+        with pytest.raises(LogUnavailable):
+            await store.append_one(new())
+        with pytest.raises(LogUnavailable):
+            await store.append([new(), new()])
+        await store.close()  # idempotent
+    finally:
+        await store.close()
+        await engine.dispose()
+    assert len(await table_contents(database_url)) == 50
+
+
+PAYLOADS: list[dict[str, Any]] = [
+    {"text": "héllo wörld ñ 日本語 Ελληνικά"},
+    {"emoji": "🚀👩\u200d💻🏳️\u200d🌈", "key 🔑": "value"},
+    {"empty": "", "": "empty key", "list": [], "object": {}},
+    {"big": 123456789012345678901234567890, "negative": -123456789012345678901234567890},
+    {"float": 0.1, "exp": 1.5e300, "tiny": -2.5e-300, "zero": 0, "negzero": -0.0},
+    {"nested": {"a": [1, {"b": [None, True, False, {"c": {"d": "deep"}}]}], "z": {}}},
+    {"escapes": 'quote " backslash \\ newline \n tab \t nul \x00 sep \u2028 \u2029 ctrl \x1f'},
+    {"zebra": 1, "apple": 2, "mango": {"y": 1, "b": 2}},
+]
+
+
+async def test_payloads_come_back_byte_for_byte(store: EventStore, settings: Settings) -> None:
+    canonical = [bytes(canonical_payload(payload)) for payload in PAYLOADS]
+    results = await store.append([new(f"p{n}", **p) for n, p in enumerate(PAYLOADS)])
+    single = await store.append_one(new("single", **PAYLOADS[1]))
+
+    read = (await store.read_after(0)).events
+    assert [bytes(e.payload) for e in read] == [*canonical, canonical[1]]
+    assert [e.payload_dict() for e in read[:-1]] == PAYLOADS
+    assert read[3].payload_dict()["big"] == 123456789012345678901234567890
+    # Key order is the client's, not the database's (no JSONB normalisation).
+    assert bytes(read[7].payload).startswith(b'{"zebra":1,"apple":2,"mango":{"y":1')
+    assert [bytes(e.payload) for e in await store.read_source("agents", "p1")] == [canonical[1]]
+    rows = await table_contents(settings.database.url)
+    assert [row[6].encode() for row in rows] == [*canonical, canonical[1]]
+    assert [r.position for r in results] + [single.position] == [e.position for e in read]
