@@ -1,0 +1,429 @@
+"""The projection runner: each event applied exactly once, the checkpoint moving in the same
+transaction as the rows, across crashes, concurrent runners and rebuilds.
+
+A counting projection (events, sum of positions and last position per source, in a table of
+its own) makes a double-applied or skipped event visible as a wrong row."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.database import create_engine, upgrade_database
+from app.eventlog import Event, EventFilter, EventStore, NewEvent, canonical_payload
+from app.eventlog.tables import events
+from app.projections import ProjectionRunner, UnknownProjection, checkpoints
+from app.services import Services
+from tests.support import ROOT
+
+NAME = "counts"
+count_metadata = MetaData()
+counts = Table(
+    "test_event_counts",
+    count_metadata,
+    Column("source_id", String(200), primary_key=True),
+    Column("events", Integer, nullable=False),
+    Column("position_sum", BigInteger, nullable=False),
+    Column("last_position", BigInteger, nullable=False),
+)
+
+Rows = dict[str, tuple[int, int, int]]
+
+
+class Crash(Exception):
+    pass
+
+
+class CountingProjection:
+    """Counts the ``agent`` stream's events per source. ``crash_on_call``: the nth call to
+    :meth:`apply` does all its writes, then raises (or, with ``kill``, ends the process)."""
+
+    name = NAME
+    tables: Sequence[Table] = (counts,)
+    source_filter = EventFilter(streams=("agent",))
+
+    def __init__(self, *, crash_on_call: int | None = None, kill: bool = False) -> None:
+        self.crash_on_call = crash_on_call
+        self.kill = kill
+        self.calls = 0
+        self.applied = 0
+
+    async def apply(self, connection: AsyncConnection, batch: Sequence[Event]) -> None:
+        self.calls += 1
+        totals: dict[str, list[int]] = {}
+        for item in batch:
+            total = totals.setdefault(item.source_id, [0, 0, 0])
+            total[0] += 1
+            total[1] += item.position
+            total[2] = item.position
+        insert = (
+            sqlite.insert(counts)
+            if connection.dialect.name == "sqlite"
+            else postgresql.insert(counts)
+        )
+        await connection.execute(
+            insert.on_conflict_do_update(
+                index_elements=["source_id"],
+                set_={
+                    "events": counts.c.events + insert.excluded.events,
+                    "position_sum": counts.c.position_sum + insert.excluded.position_sum,
+                    "last_position": insert.excluded.last_position,
+                },
+            ),
+            [
+                {"source_id": s, "events": n, "position_sum": total, "last_position": last}
+                for s, (n, total, last) in totals.items()
+            ],
+        )
+        if self.calls == self.crash_on_call:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise Crash(f"crashed in apply call {self.calls}, after its writes")
+        self.applied += len(batch)
+
+
+@dataclass
+class Log:
+    url: str
+    engine: AsyncEngine
+    store: EventStore
+
+
+@contextlib.asynccontextmanager
+async def open_log(url: str) -> AsyncIterator[Log]:
+    await upgrade_database(url)
+    engine = create_engine(url, pool_size=4)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(count_metadata.create_all)
+        store = await EventStore.open(engine, poll_seconds=0.2)
+        try:
+            yield Log(url, engine, store)
+        finally:
+            await store.close()
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def log(database_url: str) -> AsyncIterator[Log]:
+    async with open_log(database_url) as opened:
+        yield opened
+
+
+async def append_events(store: EventStore, count: int, rng: random.Random) -> None:
+    """``count`` events over 12 sources, one in five of them on a stream the projection
+    ignores, in appends of 1 to 25 events."""
+    while count > 0:
+        size = min(count, rng.randint(1, 25))
+        count -= size
+        await store.append(
+            [
+                NewEvent(
+                    "other" if rng.random() < 0.2 else "agent",
+                    f"source-{rng.randrange(12)}",
+                    rng.choice(("started", "progress", "complete")),
+                    canonical_payload({"agent_name": "counter", "n": rng.random()}),
+                )
+                for _ in range(size)
+            ]
+        )
+
+
+def _rows(result: Any) -> Rows:
+    return {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in result}
+
+
+async def projected(engine: AsyncEngine) -> Rows:
+    async with engine.connect() as connection:
+        return _rows(await connection.execute(select(counts)))
+
+
+async def expected(connection: AsyncConnection, up_to: int | None = None) -> Rows:
+    """What the projection must hold: the log's agent events, counted by the database."""
+    query = (
+        select(
+            events.c.source_id,
+            func.count(),
+            func.sum(events.c.position),
+            func.max(events.c.position),
+        )
+        .where(events.c.stream == "agent")
+        .group_by(events.c.source_id)
+    )
+    if up_to is not None:
+        query = query.where(events.c.position <= up_to)
+    return _rows(await connection.execute(query))
+
+
+async def expected_now(engine: AsyncEngine) -> Rows:
+    async with engine.connect() as connection:
+        return await expected(connection)
+
+
+async def consistent_snapshot(engine: AsyncEngine) -> tuple[int, Rows, Rows]:
+    """The checkpoint, the rows and what the log says up to the checkpoint, all read in one
+    snapshot: a checkpoint that moved without its rows (or rows without it) shows here."""
+    async with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            connection = await connection.execution_options(isolation_level="REPEATABLE READ")
+        async with connection.begin():
+            position = int(
+                (
+                    await connection.execute(
+                        select(checkpoints.c.position).where(checkpoints.c.name == NAME)
+                    )
+                ).scalar_one_or_none()
+                or 0
+            )
+            rows = _rows(await connection.execute(select(counts)))
+            return position, rows, await expected(connection, position)
+
+
+async def checkpoint_of(engine: AsyncEngine) -> int:
+    position, rows, wanted = await consistent_snapshot(engine)
+    assert rows == wanted, f"rows disagree with the checkpoint {position}"
+    return position
+
+
+# -- crashes ---------------------------------------------------------------------------------
+
+
+async def test_a_crash_after_the_writes_rolls_back_the_step_and_nothing_is_applied_twice(
+    log: Log,
+) -> None:
+    await append_events(log.store, 400, random.Random(1))
+    head = await log.store.head()
+    projection = CountingProjection(crash_on_call=3)
+    runner = ProjectionRunner(log.engine, [projection], batch_size=50)
+
+    with pytest.raises(Crash):
+        await runner.catch_up(NAME)
+
+    # Two steps committed (50 agent events each); the third's writes were rolled back with it.
+    position = await checkpoint_of(log.engine)
+    assert 0 < position < head
+    assert sum(n for n, _, _ in (await projected(log.engine)).values()) == 100
+
+    projection.crash_on_call = None
+    assert await runner.catch_up(NAME) == head
+
+    assert await checkpoint_of(log.engine) == head
+    resumed = await projected(log.engine)
+    assert resumed == await expected_now(log.engine)
+    # The same rows as a clean run from position 0.
+    assert await ProjectionRunner(log.engine, [CountingProjection()]).rebuild(NAME) == head
+    assert await projected(log.engine) == resumed
+
+
+async def test_a_failed_checkpoint_write_rolls_back_the_rows(log: Log) -> None:
+    await append_events(log.store, 120, random.Random(2))
+    runner = ProjectionRunner(log.engine, [CountingProjection()], batch_size=1000)
+    first = await runner.catch_up(NAME)
+    before = await projected(log.engine)
+    await append_events(log.store, 80, random.Random(3))
+    head = await log.store.head()
+
+    def refuse_checkpoint(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE PROJECTION_CHECKPOINTS"):
+            raise Crash("the checkpoint could not be written")
+
+    event.listen(log.engine.sync_engine, "before_cursor_execute", refuse_checkpoint)
+    try:
+        with pytest.raises(Crash):
+            await runner.catch_up(NAME)
+    finally:
+        event.remove(log.engine.sync_engine, "before_cursor_execute", refuse_checkpoint)
+
+    assert await checkpoint_of(log.engine) == first
+    assert await projected(log.engine) == before
+
+    assert await runner.catch_up(NAME) == head
+    assert await checkpoint_of(log.engine) == head
+    assert await projected(log.engine) == await expected_now(log.engine)
+
+
+async def _crash_in_a_child(url: str) -> None:
+    engine = create_engine(url, pool_size=2)
+    runner = ProjectionRunner(
+        engine, [CountingProjection(crash_on_call=3, kill=True)], batch_size=40
+    )
+    await runner.catch_up(NAME)
+
+
+async def test_a_killed_process_leaves_rows_and_checkpoint_in_agreement(log: Log) -> None:
+    await append_events(log.store, 300, random.Random(4))
+    head = await log.store.head()
+    code = (
+        "import asyncio, sys\n"
+        "from tests.projections.test_runner import _crash_in_a_child\n"
+        "asyncio.run(_crash_in_a_child(sys.argv[1]))\n"
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, log.url, cwd=ROOT, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode == -signal.SIGKILL, stderr.decode()
+
+    # SIGKILL in the middle of the third step: the first two are there, the third is not.
+    assert 0 < await checkpoint_of(log.engine) < head
+    assert sum(n for n, _, _ in (await projected(log.engine)).values()) == 80
+
+    runner = ProjectionRunner(log.engine, [CountingProjection()], batch_size=40)
+    assert await runner.catch_up(NAME) == head
+    assert await checkpoint_of(log.engine) == head
+    assert await projected(log.engine) == await expected_now(log.engine)
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+
+async def test_two_runners_on_two_engines_apply_every_event_once(log: Log) -> None:
+    other_engine = create_engine(log.url, pool_size=2)
+    try:
+        first, second = CountingProjection(), CountingProjection()
+        runners = [
+            ProjectionRunner(log.engine, [first], batch_size=20),
+            ProjectionRunner(other_engine, [second], batch_size=20),
+        ]
+        done = asyncio.Event()
+
+        async def write() -> None:
+            rng = random.Random(5)
+            for _ in range(15):
+                await append_events(log.store, 40, rng)
+                await asyncio.sleep(0)
+            done.set()
+
+        async def project(runner: ProjectionRunner) -> None:
+            while not done.is_set():
+                await runner.catch_up(NAME)
+                await asyncio.sleep(0.01)
+            await runner.catch_up(NAME)
+
+        await asyncio.wait_for(
+            asyncio.gather(write(), *(project(runner) for runner in runners)), 120
+        )
+
+        head = await log.store.head()
+        assert await checkpoint_of(log.engine) == head
+        rows = await projected(log.engine)
+        assert rows == await expected_now(log.engine)
+        # Exactly once across the two: together they were handed each agent event once.
+        assert first.applied + second.applied == sum(n for n, _, _ in rows.values())
+    finally:
+        await other_engine.dispose()
+
+
+async def test_rebuilds_while_events_keep_arriving_end_consistent(log: Log) -> None:
+    live = ProjectionRunner(log.engine, [CountingProjection()], store=log.store, poll_seconds=0.2)
+    other_engine = create_engine(log.url, pool_size=2)
+    try:
+        await append_events(log.store, 100, random.Random(8))
+        await live.start()
+        # Another process (the command line) rebuilding while this one projects live.
+        elsewhere = ProjectionRunner(other_engine, [CountingProjection()], batch_size=30)
+        done = asyncio.Event()
+        snapshots: list[tuple[int, Rows, Rows]] = []
+
+        async def write() -> None:
+            rng = random.Random(6)
+            for _ in range(20):
+                await append_events(log.store, 30, rng)
+                snapshots.append(await consistent_snapshot(log.engine))
+            done.set()
+
+        async def rebuild() -> None:
+            for runner in (live, elsewhere, live, elsewhere):
+                position = await runner.rebuild(NAME)
+                assert position > 0
+                snapshots.append(await consistent_snapshot(log.engine))
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(asyncio.gather(write(), rebuild()), 120)
+        await done.wait()
+        head = await log.store.head()
+        assert await live.wait_for(NAME, head, within=30)
+
+        for position, rows, wanted in snapshots:
+            assert rows == wanted, f"inconsistent at checkpoint {position}"
+        assert await checkpoint_of(log.engine) == head
+        assert await projected(log.engine) == await expected_now(log.engine)
+    finally:
+        await live.close()
+        await other_engine.dispose()
+
+
+# -- waiting and naming ----------------------------------------------------------------------
+
+
+async def test_wait_for_times_out_then_sees_another_runner_catch_up(log: Log) -> None:
+    await append_events(log.store, 50, random.Random(7))
+    head = await log.store.head()
+    projector = ProjectionRunner(log.engine, [CountingProjection()])
+    other_engine = create_engine(log.url, pool_size=2)
+    try:
+        # A reader in another process: it never projects, it watches the checkpoint.
+        reader = ProjectionRunner(other_engine, [CountingProjection()])
+        assert await reader.wait_for(NAME, head, within=0.2) is False
+        assert await projector.wait_for(NAME, head, within=0.2) is False
+
+        waiting = asyncio.create_task(reader.wait_for(NAME, head, within=60))
+        await asyncio.sleep(0)  # it is waiting before anyone projects
+        assert not waiting.done()
+        assert await projector.catch_up(NAME) == head
+
+        assert await asyncio.wait_for(waiting, 60) is True
+        assert await projector.wait_for(NAME, head, within=0) is True
+        assert await reader.wait_for(NAME, head + 1, within=0.2) is False
+    finally:
+        await other_engine.dispose()
+
+
+async def test_catch_up_on_an_empty_log_is_at_zero(log: Log) -> None:
+    runner = ProjectionRunner(log.engine, [CountingProjection()])
+    assert await runner.catch_up(NAME) == 0
+    assert await runner.checkpoint(NAME) == 0
+    assert await runner.wait_for(NAME, 0, within=0) is True
+    assert await projected(log.engine) == {}
+
+
+async def test_unknown_projection_names_the_known_ones(services: Services) -> None:
+    runner = services.projections
+    known = sorted(runner.projections)
+    assert "agents" in known
+    for attempt in (
+        runner.catch_up("nope"),
+        runner.rebuild("nope"),
+        runner.wait_for("nope", 1, within=0.1),
+    ):
+        with pytest.raises(UnknownProjection) as caught:
+            await attempt
+        message = caught.value.args[0]
+        assert "nope" in message
+        for name in known:
+            assert name in message
+    with pytest.raises(KeyError):
+        runner.get("nope")

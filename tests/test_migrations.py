@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+
+import app.projections  # noqa: F401  (as in migrations/env.py: every table on the metadata)
+from app.database import create_engine, metadata, upgrade_database
+from app.eventlog import EventStore, NewEvent, canonical_payload
+from app.eventlog import tables as _event_tables  # noqa: F401
+from tests.support import ROOT
+
+T = TypeVar("T")
+
+
+def _drift(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(
+        connection,
+        opts={"compare_type": True, "render_as_batch": connection.dialect.name == "sqlite"},
+    )
+    diffs: list[Any] = compare_metadata(context, metadata)
+    return diffs
+
+
+def _revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _schema(connection: Connection) -> dict[str, Any]:
+    """Every table with its columns and indexes, plus the objects' identities: a migration
+    that dropped and re-created something would change them."""
+    inspector = inspect(connection)
+    shape = {
+        table: (
+            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)],
+            sorted(
+                (i["name"] or "", tuple(i["column_names"])) for i in inspector.get_indexes(table)
+            ),
+        )
+        for table in sorted(inspector.get_table_names())
+    }
+    if connection.dialect.name == "sqlite":
+        # SQLite bumps this on every schema change, however small.
+        identity: Any = connection.exec_driver_sql("PRAGMA schema_version").scalar_one()
+    else:
+        identity = [
+            tuple(row)
+            for row in connection.exec_driver_sql(
+                "SELECT relname, oid::bigint, relfilenode::bigint FROM pg_class "
+                "WHERE relnamespace = 'public'::regnamespace ORDER BY relname"
+            )
+        ]
+    return {"shape": shape, "identity": identity}
+
+
+def _head_revision() -> str | None:
+    return ScriptDirectory.from_config(Config(str(ROOT / "alembic.ini"))).get_current_head()
+
+
+async def _inspect(url: str, check: Callable[[Connection], T]) -> T:
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(check)
+    finally:
+        await engine.dispose()
+
+
+async def _assert_at_head_without_drift(url: str) -> None:
+    assert await _inspect(url, _drift) == []
+    assert await _inspect(url, _revision) == _head_revision()
+    tables = set((await _inspect(url, _schema))["shape"])
+    assert tables == {*metadata.tables, "alembic_version"}
+
+
+async def test_upgrade_of_an_empty_database_matches_the_models(database_url: str) -> None:
+    assert await _inspect(database_url, _revision) is None
+
+    await upgrade_database(database_url)
+
+    await _assert_at_head_without_drift(database_url)
+
+
+async def test_a_second_upgrade_changes_nothing_and_keeps_the_data(database_url: str) -> None:
+    await upgrade_database(database_url)
+    engine = create_engine(database_url, pool_size=2)
+    try:
+        store = await EventStore.open(engine)
+        try:
+            appended = await store.append_one(
+                NewEvent("agent", "a1", "started", canonical_payload({"agent_name": "tagger"}))
+            )
+        finally:
+            await store.close()
+    finally:
+        await engine.dispose()
+    before = await _inspect(database_url, _schema)
+
+    await upgrade_database(database_url)
+
+    assert await _inspect(database_url, _schema) == before
+    assert await _inspect(database_url, _revision) == _head_revision()
+
+    def read_events(connection: Connection) -> list[tuple[Any, ...]]:
+        return [
+            tuple(row) for row in connection.execute(text("SELECT position, event_id FROM events"))
+        ]
+
+    assert await _inspect(database_url, read_events) == [(1, appended.event_id)]
+
+
+async def test_concurrent_upgrades_in_one_process_all_succeed(database_url: str) -> None:
+    # Two services opened at once in one process each migrate on start.
+    results = await asyncio.gather(
+        *(upgrade_database(database_url) for _ in range(3)), return_exceptions=True
+    )
+
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    await _assert_at_head_without_drift(database_url)
+
+
+async def test_concurrent_upgrades_from_separate_processes_all_succeed(database_url: str) -> None:
+    # Instances (or `serve --workers N`) starting together on one database each run the
+    # migrations; none may fail because another got there first, and none may apply one twice.
+    env = {**os.environ, "DATABASE_URL": database_url}
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "app",
+            "db",
+            "upgrade",
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    outputs = await asyncio.gather(
+        *(asyncio.wait_for(process.communicate(), 120) for process in processes)
+    )
+
+    failures = [
+        (process.returncode, stderr.decode()[-2000:])
+        for process, (_, stderr) in zip(processes, outputs, strict=True)
+        if process.returncode != 0
+    ]
+    assert failures == []
+    await _assert_at_head_without_drift(database_url)
