@@ -6,12 +6,16 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.agents.coordinator import AgentRuns
+from app.agents.tracker import ActivityTracker
+from app.agents.watchdog import StalledWatchdog
 from app.content import Archive, ContentStore
 from app.database import create_engine, upgrade_database
-from app.eventlog import EventStore
+from app.eventlog import EventStore, NewEvent
 from app.ingest.pipeline import IngestPipeline
 from app.ingest.service import IngestJobs, IngestService
 from app.jobs import JobRunner, Leases, new_instance_id
@@ -31,6 +35,9 @@ class Services:
     archive: Archive
     ingest: IngestService
     jobs: JobRunner
+    tracker: ActivityTracker
+    runs: AgentRuns
+    watchdog: StalledWatchdog
     instance: str
 
 
@@ -63,6 +70,23 @@ async def open_services(
         archive = Archive(Path(settings.content.archive_dir))
         ingest = IngestService(store, engine)
         pipeline = IngestPipeline(settings.ingest, content, archive, ingest)
+        tracker = ActivityTracker(store, heartbeat_seconds=settings.server.heartbeat_seconds)
+        runs = AgentRuns(
+            store, engine, tracker, content, concurrency=settings.agents.run_concurrency
+        )
+
+        def run_agents_after(state: dict[str, Any], complete: dict[str, Any]) -> list[NewEvent]:
+            """After a successful video or article ingest, a run of every agent over it."""
+            record = complete.get("details", {}).get("record")
+            if not settings.agents.auto_run or complete.get("status") != "success":
+                return []
+            if state["type"] not in ("video", "article") or not record:
+                return []
+            _, event = runs.run_request(
+                ["tagger", "summarizer"], [record], {"ingest_id": state["ingest_id"]}
+            )
+            return [event]
+
         jobs = JobRunner(
             store,
             projections,
@@ -74,13 +98,20 @@ async def open_services(
                     pipeline,
                     concurrency=settings.ingest.concurrency,
                     instance=instance,
-                )
+                    follow_ups=run_agents_after,
+                ),
+                runs,
             ],
             poll_seconds=settings.server.poll_seconds,
         )
+        watchdog = StalledWatchdog(
+            engine, store, projections, heartbeat_seconds=settings.server.heartbeat_seconds
+        )
         if run_jobs:
             jobs.start()
+            watchdog.start()
         stack.push_async_callback(jobs.close)
+        stack.push_async_callback(watchdog.close)
         yield Services(
             settings=settings,
             engine=engine,
@@ -90,5 +121,8 @@ async def open_services(
             archive=archive,
             ingest=ingest,
             jobs=jobs,
+            tracker=tracker,
+            runs=runs,
+            watchdog=watchdog,
             instance=instance,
         )

@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 __all__ = [
+    "AgentSettings",
     "ContentSettings",
     "DatabaseSettings",
     "IngestSettings",
@@ -85,11 +86,19 @@ class ContentSettings(msgspec.Struct, frozen=True):
     archive_dir: str = "./data/archive"
 
 
+class AgentSettings(msgspec.Struct, frozen=True):
+    # Run the tagger and summarizer over each successfully ingested video or article.
+    auto_run: bool = True
+    # Coordinator runs executed at once per instance.
+    run_concurrency: int = 2
+
+
 class Settings(msgspec.Struct, frozen=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
     content: ContentSettings = msgspec.field(default_factory=ContentSettings)
+    agents: AgentSettings = msgspec.field(default_factory=AgentSettings)
 
 
 # Environment variable -> (section, field). Unlisted variables are ignored.
@@ -119,6 +128,8 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "SURREALDB_USER": ("content", "user"),
     "SURREALDB_PASS": ("content", "password"),
     "ARCHIVE_DIR": ("content", "archive_dir"),
+    "AGENTS_AUTO_RUN": ("agents", "auto_run"),
+    "AGENT_RUN_CONCURRENCY": ("agents", "run_concurrency"),
 }
 
 # Comma-separated variables, read as tuples.

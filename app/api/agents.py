@@ -9,10 +9,12 @@ from litestar import Controller, get, post
 from litestar.exceptions import ClientException, NotFoundException
 from litestar.params import FromPath, JSONBody, QueryParameter
 
+from app.agents.coordinator import InvalidRun
 from app.agents.reports import (
     MAX_BATCH_EVENTS,
     AgentEventIn,
     AgentEventsIn,
+    InvalidReport,
     check_source_id,
     to_new_event,
 )
@@ -33,6 +35,20 @@ class Appended(msgspec.Struct):
     timestamp: str
     #: True when this event_id was already in the log (a retry): nothing new was written.
     duplicate: bool = False
+
+
+class RunRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /agents/runs``: ``agent`` names one agent, ``agents`` several."""
+
+    scope: str | list[str]
+    agent: str | None = None
+    agents: list[str] | None = None
+
+
+class RunAccepted(msgspec.Struct):
+    source_id: str
+    status: str
+    stream_url: str
 
 
 class BatchAppended(msgspec.Struct):
@@ -91,6 +107,20 @@ class AgentsController(Controller):
             positions=[r.position for r in results],
             versions=[r.version for r in results],
             event_ids=[r.event_id for r in results],
+        )
+
+    @post("/runs", summary="Run an agent over stored content (a coordinator job)", status_code=202)
+    async def start_run(self, services: ServicesDep, data: JSONBody[RunRequest]) -> RunAccepted:
+        agents = data.agents or ([data.agent] if data.agent else [])
+        try:
+            run_id = await services.runs.start_run(agents, data.scope, {"requested": "api"})
+        except InvalidRun as exc:
+            raise InvalidReport(exc.field, str(exc)) from None
+        services.jobs.wake()
+        return RunAccepted(
+            source_id=run_id,
+            status="pending",
+            stream_url=f"/agents/stream?source_id={run_id}",
         )
 
     @get("/", summary="Agent activities, most recent first")

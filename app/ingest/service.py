@@ -183,7 +183,14 @@ class IngestService:
             return
         raise RuntimeError(f"could not cancel {ingest_id} after repeated conflicts")
 
-    async def _finish(self, state: dict[str, Any], version: int, complete: dict[str, Any]) -> None:
+    async def _finish(
+        self,
+        state: dict[str, Any],
+        version: int,
+        complete: dict[str, Any],
+        follow_ups: Sequence[NewEvent] = (),
+    ) -> None:
+        """Append ``complete``, the URL claim's release and any follow-up events as one."""
         key = state["url_key"]
         claim = await self._store.last_event(CLAIM_STREAM, key)
         batch = [_event(INGEST_STREAM, state["ingest_id"], "complete", complete, version)]
@@ -201,7 +208,7 @@ class IngestService:
                     claim.version,
                 )
             )
-        await self._store.append(batch)
+        await self._store.append([*batch, *follow_ups])
 
     async def wait_complete(self, ingest_id: str) -> dict[str, Any]:
         """Follow the ingest until its ``complete`` event; return that payload."""
@@ -262,9 +269,9 @@ class IngestRun:
     async def progress(self, step: str, message: str, extras: dict[str, Any] | None = None) -> None:
         await self.append("progress", {"step": step, "message": message, **(extras or {})})
 
-    async def finish(self, complete: dict[str, Any]) -> None:
+    async def finish(self, complete: dict[str, Any], follow_ups: Sequence[NewEvent] = ()) -> None:
         try:
-            await self._service._finish(self.state, self.version, complete)
+            await self._service._finish(self.state, self.version, complete, follow_ups)
         except VersionConflict as exc:
             raise _Abandoned(self.ingest_id) from exc
         self.version += 1
@@ -272,6 +279,8 @@ class IngestRun:
 
 #: Runs the steps of one ingest and returns its ``complete`` payload (or raises IngestFailure).
 Pipeline = Callable[[IngestRun], Awaitable[dict[str, Any]]]
+#: Events to append atomically with an ingest's ``complete`` (e.g. a run of agents over it).
+FollowUps = Callable[[dict[str, Any], dict[str, Any]], list[NewEvent]]
 
 
 class IngestJobs:
@@ -288,7 +297,9 @@ class IngestJobs:
         *,
         concurrency: int,
         instance: str,
+        follow_ups: FollowUps | None = None,
     ) -> None:
+        self._follow_ups = follow_ups
         self._service = service
         self._engine = engine
         self._pipeline = pipeline
@@ -355,4 +366,5 @@ class IngestJobs:
                 "message": f"Internal error: {exc}",
                 "details": {"error_kind": "internal", "retryable": True},
             }
-        await run.finish(complete)
+        extra = self._follow_ups(run.state, complete) if self._follow_ups else []
+        await run.finish(complete, extra)

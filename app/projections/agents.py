@@ -30,6 +30,7 @@ from app.eventlog.tables import POSITION
 
 __all__ = [
     "AGENT_STREAM",
+    "NEVER_STALLED",
     "TERMINAL_STATUSES",
     "ActivityRow",
     "AgentProjection",
@@ -40,6 +41,8 @@ __all__ = [
 
 AGENT_STREAM = "agent"
 TERMINAL_STATUSES = ("completed", "failed")
+#: Statuses an activity can keep quietly: finished, or queued and waiting for its turn.
+NEVER_STALLED = (*TERMINAL_STATUSES, "pending")
 
 agent_activities = Table(
     "agent_activities",
@@ -174,14 +177,14 @@ def stalled_before(heartbeat_seconds: float, now: datetime | None = None) -> str
 
 def _is_stalled(threshold: str) -> ColumnElement[bool]:
     return and_(
-        not_(agent_activities.c.status.in_(TERMINAL_STATUSES)),
+        not_(agent_activities.c.status.in_(NEVER_STALLED)),
         or_(agent_activities.c.status == "stalled", agent_activities.c.last_seen < threshold),
     )
 
 
 def _to_activity(row: Any, threshold: str) -> ActivityRow:
     values = dict(row._mapping)
-    if values["status"] not in TERMINAL_STATUSES and values["last_seen"] < threshold:
+    if values["status"] not in NEVER_STALLED and values["last_seen"] < threshold:
         values["status"] = "stalled"
     if values["result"] is not None:
         values["result"] = msgspec.json.decode(values["result"])

@@ -1,0 +1,70 @@
+"""What the client hands back: stream items, log envelopes and errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = ["ActivityError", "Envelope", "Reset", "StreamEvent"]
+
+
+class ActivityError(Exception):
+    """The service refused a request (a 4xx, with its JSON error body), or could not be
+    reached within the retry budget (``status_code`` is None then)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.extra = extra or {}
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class StreamEvent(msgspec.Struct, frozen=True):
+    """One persisted log event as an SSE frame carried it.
+
+    ``data`` is the frame's decoded JSON: the whole envelope on ``/events/stream`` and
+    ``/agents/stream``, the payload alone on the ingest streams.
+    """
+
+    position: int
+    event: str
+    data: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.position, "event": self.event, "data": self.data}
+
+
+class Reset(msgspec.Struct, frozen=True):
+    """The server's log ends before the position the stream resumed from (it was restored
+    from an older copy, say). The stream goes on from ``head``: positions above it are new
+    events, even where they repeat numbers seen before."""
+
+    head: int
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """One event as ``GET /events`` returns it. ``payload`` keeps the server's bytes as they
+    are, so that re-encoding an envelope reproduces the server's JSON exactly."""
+
+    position: int
+    stream: str
+    source_id: str
+    version: int
+    event: str
+    event_id: str
+    timestamp: str
+    payload: msgspec.Raw
+
+    def payload_dict(self) -> dict[str, Any]:
+        value: dict[str, Any] = msgspec.json.decode(self.payload)
+        return value
