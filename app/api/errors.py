@@ -8,6 +8,8 @@ from typing import Any
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.types import ExceptionHandlersMap
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.agents.reports import InvalidReport
 from app.eventlog import EventIdReused, LogUnavailable, VersionConflict
@@ -83,6 +85,17 @@ def _unavailable(_: Request[Any, Any, Any], exc: LogUnavailable) -> Response[Any
     return response
 
 
+def _database_down(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # The database went away (a restart, a network cut): say so, and when to come back. The
+    # message is ours: a driver's text can carry a connection string.
+    logger.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+    response = error_response(
+        503, "the database is unavailable; retry shortly", {"error": type(exc).__name__}
+    )
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 exception_handlers: ExceptionHandlersMap = {
     HTTPException: _http_error,
     InvalidReport: _invalid_report,
@@ -91,4 +104,7 @@ exception_handlers: ExceptionHandlersMap = {
     VersionConflict: _version_conflict,
     EventIdReused: _event_id_reused,
     LogUnavailable: _unavailable,
+    DBAPIError: _database_down,
+    PoolTimeout: _database_down,
+    ConnectionError: _database_down,
 }

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
+
+from sqlalchemy.exc import DBAPIError
 
 from app.eventlog.filters import EventFilter
 from app.eventlog.notify import LogEntry
 from app.eventlog.store import EventStore
 
 __all__ = ["replay_then_tail"]
+
+logger = logging.getLogger(__name__)
 
 
 async def replay_then_tail(
@@ -38,7 +43,15 @@ async def replay_then_tail(
             changed = feed.changed()
             entries = feed.entries_after(last)
             if entries is None:
-                page = await store.read_after(last, event_filter, chunk)
+                try:
+                    page = await store.read_after(last, event_filter, chunk)
+                except (DBAPIError, OSError) as exc:
+                    # The database is away (a restart): keep the subscriber and its place, tick
+                    # so heartbeats still flow, and read again shortly.
+                    logger.warning("tail read failed (%s); retrying", exc)
+                    await asyncio.sleep(min(idle_timeout or 1.0, 1.0))
+                    yield []
+                    continue
                 last = max(last, page.scanned_to)
                 if page.events:
                     yield [LogEntry(event) for event in page.events]
