@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.database import metadata, write_transaction
-from app.eventlog import EventStore
+from app.eventlog import Event, EventStore
 from app.eventlog.envelope import utc_now
 from app.projections import ProjectionRunner
 
@@ -130,6 +130,10 @@ class JobKind(Protocol):
         oldest first."""
         ...
 
+    def wants(self, event: Event) -> bool:
+        """Whether ``event`` may have created a job of this kind (worth looking at once)."""
+        ...
+
     async def run(self, job_id: str) -> None:
         """Run the job to its end (appending its events); raise only on a bug."""
         ...
@@ -199,20 +203,32 @@ class JobRunner:
 
     async def _loop(self) -> None:
         feed = self._store.feed
+        due = True
         while True:
+            # Taken before looking for work: whatever is appended meanwhile is noticed below.
             changed = feed.changed()
+            mark = feed.head
             self._wake.clear()
-            try:
-                await self._claim_free_slots(feed.head)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.warning("job runner could not look for work; retrying", exc_info=True)
+            if due:
+                try:
+                    await self._claim_free_slots(feed.head)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.warning("job runner could not look for work; retrying", exc_info=True)
             waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait((changed, waiter), timeout=self._poll_seconds)
+                done, _ = await asyncio.wait((changed, waiter), timeout=self._poll_seconds)
             finally:
                 waiter.cancel()
+            if not done or self._wake.is_set():
+                due = True  # the periodic look (expired leases), or work finished here
+            else:
+                # Most appends are not new jobs: look only when one of them is.
+                entries = feed.entries_after(mark)
+                due = entries is None or any(
+                    kind.wants(entry.event) for entry in entries for kind in self._kinds.values()
+                )
 
     async def _claim_free_slots(self, head: int) -> None:
         for kind in self._kinds.values():

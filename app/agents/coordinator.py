@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.agents.tracker import ActivityTracker, agent_event
 from app.agents.workers import AGENTS, CONTENT_TABLES, PRODUCES, AgentContext, AgentFn, record_text
 from app.content import ContentStore
-from app.eventlog import EventStore, NewEvent
+from app.eventlog import Event, EventStore, NewEvent
 from app.jobs import job_leases
 from app.projections.agents import AGENT_STREAM, TERMINAL_STATUSES, agent_activities
 
@@ -121,6 +121,9 @@ class AgentRuns:
         run_id, event = self.run_request(agents, scope, trigger)
         await self._store.append_one(event)
         return run_id
+
+    def wants(self, event: Event) -> bool:
+        return event.event == "started" and event.source_id.startswith(f"{COORDINATOR}_")
 
     async def candidates(self, limit: int, now_ms: int) -> list[str]:
         query = (

@@ -306,6 +306,9 @@ class IngestJobs:
         self.concurrency = concurrency
         self._instance = instance
 
+    def wants(self, event: Event) -> bool:
+        return event.stream == INGEST_STREAM and event.event == "requested"
+
     async def candidates(self, limit: int, now_ms: int) -> list[str]:
         query = (
             select(ingests.c.ingest_id)
