@@ -6,12 +6,14 @@ from app.projections.agents import AgentProjection
 from app.projections.base import Projection, checkpoints
 from app.projections.ingests import IngestProjection
 from app.projections.runner import ProjectionRunner, UnknownProjection
+from app.projections.stats import StatsProjection
 
 __all__ = [
     "AgentProjection",
     "IngestProjection",
     "Projection",
     "ProjectionRunner",
+    "StatsProjection",
     "UnknownProjection",
     "all_projections",
     "checkpoints",
@@ -19,4 +21,4 @@ __all__ = [
 
 
 def all_projections() -> list[Projection]:
-    return [AgentProjection(), IngestProjection()]
+    return [AgentProjection(), IngestProjection(), StatsProjection()]

@@ -1,11 +1,4 @@
-"""The stats projection: counters that would otherwise need a scan of the log, and the feed of
-recently finished work, both behind ``GET /stats``.
-
-``events.total`` is counted here rather than derived from positions: positions are gapless
-within one log, but a log imported with an offset starts above 1, so the head is not a count.
-The ingest and agent numbers are read from their own projections (:mod:`app.api.stats`), so
-``/stats`` always agrees with ``/ingests`` and ``/agents``.
-"""
+"""The stats projection: event counters and the feed of recently finished work."""
 
 from __future__ import annotations
 
