@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any, NamedTuple
 
 import httpx
@@ -52,7 +52,9 @@ class SseParser:
             line = raw.removesuffix(b"\r").decode("utf-8", "replace")
             if not line:
                 if self._data or self._event:
-                    frames.append(SseFrame(self._id, self._event or "message", "\n".join(self._data)))
+                    frames.append(
+                        SseFrame(self._id, self._event or "message", "\n".join(self._data))
+                    )
                 self._id, self._event, self._data = None, "", []
                 continue
             if line.startswith(":"):
@@ -78,8 +80,8 @@ class Backoff(NamedTuple):
     cap: float
 
     def delay(self, failures: int) -> float:
-        wait = min(self.cap, self.base * 2 ** max(failures - 1, 0))
-        return max(wait + random.uniform(0, wait / 4), 0.01)
+        wait = min(self.cap, self.base * 2.0 ** max(failures - 1, 0))
+        return max(wait + random.uniform(0.0, wait / 4), 0.01)
 
 
 def error_from(response: httpx.Response) -> ActivityError:
@@ -122,7 +124,7 @@ async def follow_stream(
     headers: Mapping[str, str],
     max_delay: float,
     idle_timeout: float | None,
-) -> AsyncIterator[StreamEvent | Reset]:
+) -> AsyncGenerator[StreamEvent | Reset, None]:
     """Follow an SSE endpoint across drops, restarts and silent connections (see
     :meth:`app.client.ActivityClient.stream`)."""
     last = last_event_id
