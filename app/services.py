@@ -19,10 +19,19 @@ from app.eventlog import EventStore, NewEvent
 from app.ingest.pipeline import IngestPipeline
 from app.ingest.service import IngestJobs, IngestService
 from app.jobs import JobRunner, Leases, new_instance_id
+from app.observability import log_context
 from app.projections import ProjectionRunner, all_projections
 from app.settings import Settings
 
 __all__ = ["Services", "open_services"]
+
+
+class _TaggedIngestJobs(IngestJobs):
+    """Every log line written while an ingest runs carries its ingest id."""
+
+    async def run(self, job_id: str) -> None:
+        with log_context(ingest_id=job_id):
+            await super().run(job_id)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ async def open_services(
             engine,
             max_batch_events=settings.database.max_batch_events,
             poll_seconds=settings.server.poll_seconds,
+            busy_timeout_seconds=settings.database.busy_timeout_seconds,
         )
         stack.push_async_callback(store.close)
         projections = ProjectionRunner(
@@ -92,7 +102,7 @@ async def open_services(
             projections,
             Leases(engine, instance, settings.ingest.lease_seconds),
             [
-                IngestJobs(
+                _TaggedIngestJobs(
                     ingest,
                     engine,
                     pipeline,

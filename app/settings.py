@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 from sqlalchemy.engine import make_url
@@ -21,6 +23,8 @@ __all__ = [
     "ContentSettings",
     "DatabaseSettings",
     "IngestSettings",
+    "LimitsSettings",
+    "SecuritySettings",
     "ServerSettings",
     "Settings",
     "SettingsError",
@@ -40,6 +44,9 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     pool_size: int = 10
     # The longest a group-committed batch may grow, in events.
     max_batch_events: int = 2000
+    # How long an append waits for SQLite's write lock (held by another process) before it
+    # is refused with a 503.
+    busy_timeout_seconds: float = 10.0
 
 
 class ServerSettings(msgspec.Struct, frozen=True):
@@ -50,6 +57,26 @@ class ServerSettings(msgspec.Struct, frozen=True):
     write_timeout_seconds: float = 5.0
     # How often a tail re-reads the table when no wake-up arrives (lost NOTIFY, other writers).
     poll_seconds: float = 1.0
+    # "text": readable lines; "json": one JSON object per line (for log collectors).
+    log_format: Literal["text", "json"] = "text"
+
+
+class SecuritySettings(msgspec.Struct, frozen=True):
+    # Bearer tokens for every write endpoint; none: writes are open.
+    api_tokens: tuple[str, ...] = ()
+    # Bearer tokens for every read endpoint (an API token reads too); none: reads are open.
+    read_tokens: tuple[str, ...] = ()
+    # Origins allowed to call the API from a browser; none: same-origin only; "*": any.
+    cors_origins: tuple[str, ...] = ()
+
+
+class LimitsSettings(msgspec.Struct, frozen=True):
+    # A request body larger than this is refused with 413.
+    max_body_bytes: int = 1024 * 1024
+    # One event's payload (compact JSON) larger than this is refused with 413.
+    max_payload_bytes: int = 64 * 1024
+    # Concurrent SSE connections per instance; one more gets 503 with Retry-After.
+    sse_max_connections: int = 10_000
 
 
 class IngestSettings(msgspec.Struct, frozen=True):
@@ -99,6 +126,8 @@ class Settings(msgspec.Struct, frozen=True):
     ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
     content: ContentSettings = msgspec.field(default_factory=ContentSettings)
     agents: AgentSettings = msgspec.field(default_factory=AgentSettings)
+    security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
 
 
 # Environment variable -> (section, field). Unlisted variables are ignored.
@@ -106,10 +135,12 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "DATABASE_URL": ("database", "url"),
     "DATABASE_POOL_SIZE": ("database", "pool_size"),
     "APPEND_MAX_BATCH": ("database", "max_batch_events"),
+    "SQLITE_BUSY_TIMEOUT_SECONDS": ("database", "busy_timeout_seconds"),
     "HEARTBEAT_SECONDS": ("server", "heartbeat_seconds"),
     "SSE_RETRY_MS": ("server", "retry_ms"),
     "SSE_WRITE_TIMEOUT_SECONDS": ("server", "write_timeout_seconds"),
     "TAIL_POLL_SECONDS": ("server", "poll_seconds"),
+    "LOG_FORMAT": ("server", "log_format"),
     "INGEST_CONCURRENCY": ("ingest", "concurrency"),
     "INGEST_ALLOW_PRIVATE_URLS": ("ingest", "allow_private_urls"),
     "YOUTUBE_PROXY_URL": ("ingest", "youtube_proxy_url"),
@@ -130,10 +161,21 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "ARCHIVE_DIR": ("content", "archive_dir"),
     "AGENTS_AUTO_RUN": ("agents", "auto_run"),
     "AGENT_RUN_CONCURRENCY": ("agents", "run_concurrency"),
+    "API_TOKENS": ("security", "api_tokens"),
+    "READ_TOKENS": ("security", "read_tokens"),
+    "CORS_ORIGINS": ("security", "cors_origins"),
+    "REQUEST_MAX_BODY_BYTES": ("limits", "max_body_bytes"),
+    "EVENT_MAX_PAYLOAD_BYTES": ("limits", "max_payload_bytes"),
+    "SSE_MAX_CONNECTIONS": ("limits", "sse_max_connections"),
 }
 
 # Comma-separated variables, read as tuples.
-_LIST_FIELDS = {"TRANSCRIPT_LANGUAGES"}
+_LIST_FIELDS = {"TRANSCRIPT_LANGUAGES", "API_TOKENS", "READ_TOKENS", "CORS_ORIGINS"}
+
+# A token travels in an Authorization header or a query string: printable ASCII, no blanks.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+# What a browser sends as Origin: scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -218,6 +260,38 @@ def _check(settings: Settings) -> None:
         )
     if settings.database.max_batch_events < 1:
         raise SettingsError("APPEND_MAX_BATCH must be at least 1")
+    busy = settings.database.busy_timeout_seconds
+    if not (math.isfinite(busy) and busy >= 0):
+        raise SettingsError(f"SQLITE_BUSY_TIMEOUT_SECONDS must be 0 or more seconds, got {busy}")
+    _check_security(settings.security)
+    limits = settings.limits
+    for name, value, least in (
+        ("REQUEST_MAX_BODY_BYTES", limits.max_body_bytes, 1024),
+        ("EVENT_MAX_PAYLOAD_BYTES", limits.max_payload_bytes, 256),
+        ("SSE_MAX_CONNECTIONS", limits.sse_max_connections, 1),
+    ):
+        if value < least:
+            raise SettingsError(f"{name} must be at least {least}, got {value}")
+
+
+def _check_security(security: SecuritySettings) -> None:
+    # Never the token itself in these messages: they end up in logs.
+    for name, tokens in (
+        ("API_TOKENS", security.api_tokens),
+        ("READ_TOKENS", security.read_tokens),
+    ):
+        for index, token in enumerate(tokens, start=1):
+            if not _TOKEN.fullmatch(token):
+                raise SettingsError(
+                    f"{name}: token {index} holds a character other than printable ASCII "
+                    "(no spaces)"
+                )
+    for origin in security.cors_origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise SettingsError(
+                "CORS_ORIGINS must hold * or origins like https://example.com[:port] "
+                f"(no path, no trailing slash), got {origin!r}"
+            )
 
 
 @cache

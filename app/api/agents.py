@@ -20,6 +20,7 @@ from app.agents.reports import (
 )
 from app.api.deps import ServicesDep, build_filter
 from app.api.events import LastEventIdHeader, LastEventIdQuery
+from app.api.limits import MAX_POSITION, check_payload_sizes
 from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
 from app.projections.agents import AGENT_STREAM, ActivityRow, list_activities, load_activity
 
@@ -71,7 +72,9 @@ class AgentsController(Controller):
     async def append_event(
         self, services: ServicesDep, source_id: FromPath[str], data: JSONBody[AgentEventIn]
     ) -> Appended:
-        result = await services.store.append_one(to_new_event(source_id, data))
+        event = to_new_event(source_id, data)
+        check_payload_sizes([event], services.settings.limits.max_payload_bytes, batch=False)
+        result = await services.store.append_one(event)
         return Appended(
             position=result.position,
             version=result.version,
@@ -97,6 +100,7 @@ class AgentsController(Controller):
             to_new_event(item.source_id, item, prefix=f"events[{index}].")
             for index, item in enumerate(data.events)
         ]
+        check_payload_sizes(batch, services.settings.limits.max_payload_bytes, batch=True)
         ids = [event.event_id for event in batch if event.event_id]
         if len(ids) != len(set(ids)):
             raise ClientException(
@@ -135,7 +139,7 @@ class AgentsController(Controller):
         ] = None,
         agent_name: Annotated[list[str] | None, QueryParameter(required=False)] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-        before: Annotated[int | None, QueryParameter(ge=1, required=False)] = None,
+        before: Annotated[int | None, QueryParameter(ge=1, le=MAX_POSITION, required=False)] = None,
     ) -> list[ActivityRow]:
         checked = build_filter(agent_name=agent_name)
         for value in status or ():

@@ -7,15 +7,19 @@ from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.agents.reports import InvalidReport
+from app.api.limits import body_too_large_detail
+from app.api.security import access_for
 from app.eventlog import EventIdReused, LogUnavailable, VersionConflict
 from app.ingest.urls import InvalidUrl
 
-__all__ = ["exception_handlers"]
+__all__ = ["ErrorDocumentingJsonPlugin", "document_errors", "exception_handlers"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +32,12 @@ def error_response(status_code: int, detail: str, extra: Any = None) -> Response
     )
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     # Litestar's own handler leaves out ``extra`` when there is none; the contract always has it.
     detail, extra = exc.detail, exc.extra
-    if isinstance(exc.__cause__, SerializationException):
+    if isinstance(exc, RequestEntityTooLarge):
+        detail, extra = body_too_large_detail(request), {"field": "body"}
+    elif isinstance(exc.__cause__, SerializationException):
         # Litestar passes on the decoder's words alone ("Input data was truncated").
         detail, extra = f"the request body is not valid JSON: {detail}", {"field": "body"}
     response = error_response(exc.status_code, detail, extra)
@@ -108,3 +114,72 @@ exception_handlers: ExceptionHandlersMap = {
     PoolTimeout: _database_down,
     ConnectionError: _database_down,
 }
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["status_code", "detail", "extra"],
+    "properties": {
+        "status_code": {"type": "integer"},
+        "detail": {"type": "string"},
+        "extra": {"oneOf": [{"type": "object"}, {"type": "array"}]},
+    },
+}
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+_WHY = {
+    "204": "Resumed after the ingest's complete event: nothing more will come",
+    "401": "A token is needed (API_TOKENS for writes; READ_TOKENS, when set, for reads)",
+    "404": "No such resource",
+    "409": "A conflict (expected_version, a reused event_id, an ingest that already ended)",
+    "413": "The body, or an event's payload, is larger than its limit",
+    "422": "A field's value is refused (named in detail and extra.field)",
+    "503": "The log or a store is unavailable, or the SSE connection limit is reached; "
+    "retry after Retry-After",
+}
+
+
+def _errors_for(method: str, path: str) -> list[str]:
+    codes = ["503"]
+    if access_for(method.upper(), path) != "public":
+        codes.append("401")
+    if "{" in path:
+        codes += ["404", "422"]
+    if method in ("post", "put", "patch", "delete"):
+        codes += ["409", "413", "422"]
+    if method == "get" and path.startswith("/ingests/{") and path.endswith("/stream"):
+        codes.append("204")
+    return codes
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add the error responses every operation can give (the contract's JSON error shape)
+    to the generated OpenAPI document, in place; handlers document their successes."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses = operation["responses"]
+            for code in _errors_for(method, path):
+                if code == "204":
+                    responses.setdefault(code, {"description": _WHY[code]})
+                    continue
+                if path == "/health":
+                    # The health body itself, saying which part is unavailable.
+                    responses.setdefault(code, {"description": "Something is unavailable"})
+                    continue
+                responses.setdefault(
+                    code,
+                    {
+                        "description": _WHY[code],
+                        "content": {"application/json": {"schema": _ERROR_REF}},
+                    },
+                )
+    return schema
+
+
+class ErrorDocumentingJsonPlugin(JsonRenderPlugin):
+    """The OpenAPI document as JSON, with :func:`document_errors` applied."""
+
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        return super().render(request, document_errors(openapi_schema))

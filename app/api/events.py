@@ -9,6 +9,7 @@ from litestar import Controller, get
 from litestar.params import HeaderParameter, QueryParameter
 
 from app.api.deps import ServicesDep, build_filter
+from app.api.limits import MAX_POSITION
 from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
 from app.eventlog import Event
 
@@ -57,7 +58,8 @@ class EventsController(Controller):
         self,
         services: ServicesDep,
         after: Annotated[
-            int, QueryParameter(ge=0, description="return events above this position")
+            int,
+            QueryParameter(ge=0, le=MAX_POSITION, description="return events above this position"),
         ] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 100,
         stream: StreamFilter = None,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from litestar import MediaType, Response, get
+from litestar import MediaType, Request, Response, get
 
 from app.api.deps import ServicesDep
+from app.api.security import may_read
 
 __all__ = ["health"]
 
@@ -15,7 +16,9 @@ logger = logging.getLogger(__name__)
 
 
 @get("/health", summary="Liveness of the log and its read models", tags=["service"])
-async def health(services: ServicesDep) -> Response[dict[str, Any]]:
+async def health(
+    services: ServicesDep, request: Request[Any, Any, Any]
+) -> Response[dict[str, Any]]:
     checks: dict[str, Any] = {}
     healthy = True
     try:
@@ -29,6 +32,16 @@ async def health(services: ServicesDep) -> Response[dict[str, Any]]:
         logger.warning("health check: database unavailable: %s", exc)
         healthy = False
         checks["database"] = {"status": "error", "detail": str(exc)}
+    # After a failed append: is the log writable again (a lock released, space freed)?
+    try:
+        problem = await services.store.probe()
+    except Exception as exc:
+        problem = f"the event log could not be probed: {exc}"
+    if problem is None:
+        checks["appends"] = {"status": "ok"}
+    else:
+        healthy = False
+        checks["appends"] = {"status": "error", "detail": problem}
     try:
         await services.content.health()
         checks["content_store"] = {"status": "ok", "url": services.content.url}
@@ -38,5 +51,7 @@ async def health(services: ServicesDep) -> Response[dict[str, Any]]:
         checks["content_store"] = {"status": "error", "detail": str(exc)}
     checks["subscribers"] = services.store.feed.subscribers
     checks["jobs_running"] = services.jobs.running_count
-    body = {"status": "ok" if healthy else "unavailable", **checks}
+    status = "ok" if healthy else "unavailable"
+    # Open to load balancers; the details only for those who may read the rest.
+    body = {"status": status, **checks} if may_read(request) else {"status": status}
     return Response(body, status_code=200 if healthy else 503, media_type=MediaType.JSON)

@@ -11,6 +11,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from app.api.deps import ServicesDep
 from app.api.events import LastEventIdHeader, LastEventIdQuery
+from app.api.limits import MAX_POSITION
 from app.api.sse import EventStreamResponse, event_stream, parse_last_event_id, payload_frame
 from app.eventlog import Event, EventFilter
 from app.eventlog.notify import LogEntry
@@ -152,7 +153,9 @@ class IngestsController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
         before: Annotated[
             int | None,
-            QueryParameter(ge=1, required=False, description="a requested_position cursor"),
+            QueryParameter(
+                ge=1, le=MAX_POSITION, required=False, description="a requested_position cursor"
+            ),
         ] = None,
     ) -> list[IngestRow]:
         _check_values("status", status, INGEST_STATUSES)
@@ -174,7 +177,7 @@ class IngestsController(Controller):
         self,
         services: ServicesDep,
         ingest_id: FromPath[str],
-        as_of: Annotated[int | None, QueryParameter(ge=0, required=False)] = None,
+        as_of: Annotated[int | None, QueryParameter(ge=0, le=MAX_POSITION, required=False)] = None,
     ) -> IngestRow:
         if as_of is None:
             return await _fresh_row(services, ingest_id)
@@ -188,7 +191,7 @@ class IngestsController(Controller):
         self,
         services: ServicesDep,
         ingest_id: FromPath[str],
-        after: Annotated[int, QueryParameter(ge=0)] = 0,
+        after: Annotated[int, QueryParameter(ge=0, le=MAX_POSITION)] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> IngestEvents:
         if not await services.store.source_version(INGEST_STREAM, ingest_id):

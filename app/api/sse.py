@@ -7,9 +7,11 @@ Frames are built once per event and shared by every subscriber of the same kind
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import anyio
@@ -41,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _MAX_ID_DIGITS = 19  # a position is a signed 64-bit integer
+# A backlog is written in pieces of about this size: a subscriber whose peer stops reading
+# holds one piece (and the socket's buffers) at most, however far behind it is.
+MAX_WRITE_BYTES = 256 * 1024
 
 FrameBuilder = Callable[[LogEntry], bytes]
 
@@ -123,18 +128,49 @@ async def event_stream(
         if stop is not None:
             for index, entry in enumerate(entries):
                 if stop(entry):
-                    yield b"".join(build(e) for e in entries[: index + 1])
+                    for piece in _pieces(entries[: index + 1], build):
+                        yield piece
                     return
-        yield b"".join(build(entry) for entry in entries) if len(entries) > 1 else build(entries[0])
+        if len(entries) == 1:
+            yield build(entries[0])
+            continue
+        for piece in _pieces(entries, build):
+            yield piece
+
+
+def _pieces(entries: list[LogEntry], build: FrameBuilder) -> Iterator[bytes]:
+    """The entries' frames joined into writes of at most :data:`MAX_WRITE_BYTES` (or one frame,
+    if a single frame is larger)."""
+    batch: list[bytes] = []
+    size = 0
+    for entry in entries:
+        frame = build(entry)
+        if batch and size + len(frame) > MAX_WRITE_BYTES:
+            yield b"".join(batch)
+            batch, size = [], 0
+        batch.append(frame)
+        size += len(frame)
+    if batch:
+        yield b"".join(batch)
+
+
+def shutdown_frame(retry_ms: int) -> bytes:
+    """The last frame of a stream ended by a shutdown: when to come back (spread out, so that
+    the clients of a stopping instance do not all return in the same instant), and no id."""
+    hint = random.randint(min(500, retry_ms), retry_ms) if retry_ms > 0 else 0
+    return b'retry: %d\nevent: shutdown\ndata: {"retry_ms":%d}\n\n' % (hint, hint)
 
 
 class _SubscriberResponse(ASGIStreamingResponse):
     """Streams the iterator; a send that does not complete in time (a vanished or stalled
     peer) ends the response, and a disconnect cancels the iterator at once."""
 
-    __slots__ = ("write_timeout",)
+    __slots__ = ("draining", "retry_ms", "write_timeout")
 
     write_timeout: float
+    #: Set when the process is shutting down: the stream ends with :func:`shutdown_frame`.
+    draining: asyncio.Event | None
+    retry_ms: int
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         iterator = self.iterator
@@ -143,11 +179,25 @@ class _SubscriberResponse(ASGIStreamingResponse):
                 group.start_soon(self._listen_for_disconnect, group.cancel_scope, receive)
                 started = time.monotonic()
                 try:
-                    async for chunk in iterator:
-                        body = chunk if isinstance(chunk, bytes) else chunk.encode()
-                        with anyio.fail_after(self.write_timeout):
+                    with anyio.CancelScope() as streaming:
+                        if self.draining is not None:
+                            group.start_soon(_cancel_when_set, self.draining, streaming)
+                        async for chunk in iterator:
+                            body = chunk if isinstance(chunk, bytes) else chunk.encode()
+                            with anyio.fail_after(self.write_timeout):
+                                await send(
+                                    {"type": "http.response.body", "body": body, "more_body": True}
+                                )
+                    if streaming.cancelled_caught:
+                        # Shutting down: a peer that cannot take one more frame now is not
+                        # waited for (it resumes from its Last-Event-ID all the same).
+                        with anyio.fail_after(min(self.write_timeout, 1.0)):
                             await send(
-                                {"type": "http.response.body", "body": body, "more_body": True}
+                                {
+                                    "type": "http.response.body",
+                                    "body": shutdown_frame(self.retry_ms),
+                                    "more_body": True,
+                                }
                             )
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 except TimeoutError:
@@ -208,4 +258,14 @@ class EventStreamResponse(Stream):
             status_code=self.status_code or status_code,
         )
         response.write_timeout = self.write_timeout
+        # Litestar passes app=None here; the request knows its app.
+        state = request.app.state
+        response.draining = state.get("draining")
+        services = state.get("services")
+        response.retry_ms = services.settings.server.retry_ms if services is not None else 3000
         return response
+
+
+async def _cancel_when_set(event: asyncio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -12,6 +12,7 @@ from app.eventlog.envelope import (
 )
 from app.eventlog.errors import AppendError, EventIdReused, LogUnavailable, VersionConflict
 from app.eventlog.filters import EventFilter
+from app.eventlog.imports import ImportRefused, ImportResult, import_events
 from app.eventlog.notify import LogEntry, LogFeed
 from app.eventlog.plan import AppendResult
 from app.eventlog.store import EventStore, Page
@@ -24,6 +25,8 @@ __all__ = [
     "EventFilter",
     "EventIdReused",
     "EventStore",
+    "ImportRefused",
+    "ImportResult",
     "InvalidPayload",
     "LogEntry",
     "LogFeed",
@@ -33,6 +36,7 @@ __all__ = [
     "VersionConflict",
     "canonical_payload",
     "encode_event",
+    "import_events",
     "parse_event_id",
     "replay_then_tail",
 ]

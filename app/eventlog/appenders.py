@@ -11,6 +11,7 @@ lock, so they are also gapless.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,15 @@ class Appender(Protocol):
 
     async def write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan: ...
 
+    async def probe(self) -> str | None:
+        """What stops writes now (a lock held elsewhere, a full disk), or None."""
+        ...
+
     async def close(self) -> None: ...
+
+
+# Less free space than this on the SQLite file's filesystem reads as a full disk in /health.
+MIN_FREE_BYTES = 1024 * 1024
 
 
 def _event_from_row(row: Sequence[Any]) -> Event:
@@ -100,8 +109,9 @@ class SqliteAppender:
     read-plan-insert-commit sequence costs a single wake-up of the event loop.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout_seconds: float = 10.0) -> None:
         self._path = path
+        self._busy_ms = int(busy_timeout_seconds * 1000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-append")
         self._connection: sqlite3.Connection | None = None
         self._cache = VersionCache()
@@ -113,6 +123,7 @@ class SqliteAppender:
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         for pragma in SQLITE_PRAGMAS:
             connection.execute(pragma)
+        connection.execute(f"PRAGMA busy_timeout={self._busy_ms}")
         self._connection = connection
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -122,8 +133,51 @@ class SqliteAppender:
         try:
             plan: Plan = await self._run(self._write, batch)
         except sqlite3.Error as exc:
-            raise LogUnavailable(f"the event log could not be written: {exc}") from exc
+            raise LogUnavailable(self._describe(exc)) from exc
         return plan
+
+    def _describe(self, exc: sqlite3.Error) -> str:
+        name = getattr(exc, "sqlite_errorname", "")
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return (
+                f"the event log is locked by another process: SQLite's write lock was not "
+                f"free within {self._busy_ms / 1000:g} s (SQLITE_BUSY_TIMEOUT_SECONDS); "
+                "nothing was written"
+            )
+        if name.startswith("SQLITE_FULL") or (
+            name.startswith("SQLITE_IOERR") and self._free_bytes() < MIN_FREE_BYTES
+        ):
+            return "the disk holding the event log is full; nothing was written"
+        return f"the event log could not be written: {exc}"
+
+    def _free_bytes(self) -> int:
+        stat = os.statvfs(self._path.parent)
+        return stat.f_bavail * stat.f_frsize
+
+    async def probe(self) -> str | None:
+        return await self._run(self._probe)  # type: ignore[no-any-return]
+
+    def _probe(self) -> str | None:
+        connection = self._connection
+        if connection is None:
+            return "the event log is closed"
+        free = self._free_bytes()
+        if free < MIN_FREE_BYTES:
+            return f"the disk holding the event log is full ({free} bytes free)"
+        # Take the write lock and let it go at once, waiting a moment at most.
+        connection.execute("PRAGMA busy_timeout=200")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+                return "the event log is locked by another process (SQLite's write lock is held)"
+            return f"the event log cannot be written: {exc}"
+        finally:
+            connection.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        return None
 
     def _write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
         connection = self._connection
@@ -218,6 +272,10 @@ class PostgresAppender:
             raise
         self._cache.committed(plan, head)
         return plan
+
+    async def probe(self) -> str | None:
+        # The connection is the writer's alone; /health's reads show whether the server answers.
+        return None
 
     async def _discard(self) -> None:
         if self._connection is not None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from app.eventlog.envelope import Event, encode_event
 
-__all__ = ["LogEntry", "LogFeed", "PostgresListener"]
+__all__ = ["LogEntry", "LogFeed", "PostgresListener", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +66,45 @@ class LogEntry:
 ReadAfter = Callable[[int, int], Awaitable[list[Event]]]
 
 
+def _cost(event: Event) -> int:
+    # An entry holds the payload, and in time its envelope and a frame or two built from it.
+    return 3 * len(event.payload) + 256
+
+
+class Subscription:
+    """One tail's place in the log: every position up to ``delivered`` was handed over."""
+
+    __slots__ = ("delivered",)
+
+    def __init__(self, delivered: int) -> None:
+        self.delivered = delivered
+
+
 class LogFeed:
     """The newest committed events of the log, as seen by this process."""
 
     def __init__(
-        self, read_after: ReadAfter, *, head: int, capacity: int = 10_000, poll_seconds: float = 1.0
+        self,
+        read_after: ReadAfter,
+        *,
+        head: int,
+        capacity: int = 10_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        poll_seconds: float = 1.0,
     ) -> None:
         self._read_after = read_after
         self._capacity = capacity
+        # Large payloads shorten the window instead of growing the process without bound.
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._poll_seconds = poll_seconds
-        self._ring: deque[LogEntry] = deque(maxlen=capacity)
+        self._ring: deque[LogEntry] = deque()
         self._head = head
         self._changed = asyncio.get_running_loop().create_future()
         self._wake = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
         self.subscribers = 0
+        self._subscriptions: set[Subscription] = set()
 
     @property
     def head(self) -> int:
@@ -96,6 +120,26 @@ class LogFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
             self._follower = None
+
+    def subscribe(self, after: int) -> Subscription:
+        subscription = Subscription(after)
+        self._subscriptions.add(subscription)
+        self.subscribers += 1
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+        self.subscribers -= 1
+
+    def max_lag(self) -> int:
+        """How many positions the furthest-behind tail has yet to be handed (0: none)."""
+        if not self._subscriptions:
+            return 0
+        return max(0, self._head - min(s.delivered for s in self._subscriptions))
+
+    @property
+    def window_bytes(self) -> int:
+        return self._bytes
 
     def changed(self) -> asyncio.Future[None]:
         """A future resolved at the next advance of the head. Take it *before* reading, then
@@ -135,7 +179,12 @@ class LogFeed:
         self._wake.set()
 
     def _extend(self, events: Sequence[Event]) -> None:
-        self._ring.extend(LogEntry(event) for event in events)
+        ring = self._ring
+        for event in events:
+            ring.append(LogEntry(event))
+            self._bytes += _cost(event)
+        while len(ring) > 1 and (len(ring) > self._capacity or self._bytes > self._max_bytes):
+            self._bytes -= _cost(ring.popleft().event)
         self._head = events[-1].position
         changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
         changed.set_result(None)
@@ -162,6 +211,7 @@ class LogFeed:
             if events[0].position != self._head + 1:
                 # Positions are gapless except where a log was imported from an offset.
                 self._ring.clear()
+                self._bytes = 0
             self._extend(events)
             if len(events) < 1000:
                 return

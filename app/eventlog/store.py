@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
@@ -30,11 +31,12 @@ from app.eventlog.appenders import (
 from app.eventlog.envelope import Event, NewEvent
 from app.eventlog.errors import AppendError, LogUnavailable
 from app.eventlog.filters import EventFilter
+from app.eventlog.metrics import AppendFailure, AppendMetrics
 from app.eventlog.notify import LogFeed, PostgresListener
 from app.eventlog.plan import AppendResult
 from app.eventlog.tables import events
 
-__all__ = ["AppendResult", "EventStore", "Page", "read_page"]
+__all__ = ["AppendResult", "EventStore", "Page", "check_names", "read_page"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 _SOURCE_ID = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 
 
-def _check_names(event: NewEvent) -> None:
+def check_names(event: NewEvent | Event) -> None:
     # Stream and event names go into SSE frames verbatim: a newline would forge a frame.
     if not _NAME.fullmatch(event.stream):
         raise ValueError(f"stream must be 1-100 of A-Z a-z 0-9 _ . : -, got {event.stream!r}")
@@ -142,6 +144,7 @@ class EventStore:
         self._closed = False
         self._reads: set[asyncio.Task[Any]] = set()
         self.feed: LogFeed
+        self.metrics = AppendMetrics()
 
     @classmethod
     async def open(
@@ -151,6 +154,8 @@ class EventStore:
         max_batch_events: int = 2000,
         poll_seconds: float = 1.0,
         feed_capacity: int = 10_000,
+        feed_max_bytes: int = 64 * 1024 * 1024,
+        busy_timeout_seconds: float = 10.0,
     ) -> EventStore:
         url = engine.url.render_as_string(hide_password=False)
         appender: Appender
@@ -158,7 +163,7 @@ class EventStore:
             path = sqlite_path(url)
             if path is None:
                 raise ValueError("the event log needs a SQLite file, not an in-memory database")
-            appender = SqliteAppender(path)
+            appender = SqliteAppender(path, busy_timeout_seconds=busy_timeout_seconds)
         else:
             appender = PostgresAppender(url)
         await appender.start()
@@ -167,6 +172,7 @@ class EventStore:
             store._read_for_feed,
             head=await store.head(),
             capacity=feed_capacity,
+            max_bytes=feed_max_bytes,
             poll_seconds=poll_seconds,
         )
         store.feed.start()
@@ -206,13 +212,35 @@ class EventStore:
         if self._closed:
             raise LogUnavailable("the event log is shutting down")
         for event in batch:
-            _check_names(event)
+            check_names(event)
         ids = [event.event_id for event in batch if event.event_id is not None]
         if len(ids) != len(set(ids)):
             raise ValueError("event_id values must be unique within one append")
         future: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
         await self._queue.put(_Request(batch, future))
-        return await future
+        try:
+            results = await future
+        except AppendError:
+            self.metrics.requests["conflict"] += 1
+            raise
+        except LogUnavailable:
+            self.metrics.requests["unavailable"] += 1
+            raise
+        self.metrics.requests["ok"] += 1
+        self.metrics.latency.observe(time.perf_counter() - started)
+        return results
+
+    async def probe(self) -> str | None:
+        """None if appends can go ahead; else what stops them (the newest failure's cause,
+        confirmed by a probe of the database: a lock held elsewhere, a full disk)."""
+        failure = self.metrics.last_failure
+        if failure is None:
+            return None
+        problem = await self._appender.probe()
+        if problem is None and self.metrics.last_failure is failure:
+            self.metrics.last_failure = None
+        return problem
 
     async def append_one(self, event: NewEvent) -> AppendResult:
         return (await self.append([event]))[0]
@@ -235,16 +263,26 @@ class EventStore:
             await self._commit(group)
 
     async def _commit(self, group: list[_Request]) -> None:
+        metrics = self.metrics
+        started = time.perf_counter()
         try:
             plan = await self._appender.write([request.events for request in group])
         except Exception as exc:
             if not isinstance(exc, LogUnavailable):
                 logger.exception("append failed")
                 exc = LogUnavailable(f"the event log could not be written: {exc}")
+            metrics.failed_transactions += 1
+            metrics.last_failure = AppendFailure(str(exc))
+            logger.warning("append of %d request(s) refused: %s", len(group), exc)
             for request in group:
                 if not request.future.done():
                     request.future.set_exception(exc)
             return
+        metrics.transactions += 1
+        metrics.events += len(plan.rows)
+        metrics.batch_events.observe(sum(len(request.events) for request in group))
+        metrics.commit_seconds.observe(time.perf_counter() - started)
+        metrics.last_failure = None
         for request, outcome in zip(group, plan.outcomes, strict=True):
             if request.future.done():
                 continue

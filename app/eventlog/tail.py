@@ -16,6 +16,9 @@ __all__ = ["replay_then_tail"]
 
 logger = logging.getLogger(__name__)
 
+PAGE_BYTES = 1024 * 1024
+FIRST_PAGE = 100
+
 
 async def replay_then_tail(
     store: EventStore,
@@ -35,16 +38,21 @@ async def replay_then_tail(
     event_filter = event_filter or EventFilter()
     unfiltered = event_filter.is_empty
     feed = store.feed
-    feed.subscribers += 1
+    subscription = feed.subscribe(after)
+    # Rows per table read, sized so that a page holds about PAGE_BYTES: a subscriber that is
+    # far behind (or stalled) holds one page, whatever the payloads' size.
+    limit = min(chunk, FIRST_PAGE)
     try:
         last = after
         while True:
+            # Resumed after a yield: the caller has taken (for SSE: written) everything so far.
+            subscription.delivered = last
             # Taken before looking at the head: an append landing after this line resolves it.
             changed = feed.changed()
             entries = feed.entries_after(last)
             if entries is None:
                 try:
-                    page = await store.read_after(last, event_filter, chunk)
+                    page = await store.read_after(last, event_filter, limit)
                 except (DBAPIError, OSError) as exc:
                     # The database is away (a restart): keep the subscriber and its place, tick
                     # so heartbeats still flow, and read again shortly.
@@ -54,6 +62,8 @@ async def replay_then_tail(
                     continue
                 last = max(last, page.scanned_to)
                 if page.events:
+                    size = sum(len(event.payload) for event in page.events) + 200 * len(page.events)
+                    limit = max(1, min(chunk, PAGE_BYTES * len(page.events) // size))
                     yield [LogEntry(event) for event in page.events]
                 continue
             if entries:
@@ -67,7 +77,7 @@ async def replay_then_tail(
             if not done:
                 yield []
     finally:
-        feed.subscribers -= 1
+        feed.unsubscribe(subscription)
 
 
 def _matches(event_filter: EventFilter, entry: LogEntry) -> bool:

@@ -1,0 +1,152 @@
+"""Who may call what: bearer tokens for writes (``API_TOKENS``) and, when configured, for reads
+(``READ_TOKENS``), and which other origins a browser may call the API from (``CORS_ORIGINS``).
+
+One guard on the whole application decides from the method and the route, so an endpoint
+added later is guarded without anyone remembering to: every POST/PUT/PATCH/DELETE needs an
+API token, every other route a read token (or an API token) when read tokens are set. Only
+the routes in :func:`access_for`'s public list stay open: the dashboard page and its assets
+(the page must load to ask for a token; its data calls carry it), ``/health`` (a load balancer
+must reach it; with read tokens set it says no more than its status without one) and the
+OpenAPI document (it describes the API and holds no data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any, Literal
+
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+
+from app.settings import SecuritySettings
+
+__all__ = [
+    "ACCESS_TOKEN_PARAMETER",
+    "Access",
+    "AccessPolicy",
+    "access_for",
+    "build_cors_config",
+    "may_read",
+]
+
+Access = Literal["public", "read", "write"]
+
+#: EventSource cannot set headers: SSE endpoints also take the token in this query parameter.
+ACCESS_TOKEN_PARAMETER = "access_token"
+
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_PUBLIC_PATHS = frozenset({"/", "/health", "/schema"})
+_PUBLIC_PREFIXES = ("/web/", "/schema/")
+
+
+def access_for(method: str, path_template: str) -> Access:
+    """What a request needs, from its method and its route's path template."""
+    if method == "OPTIONS":
+        return "public"  # a CORS preflight never carries credentials
+    if method in _WRITE_METHODS:
+        return "write"
+    if path_template in _PUBLIC_PATHS or path_template.startswith(_PUBLIC_PREFIXES):
+        return "public"
+    return "read"
+
+
+def is_stream(method: str, path_template: str) -> bool:
+    return method == "GET" and path_template.endswith("/stream")
+
+
+def _digest(token: str) -> bytes:
+    # Compared as fixed-length digests: compare_digest on the raw strings would still reveal
+    # a token's length through timing.
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str | None, bool]:
+    """The token the request presents, and whether an Authorization header was malformed."""
+    header = connection.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None, True
+        return token, False
+    scope = connection.scope
+    if is_stream(str(scope.get("method", "")), str(scope.get("path_template", ""))):
+        return connection.query_params.get(ACCESS_TOKEN_PARAMETER) or None, False
+    return None, False
+
+
+class AccessPolicy:
+    """The configured tokens, and the guard that checks requests against them."""
+
+    def __init__(self, settings: SecuritySettings) -> None:
+        self._write = [_digest(token) for token in settings.api_tokens]
+        self._read = self._write + [_digest(token) for token in settings.read_tokens]
+        self.writes_guarded = bool(settings.api_tokens)
+        self.reads_guarded = bool(settings.read_tokens)
+
+    def accepts(self, token: str | None, access: Access) -> bool:
+        if access == "public" or (access == "read" and not self.reads_guarded):
+            return True
+        if access == "write" and not self.writes_guarded:
+            return True
+        if token is None:
+            return False
+        probe = _digest(token)
+        found = False
+        # Every configured token is compared, so the time taken says nothing about which one
+        # (if any) matched.
+        for known in self._write if access == "write" else self._read:
+            found |= hmac.compare_digest(probe, known)
+        return found
+
+    def may_read(self, connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+        token, _ = _bearer(connection)
+        return self.accepts(token, "read")
+
+    def guard(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        method = str(connection.scope.get("method", "GET"))
+        path_template = str(connection.scope.get("path_template", ""))
+        access = access_for(method, path_template)
+        token, malformed = _bearer(connection)
+        if self.accepts(token, access):
+            return
+        needed = "an API token (API_TOKENS)" if access == "write" else "a read or API token"
+        how = "Authorization: Bearer <token>"
+        if is_stream(method, path_template):
+            how += f" or ?{ACCESS_TOKEN_PARAMETER}=<token>"
+        if malformed:
+            detail = (
+                f"the Authorization header must be 'Bearer <token>'; this endpoint needs {needed}"
+            )
+            challenge = 'Bearer realm="activity", error="invalid_request"'
+        elif token is None:
+            detail = f"this endpoint needs {needed}: send {how}"
+            challenge = 'Bearer realm="activity"'
+        else:
+            detail = f"the token is not valid for this endpoint, which needs {needed}"
+            challenge = 'Bearer realm="activity", error="invalid_token"'
+        raise NotAuthorizedException(detail=detail, headers={"WWW-Authenticate": challenge})
+
+
+def may_read(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """Whether this request may see read-guarded details (always, without read tokens)."""
+    policy: AccessPolicy | None = connection.app.state.get("access_policy")
+    return policy is None or policy.may_read(connection)
+
+
+def build_cors_config(settings: SecuritySettings) -> CORSConfig | None:
+    """None (same-origin only: no CORS headers at all) unless origins are configured."""
+    if not settings.cors_origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+        expose_headers=["X-Ingest-Id", "X-Request-ID", "Retry-After"],
+        # Tokens travel in a header, not in cookies: no credentialed requests needed.
+        allow_credentials=False,
+        max_age=600,
+    )
