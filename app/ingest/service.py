@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.content import ContentUnavailable
 from app.eventlog import (
     Event,
     EventFilter,
@@ -361,6 +362,14 @@ class IngestJobs:
             }
         except (asyncio.CancelledError, _Abandoned):
             raise
+        except ContentUnavailable as exc:
+            logger.warning("ingest %s: content store unavailable: %s", run.ingest_id, exc)
+            complete = {
+                "type": run.state["type"],
+                "status": "error",
+                "message": f"The content store is unavailable: {exc}",
+                "details": {"error_kind": "content_store_unavailable", "retryable": True},
+            }
         except Exception as exc:
             logger.exception("ingest %s failed", run.ingest_id)
             complete = {

@@ -65,6 +65,9 @@ async def test_an_unavailable_content_store_fails_ingests_and_health_clearly(
             assert len(complete) == 1
             assert complete[0]["payload"]["status"] == "error"
             assert "content store" in complete[0]["payload"]["message"]
+            details = complete[0]["payload"]["details"]
+            assert details["error_kind"] == "content_store_unavailable"
+            assert details["retryable"] is True
 
             # The log itself is fine: appends go on, positions follow on.
             head = (await client.get("/events", params={"limit": 1})).json()["head"]
