@@ -106,7 +106,10 @@ class AccessPolicy:
         token, _ = _bearer(connection)
         return self.accepts(token, "read")
 
-    def guard(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    async def guard(
+        self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
+        # A coroutine: Litestar runs a plain function guard in a worker thread per request.
         method = str(connection.scope.get("method", "GET"))
         path_template = str(connection.scope.get("path_template", ""))
         access = access_for(method, path_template)
