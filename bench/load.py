@@ -29,6 +29,7 @@ __all__ = [
     "sse_replay",
     "start_server",
     "stop_server",
+    "wait_projected",
     "wait_ready",
 ]
 
@@ -278,6 +279,20 @@ def wait_ready(
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{base_url}/health not ready after {timeout}s")
+
+
+def wait_projected(base_url: str, timeout: float = 600.0) -> None:
+    """Wait until the service's projections have folded the whole log (``GET /health``), so
+    that a figure measured on a pre-filled log is not sharing the server with that fold."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        checks = httpx.get(f"{base_url}/health", timeout=10.0).json()
+        head = checks.get("database", {}).get("head")
+        points = [entry.get("checkpoint") for entry in checks.get("projections", {}).values()]
+        if head is not None and points and all(point >= head for point in points):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{base_url}: the projections did not reach the head in {timeout}s")
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:

@@ -1,10 +1,17 @@
-"""Run the benchmark figures, service and baseline alternating (A B A B) in one run.
+"""Every benchmark figure, the service beside its peers, rounds alternating (A B A B).
 
-    python -m bench.run            # full sizes, 3 rounds per figure
-    python -m bench.run --quick    # smaller sizes, 2 rounds: a few minutes
+    python -m bench.run --quick    # reduced sizes, 2 rounds: a few minutes
+    python -m bench.run            # full sizes, 3 rounds
+    python -m bench.run --only append,replay
 
-Prints medians, each figure's ratio to its baseline, and the load client's own ceiling, so
-that no figure is just the client's limit. This machine is noisy: read the ratios.
+Figures (bench/README.md explains each): ``append`` durable in-process appends against raw
+sqlite3 and Redis Streams; ``http`` appends over HTTP against the naive peer; ``fanout``
+SSE fan-out against the naive peer and nchan; ``replay`` one client reading the log over SSE
+against the naive peer, Redis XRANGE and nchan's buffer; ``idle`` idle SSE connections;
+``growth`` latencies as the log grows; ``servers`` uvicorn against granian. A peer that
+cannot be installed or started is skipped with the reason. Prints medians and ratios, and
+the load clients' own ceilings, so that no figure is just a client's limit; the figures are
+also written to ``bench/results/latest.json``.
 """
 
 from __future__ import annotations
@@ -12,208 +19,209 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load import (
-    client_ceiling,
-    free_port,
-    post_events_raw,
-    sse_replay,
-    start_server,
-    stop_server,
-    wait_ready,
-)
+from bench.load import client_ceiling, post_events_raw, sse_replay
+from bench.peers.nchan import NchanUnavailable, nchan_replay_rate, nchan_server
+from bench.peers.redis_streams import RedisUnavailable, redis_server
 from bench.raw_sqlite import raw_sqlite_rate
-from bench.service import fill_log, service_append_rate
+from bench.redis_figures import redis_append_rate, redis_replay_rate
+from bench.report import SERVICE, Figure, render
+from bench.service import Servers, service_append_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+ALL = ("append", "http", "fanout", "replay", "idle", "growth", "servers")
 
-@dataclass
-class Figure:
-    name: str
-    unit: str
-    service: list[float] = field(default_factory=list)
-    baseline: list[float] = field(default_factory=list)
-    baseline_name: str = ""
-    target: str = ""
-
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.service) / statistics.median(self.baseline)
+NAIVE = "naive (in-memory list, asyncio.Condition)"
+RAW_1000 = "raw sqlite3, batches of 1000, synchronous=FULL"
+RAW_100 = "raw sqlite3, batches of 100, synchronous=FULL"
+REDIS_ALWAYS = "redis streams, appendfsync always"
+REDIS_EVERYSEC = "redis streams, appendfsync everysec"
+REDIS_NONE = "redis streams, no persistence (client ceiling)"
+REDIS_XRANGE = "redis XRANGE paging (10k/page)"
+NCHAN_BUFFER = "nchan buffer replay (Last-Event-ID 0:0)"
 
 
-class Servers:
-    """Start the service (on a fresh SQLite file) or the naive peer for one measurement."""
+async def _redis(
+    figure: Figure, name: str, fsync: str | None, measure: Callable[[str], Awaitable[float]]
+) -> None:
+    """One sample for ``name`` on a fresh Redis, or the reason it cannot run."""
+    if name in figure.skipped:
+        return
+    try:
+        async with redis_server(fsync) as url:  # type: ignore[arg-type]
+            figure.add(name, await measure(url))
+    except RedisUnavailable as error:
+        print(f"skipping {name}: {error}", file=sys.stderr)
+        figure.skip(name, str(error))
 
-    def __init__(self, scratch: Path) -> None:
-        self.scratch = scratch
-        self.count = 0
 
-    def _database(self) -> Path:
-        self.count += 1
-        return self.scratch / f"service-{self.count}.db"
+async def append_figures(quick: bool, rounds: int, scratch: Path) -> list[Figure]:
+    events = 20_000 if quick else 100_000
+    figure = Figure(
+        "append",
+        "1. durable append, in-process API, 100 concurrent producers",
+        "events/s",
+        target=">= 0.50 of raw sqlite3 batches; above redis always",
+    )
 
-    async def run_service(
-        self, measure: Callable[[str], Awaitable[float]], prefill: int = 0
-    ) -> float:
-        database = self._database()
-        if prefill:
-            await fill_log(database, prefill)
-        env = {"DATABASE_URL": f"sqlite+aiosqlite:///{database}", "HEARTBEAT_SECONDS": "15"}
-        return await self._run(
-            [sys.executable, "-m", "app", "serve", "--log-level", "warning"], env, measure
+    async def redis_append(url: str) -> float:
+        return await redis_append_rate(url, events)
+
+    for round_number in range(rounds):
+        print(f"append: round {round_number + 1}/{rounds}", file=sys.stderr)
+        figure.add(SERVICE, await service_append_rate(scratch / f"a-{round_number}.db", events))
+        figure.add(
+            RAW_1000,
+            await asyncio.to_thread(
+                raw_sqlite_rate, scratch / f"r-{round_number}.db", events, 1000
+            ),
         )
-
-    async def run_naive(
-        self, measure: Callable[[str], Awaitable[float]], prefill: int = 0
-    ) -> float:
-        async def filled(base_url: str) -> float:
-            if prefill:
-                await post_events_raw(base_url, 4, prefill, 1000)
-            return await measure(base_url)
-
-        return await self._run([sys.executable, "-m", "bench.peers.naive"], {}, filled)
-
-    @staticmethod
-    async def _run(
-        command: list[str], env: dict[str, str], measure: Callable[[str], Awaitable[float]]
-    ) -> float:
-        port = free_port()
-        base_url = f"http://127.0.0.1:{port}"
-        process = start_server(command, port, env)
-        try:
-            await asyncio.to_thread(wait_ready, base_url, 60.0, process)
-            return await measure(base_url)
-        finally:
-            stop_server(process)
+        await _redis(figure, REDIS_ALWAYS, "always", redis_append)
+        figure.add(
+            RAW_100,
+            await asyncio.to_thread(raw_sqlite_rate, scratch / f"q-{round_number}.db", events, 100),
+        )
+        await _redis(figure, REDIS_EVERYSEC, "everysec", redis_append)
+        await _redis(figure, REDIS_NONE, None, redis_append)
+    return [figure]
 
 
-async def run(quick: bool, rounds: int) -> list[Figure]:
-    sizes = {
-        "append": 20_000 if quick else 100_000,
-        "http_single": 5_000 if quick else 20_000,
-        "http_batch": 50_000 if quick else 200_000,
-        "replay": 100_000,
-    }
-    figures = {
-        "append": Figure(
-            "durable append, in-process, 100 producers",
-            "events/s",
-            baseline_name="raw sqlite3, batches of 1000, synchronous=FULL",
-            target=">= 0.50",
-        ),
-        "append_100": Figure(
-            "durable append, in-process, 100 producers (same runs)",
-            "events/s",
-            baseline_name="raw sqlite3, batches of 100 (the most 100 producers can form)",
-        ),
-        "http_single": Figure(
-            "append over HTTP, single endpoint, 50 clients",
-            "events/s",
-            baseline_name="naive in-memory server",
-        ),
-        "http_batch": Figure(
-            "append over HTTP, batch endpoint (100/request), 50 clients",
-            "events/s",
-            baseline_name="naive in-memory server",
-        ),
-        "replay": Figure(
-            "SSE replay of 100k events to one client",
-            "events/s",
-            baseline_name="naive in-memory server",
-        ),
-    }
+async def http_figures(quick: bool, rounds: int, servers: Servers) -> list[Figure]:
+    single_n = 5_000 if quick else 20_000
+    batch_n = 50_000 if quick else 200_000
+    single = Figure(
+        "http_single",
+        "2. append over HTTP, single endpoint, 50 clients",
+        "events/s",
+        target=">= naive",
+    )
+    batch = Figure(
+        "http_batch",
+        "2. append over HTTP, batch endpoint (100 per request), 50 clients",
+        "events/s",
+        target=">= naive",
+    )
+
+    async def post_single(base_url: str) -> float:
+        return await post_events_raw(base_url, 50, single_n, None)
+
+    async def post_batch(base_url: str) -> float:
+        return await post_events_raw(base_url, 50, batch_n, 100)
+
+    for round_number in range(rounds):
+        print(f"http: round {round_number + 1}/{rounds}", file=sys.stderr)
+        for figure, measure in ((single, post_single), (batch, post_batch)):
+            figure.add(SERVICE, await servers.run_service(measure))
+            figure.add(NAIVE, await servers.run_naive(measure))
+    return [single, batch]
+
+
+async def replay_figures(quick: bool, rounds: int, servers: Servers) -> list[Figure]:
+    events = 200_000 if quick else 1_000_000
+    figure = Figure(
+        "replay",
+        f"4. replay: one client reads {events:,} events over SSE from last_event_id=0",
+        "events/s",
+        target=">= 200k/s; ahead of redis XRANGE and nchan",
+    )
+
+    async def sse(base_url: str) -> float:
+        return await sse_replay(base_url, "/events/stream", events, 0)
+
+    async def xrange(url: str) -> float:
+        return await redis_replay_rate(url, events)
+
+    for round_number in range(rounds):
+        print(f"replay: round {round_number + 1}/{rounds}", file=sys.stderr)
+        figure.add(SERVICE, await servers.run_service(sse, events))
+        await _redis(figure, REDIS_XRANGE, "everysec", xrange)
+        figure.add(NAIVE, await servers.run_naive(sse, events))
+        if NCHAN_BUFFER not in figure.skipped:
+            try:
+                with nchan_server() as base_url:
+                    figure.add(NCHAN_BUFFER, await nchan_replay_rate(events, base_url))
+            except NchanUnavailable as error:
+                print(f"skipping nchan: {error}", file=sys.stderr)
+                figure.skip(NCHAN_BUFFER, str(error))
+            except Exception as error:  # a peer that fails mid-run is reported, not fatal
+                print(f"nchan replay failed: {error!r}", file=sys.stderr)
+                figure.skip(NCHAN_BUFFER, f"failed: {error!r}")
+    return [figure]
+
+
+async def run(quick: bool, rounds: int, only: tuple[str, ...]) -> list[Figure]:
+    figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="activity-bench-") as directory:
         scratch = Path(directory)
         servers = Servers(scratch)
-        for round_number in range(rounds):
-            print(f"round {round_number + 1}/{rounds}", file=sys.stderr)
-            figure = figures["append"]
-            figure.service.append(
-                await service_append_rate(scratch / f"append-{round_number}.db", sizes["append"])
-            )
-            figure.baseline.append(
-                await asyncio.to_thread(
-                    raw_sqlite_rate, scratch / f"raw-{round_number}.db", sizes["append"], 1000
-                )
-            )
-            # With 100 producers each awaiting its event, no transaction can hold more than 100:
-            # the same raw inserts at that batch size are the comparable ceiling.
-            same = figures["append_100"]
-            same.service.append(figure.service[-1])
-            same.baseline.append(
-                await asyncio.to_thread(
-                    raw_sqlite_rate, scratch / f"raw100-{round_number}.db", sizes["append"], 100
-                )
-            )
+        for name in only:
+            started = time.monotonic()
+            if name == "append":
+                figures += await append_figures(quick, rounds, scratch)
+            elif name == "http":
+                figures += await http_figures(quick, rounds, servers)
+            elif name == "fanout":
+                from bench import fanout
 
-            async def single(base_url: str) -> float:
-                return await post_events_raw(base_url, 50, sizes["http_single"], None)
+                figures += await fanout.run(quick, rounds)
+            elif name == "replay":
+                figures += await replay_figures(quick, rounds, servers)
+            elif name == "idle":
+                from bench import connections
 
-            async def batched(base_url: str) -> float:
-                return await post_events_raw(base_url, 50, sizes["http_batch"], 100)
+                figures += await connections.run(quick, rounds)
+            elif name == "growth":
+                from bench import growth
 
-            async def replay(base_url: str) -> float:
-                return await sse_replay(base_url, "/events/stream", sizes["replay"], 0)
+                figures += await growth.run(quick, rounds)
+            elif name == "servers":
+                from bench import servers as server_choice
 
-            for key, measure, prefill in (
-                ("http_single", single, 0),
-                ("http_batch", batched, 0),
-                ("replay", replay, sizes["replay"]),
-            ):
-                figures[key].service.append(await servers.run_service(measure, prefill))
-                figures[key].baseline.append(await servers.run_naive(measure, prefill))
-    return list(figures.values())
+                figures += await server_choice.run(quick, rounds)
+            print(f"{name}: {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return figures
 
 
-def report(figures: list[Figure], ceiling: dict[str, float]) -> str:
-    lines = [
-        f"{'figure':<58} {'service':>12} {'baseline':>12} {'ratio':>7}  baseline",
-        "-" * 120,
-    ]
-    for figure in figures:
-        lines.append(
-            f"{figure.name:<58} {statistics.median(figure.service):>12,.0f} "
-            f"{statistics.median(figure.baseline):>12,.0f} {figure.ratio:>7.2f}  "
-            f"{figure.baseline_name}{'  target ' + figure.target if figure.target else ''}"
-        )
-    lines.append("")
-    lines.append("load client ceiling (against a server that does no work), events/s:")
-    lines.extend(f"  {name:<16} {rate:>12,.0f}" for name, rate in ceiling.items())
-    return "\n".join(lines)
+def _ceilings(quick: bool) -> Figure:
+    figure = Figure(
+        "client_ceiling",
+        "load client's own ceiling (a server that does no work)",
+        "events/s",
+        reference="sse_http",
+    )
+    for name, rate in asyncio.run(client_ceiling(clients=50, total=5_000)).items():
+        figure.add(name, rate)
+    return figure
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, 2 rounds")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per figure (default 3)")
+    parser.add_argument(
+        "--only",
+        default=",".join(ALL),
+        help=f"comma-separated figures to run, of: {', '.join(ALL)} (default: all)",
+    )
     args = parser.parse_args()
+    only = tuple(name.strip() for name in args.only.split(",") if name.strip())
+    unknown = sorted(set(only) - set(ALL))
+    if unknown:
+        parser.error(f"unknown figure(s) {', '.join(unknown)}; known: {', '.join(ALL)}")
     rounds = args.rounds or (2 if args.quick else 3)
-    figures = asyncio.run(run(args.quick, rounds))
-    ceiling = asyncio.run(client_ceiling(clients=50, total=5_000))
-    print(report(figures, ceiling))
+    figures = asyncio.run(run(args.quick, rounds, only))
+    figures.append(_ceilings(args.quick))
+    print(render(figures))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(
         json.dumps(
-            {
-                "figures": [
-                    {
-                        "name": f.name,
-                        "service": f.service,
-                        "baseline": f.baseline,
-                        "baseline_name": f.baseline_name,
-                        "ratio": f.ratio,
-                    }
-                    for f in figures
-                ],
-                "ceiling": ceiling,
-            },
+            {"quick": args.quick, "rounds": rounds, "figures": [f.as_json() for f in figures]},
             indent=2,
         )
     )

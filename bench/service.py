@@ -4,15 +4,25 @@ through it."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
 
 from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent
+from bench.load import (
+    free_port,
+    post_events_raw,
+    start_server,
+    stop_server,
+    wait_projected,
+    wait_ready,
+)
 
-__all__ = ["fill_log", "service_append_rate"]
+__all__ = ["Servers", "fill_log", "service_append_rate"]
 
 
 def _payload(n: int) -> msgspec.Raw:
@@ -75,3 +85,61 @@ async def fill_log(path: Path, rows: int) -> None:
         )
     await store.close()
     await engine.dispose()  # type: ignore[attr-defined]
+
+
+class Servers:
+    """Start the service (on a fresh SQLite file) or the naive peer for one measurement."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.count = 0
+
+    def _database(self) -> Path:
+        self.count += 1
+        return self.scratch / f"service-{self.count}.db"
+
+    async def run_service(
+        self, measure: Callable[[str], Awaitable[float]], prefill: int = 0
+    ) -> float:
+        database = self._database()
+        if prefill:
+            await fill_log(database, prefill)
+        env = {
+            "DATABASE_URL": f"sqlite+aiosqlite:///{database}",
+            # The content store is not measured; in memory, several runs never share a path.
+            "SURREALDB_URL": "mem://",
+            "HEARTBEAT_SECONDS": "15",
+        }
+
+        async def projected(base_url: str) -> float:
+            # A pre-filled log is folded into the projections first: a running service has.
+            if prefill:
+                await asyncio.to_thread(wait_projected, base_url)
+            return await measure(base_url)
+
+        return await self._run(
+            [sys.executable, "-m", "app", "serve", "--log-level", "warning"], env, projected
+        )
+
+    async def run_naive(
+        self, measure: Callable[[str], Awaitable[float]], prefill: int = 0
+    ) -> float:
+        async def filled(base_url: str) -> float:
+            if prefill:
+                await post_events_raw(base_url, 4, prefill, 1000)
+            return await measure(base_url)
+
+        return await self._run([sys.executable, "-m", "bench.peers.naive"], {}, filled)
+
+    @staticmethod
+    async def _run(
+        command: list[str], env: dict[str, str], measure: Callable[[str], Awaitable[float]]
+    ) -> float:
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        process = start_server(command, port, env)
+        try:
+            await asyncio.to_thread(wait_ready, base_url, 60.0, process)
+            return await measure(base_url)
+        finally:
+            stop_server(process)
