@@ -11,7 +11,8 @@ head, then waits (briefly) until the projection has caught up to it.
 The runner folds every projection that is behind in one transaction, and takes its next
 step no sooner than ``coalesce_seconds`` after the previous one: under a stream of appends it
 folds many commits per step (one write lock and one fsync for all of them) instead of taking
-the database's write lock after every commit, which would stall the appenders.
+the database's write lock after every commit, which would stall the appenders. A reader
+waiting for a position (:meth:`ProjectionRunner.wait_for`) cuts that pause short.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ class ProjectionRunner:
         store: EventStore | None = None,
         batch_size: int = 1000,
         poll_seconds: float = 1.0,
-        coalesce_seconds: float = 0.02,
+        coalesce_seconds: float = 0.1,
     ) -> None:
         self._engine = engine
         self._coalesce_seconds = coalesce_seconds
+        #: Set by a reader waiting for the projections: take the next step now.
+        self._hurry = asyncio.Event()
         self._store = store
         self._batch_size = batch_size
         self._poll_seconds = poll_seconds
@@ -109,8 +112,10 @@ class ProjectionRunner:
                 ]
                 if behind:
                     pause = last_step + self._coalesce_seconds - loop.time()
-                    if pause > 0:
-                        await asyncio.sleep(pause)
+                    if pause > 0 and not self._hurry.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._hurry.wait(), pause)
+                    self._hurry.clear()
                     await self._catch_up_together(behind, until=feed.head)
                     last_step = loop.time()
             except asyncio.CancelledError:
@@ -207,6 +212,7 @@ class ProjectionRunner:
                 return False
             if self._advanced is None or self._advanced.done():
                 self._advanced = loop.create_future()
+            self._hurry.set()
             await asyncio.wait((self._advanced,), timeout=min(remaining, 0.05))
 
     async def rebuild(self, name: str) -> int:
