@@ -1,0 +1,466 @@
+"""Fan-out: N SSE subscribers, one producer at a fixed rate; delivered events/s and the
+append -> receive latency (p50, p99).
+
+    python -m bench.fanout [--quick] [--rounds N] [--processes P]
+
+Contenders, each started fresh for every measurement:
+
+- the service (``python -m app serve`` on a new SQLite file): subscribers on
+  ``GET /events/stream``, the producer posts single events to ``POST /agents/{id}/events``;
+- the naive in-memory peer (:mod:`bench.peers.naive`), same contract;
+- nginx + nchan (:mod:`bench.peers.nchan`): the producer posts to ``/pub``, subscribers
+  read ``/sub/<channel>`` as EventSource.
+
+All N subscribers connect first (each has its first response bytes), then one producer
+posts ``rate`` events/s for ``seconds``, paced by the clock, round-robin over a few
+pipelined keep-alive connections (never waiting for a response before the next send),
+each event carrying its send time. Every subscriber must receive every event exactly once,
+in the log's order (strictly increasing ids; :mod:`bench.subscribers`), within 60 s plus
+the deliveries at 5,000/s from the first send; a contender that does not is reported as
+failed and the run exits non-zero. Delivered rate = events received by all subscribers /
+(last receive - first send).
+
+Subscribers are spread over worker processes so that the client is not the limit; the
+client's own ceiling is measured the same way against nchan at several times the rate,
+and printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import httpx
+
+from bench.load import free_port, start_server, stop_server, wait_ready
+from bench.peers.nchan import NchanUnavailable, nchan_server
+from bench.report import SERVICE, Figure, render
+from bench.subscribers import MARKER, FanoutResult, SubscriberPool, SubscriberSpec, raise_open_files
+
+__all__ = ["FanoutRun", "fanout_once", "main", "run"]
+
+NAIVE = "naive (in-memory Litestar)"
+NCHAN = "nchan (nginx, C)"
+CLIENT = "subscriber client"
+RATE = 200
+TARGET_N = 500
+#: Connections the producer posts over (round-robin, pipelined): its appends overlap, as
+#: those of many agents do, and the service can commit them in groups.
+PRODUCER_CONNECTIONS = 8
+#: Every event must reach every subscriber within ``GRACE_SECONDS`` plus the deliveries at
+#: ``SLOWEST_RATE`` from the first send; a contender slower than that is reported as failed.
+GRACE_SECONDS = 60.0
+SLOWEST_RATE = 5_000.0
+
+
+@dataclass(frozen=True)
+class Contender:
+    """How to start a server and speak to it: where subscribers read, where events go."""
+
+    name: str
+    start: Callable[[Path], AbstractAsyncContextManager[str]]
+    subscribe_path: str
+    last_event_id: str
+    publish_path: str
+    body: Callable[[int, float], bytes]
+    accepted: tuple[bytes, ...]
+
+
+@dataclass
+class FanoutRun:
+    """One measurement: what the subscribers got, and when the producer sent."""
+
+    subscribers: int
+    events: int
+    first_send: float
+    last_send: float
+    result: FanoutResult
+
+    @property
+    def delivered_rate(self) -> float:
+        if not self.result.received:
+            return 0.0
+        return self.result.received / (self.result.last_receive - self.first_send)
+
+    @cached_property
+    def _ordered_latencies(self) -> list[float]:
+        return sorted(self.result.latencies_ms)
+
+    def latency_ms(self, quantile: float) -> float:
+        ordered = self._ordered_latencies
+        if not ordered:
+            return math.nan
+        return ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+
+    @property
+    def client_capacity(self) -> float:
+        """Events/s the subscriber processes could take with a core each, from the CPU
+        time they used per event."""
+        result = self.result
+        return result.processes * result.received / max(1e-9, result.cpu_seconds)
+
+    def summary(self) -> str:
+        result = self.result
+        took = result.last_receive - self.first_send
+        offered = self.subscribers * self.events / max(1e-9, self.last_send - self.first_send)
+        per_event_us = 1e6 * result.cpu_seconds / max(1, result.received)
+        busy = result.cpu_seconds / max(1e-9, took * result.processes)
+        return (
+            f"delivered {self.delivered_rate:,.0f} events/s ({result.received:,} in {took:.1f} s"
+            f"; offered {offered:,.0f}/s), p50 {self.latency_ms(0.5):.1f} ms, p99 "
+            f"{self.latency_ms(0.99):.1f} ms; client CPU {result.cpu_seconds:.1f} s, "
+            f"{per_event_us:.1f} us/event, {busy:.0%} of {result.processes} processes"
+        )
+
+    def check(self) -> None:
+        """Every subscriber got every event once, in order; raises otherwise."""
+        result = self.result
+        if result.errors or result.complete != self.subscribers:
+            shown = "; ".join(sorted(set(result.errors))[:3])
+            raise RuntimeError(
+                f"{result.complete} of {self.subscribers} subscribers got all {self.events} "
+                f"events ({result.received:,} of {self.subscribers * self.events:,} received, "
+                f"{self.delivered_rate:,.0f}/s): {shown}"
+            )
+
+
+def _agent_body(seq: int, sent: float) -> bytes:
+    marker = MARKER % (seq, sent)
+    return (
+        b'{"event":"progress","payload":{"agent_name":"bench","status":"running",%s,'
+        b'"progress":0.5}}' % marker
+    )
+
+
+def _envelope_body(seq: int, sent: float) -> bytes:
+    """For nchan, which relays the body as it is: shaped like the service's envelope, so
+    both servers move about the same bytes per event."""
+    return (
+        b'{"position":%d,"stream":"agent","source_id":"fanout-bench","version":%d,'
+        b'"event":"progress","event_id":"6f1c2a7e-0d4b-4c39-9f3e-2b8f5a1d7c90",'
+        b'"timestamp":"2025-01-24T12:34:56.789Z","payload":{"agent_name":"bench",'
+        b'"status":"running",%s,"progress":0.5}}'
+    ) % (seq + 1, seq + 1, MARKER % (seq, sent))
+
+
+@asynccontextmanager
+async def _python_server(command: list[str], env: dict[str, str]) -> AsyncIterator[str]:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    process = start_server(command, port, env)
+    try:
+        await asyncio.to_thread(wait_ready, base_url, 60.0, process)
+        yield base_url
+    finally:
+        stop_server(process)
+
+
+def _start_service(scratch: Path) -> AbstractAsyncContextManager[str]:
+    name = f"fanout-{os.urandom(4).hex()}"
+    env = {
+        "DATABASE_URL": f"sqlite+aiosqlite:///{scratch / (name + '.db')}",
+        "SURREALDB_URL": "mem://",
+        "ARCHIVE_DIR": str(scratch / name / "archive"),
+        "HEARTBEAT_SECONDS": "15",
+    }
+    return _python_server([sys.executable, "-m", "app", "serve", "--log-level", "warning"], env)
+
+
+def _start_naive(_: Path) -> AbstractAsyncContextManager[str]:
+    return _python_server([sys.executable, "-m", "bench.peers.naive"], {})
+
+
+@asynccontextmanager
+async def _start_nchan(_: Path) -> AsyncIterator[str]:
+    with nchan_server(connections=4096) as base_url:
+        yield base_url
+
+
+def contenders() -> list[Contender]:
+    # A fresh nchan server per measurement, so one channel name serves.
+    return [
+        Contender(
+            SERVICE,
+            _start_service,
+            "/events/stream",
+            "0",
+            "/agents/fanout-bench/events",
+            _agent_body,
+            (b"201",),
+        ),
+        Contender(
+            NAIVE,
+            _start_naive,
+            "/events/stream",
+            "0",
+            "/agents/fanout-bench/events",
+            _agent_body,
+            (b"201",),
+        ),
+        # "0:0": from the oldest buffered message, so nothing published between the
+        # subscription and its first bytes can be missed.
+        Contender(
+            NCHAN,
+            _start_nchan,
+            "/sub/fanout",
+            "0:0",
+            "/pub?id=fanout",
+            _envelope_body,
+            (b"201", b"202"),
+        ),
+    ]
+
+
+class _Answers:
+    """Reads the producer's pipelined responses, counting them as they come."""
+
+    def __init__(self, reader: asyncio.StreamReader, accepted: tuple[bytes, ...]) -> None:
+        self.reader = reader
+        self.accepted = accepted
+        self.count = 0
+
+    async def read(self, expected: int) -> None:
+        reader = self.reader
+        while self.count < expected:
+            status = await reader.readline()
+            if status[9:12] not in self.accepted:
+                raise RuntimeError(f"publish {self.count + 1} answered {status!r}")
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            self.count += 1
+
+
+async def produce(
+    base_url: str,
+    contender: Contender,
+    events: int,
+    rate: float,
+    budget: float,
+    connections: int = PRODUCER_CONNECTIONS,
+) -> tuple[float, float]:
+    """Post ``events`` events at ``rate``/s, paced by the clock and never waiting for an
+    answer, round-robin over ``connections`` pipelined keep-alive connections (one
+    connection would serialise a durable server's commits: HTTP/1.1 answers in order);
+    returns the first and last send times (``time.time()``) once every post is answered, at
+    most ``budget`` seconds after the first."""
+    url = httpx.URL(base_url)
+    host, port = url.host, url.port or 80
+    opened = [await asyncio.open_connection(host, port) for _ in range(connections)]
+    head = (
+        f"POST {contender.publish_path} HTTP/1.1\r\nhost: {host}:{port}\r\n"
+        "content-type: application/json\r\ncontent-length: "
+    ).encode()
+    loop = asyncio.get_running_loop()
+    shares = [len(range(index, events, connections)) for index in range(connections)]
+    answers = [_Answers(reader, contender.accepted) for reader, _ in opened]
+    reading = [
+        asyncio.create_task(answer.read(share))
+        for answer, share in zip(answers, shares, strict=True)
+    ]
+    everything = asyncio.gather(*reading)
+    first = last = 0.0
+    try:
+        started = loop.time()
+        for seq in range(events):
+            delay = started + seq / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if everything.done():
+                everything.result()  # an early failure, raised here
+            last = time.time()
+            if seq == 0:
+                first = last
+            body = contender.body(seq, last)
+            opened[seq % connections][1].write(head + b"%d\r\n\r\n%s" % (len(body), body))
+        try:
+            await asyncio.wait_for(asyncio.shield(everything), first + budget - time.time())
+        except TimeoutError:
+            answered = sum(answer.count for answer in answers)
+            raise RuntimeError(
+                f"only {answered} of {events} posts answered {budget:.0f} s after "
+                f"the first ({answered / (time.time() - first):.0f}/s)"
+            ) from None
+    finally:
+        everything.cancel()
+        for _, writer in opened:
+            writer.close()
+    return first, last
+
+
+async def fanout_once(
+    contender: Contender,
+    scratch: Path,
+    subscribers: int,
+    rate: float,
+    seconds: float,
+    processes: int,
+) -> FanoutRun:
+    """Start ``contender`` fresh, hold ``subscribers`` on it, produce, gather, stop."""
+    events = round(rate * seconds)
+    budget = GRACE_SECONDS + subscribers * events / SLOWEST_RATE
+    async with contender.start(scratch) as base_url:
+        url = httpx.URL(base_url)
+        spec = SubscriberSpec(
+            url.host, url.port or 80, contender.subscribe_path, contender.last_event_id, events
+        )
+        pool = SubscriberPool(spec, subscribers, processes)
+        try:
+            await pool.start()
+            first, last = await produce(base_url, contender, events, rate, budget)
+            result = await pool.finish(max(5.0, first + budget - time.time()))
+        finally:
+            pool.close()
+    return FanoutRun(subscribers, events, first, last, result)
+
+
+def _figures(sizes: list[int]) -> dict[str, Figure]:
+    figures: dict[str, Figure] = {}
+    for n in sizes:
+        at_target = n == TARGET_N
+        figures[f"fanout_{n}_rate"] = Figure(
+            f"fanout_{n}_rate",
+            f"fan-out to {n} SSE subscribers, one producer at {RATE}/s: delivered",
+            "events/s",
+            target=">= 3x naive, >= 0.5x nchan" if at_target else "",
+        )
+        figures[f"fanout_{n}_p50"] = Figure(
+            f"fanout_{n}_p50",
+            f"fan-out to {n} subscribers at {RATE}/s: append -> receive p50",
+            "ms",
+            higher_is_better=False,
+        )
+        figures[f"fanout_{n}_p99"] = Figure(
+            f"fanout_{n}_p99",
+            f"fan-out to {n} subscribers at {RATE}/s: append -> receive p99",
+            "ms",
+            higher_is_better=False,
+            target="< 100 ms" if at_target else "",
+        )
+    return figures
+
+
+def _record(figures: dict[str, Figure], n: int, name: str, measured: FanoutRun) -> None:
+    figures[f"fanout_{n}_rate"].add(name, measured.delivered_rate)
+    figures[f"fanout_{n}_p50"].add(name, measured.latency_ms(0.50))
+    figures[f"fanout_{n}_p99"].add(name, measured.latency_ms(0.99))
+
+
+def _skip(figures: dict[str, Figure], n: int, name: str, reason: str) -> None:
+    for suffix in ("rate", "p50", "p99"):
+        figures[f"fanout_{n}_{suffix}"].skip(name, reason)
+
+
+async def client_ceiling(
+    scratch: Path, subscribers: int, rate: float, seconds: float, processes: int
+) -> list[Figure]:
+    """The subscriber client's own ceiling: fan-out from nchan (C, one worker) to
+    ``subscribers`` at ``rate``, several times the figures' rate. Two numbers: what nchan
+    and this client delivered together, and what the client could take with a core per
+    process, from the CPU time it spent per event."""
+    delivered = Figure(
+        "fanout_ceiling",
+        f"ceiling: nchan to {subscribers} subscribers at {rate:,.0f}/s: delivered",
+        "events/s",
+        reference=NCHAN,
+    )
+    capacity = Figure(
+        "fanout_client_capacity",
+        f"subscriber client: {processes} processes / CPU time per event",
+        "events/s",
+        reference=CLIENT,
+    )
+    nchan = contenders()[2]
+    try:
+        measured = await fanout_once(nchan, scratch, subscribers, rate, seconds, processes)
+        measured.check()
+    except NchanUnavailable as exc:
+        delivered.skip(NCHAN, str(exc))
+        return [delivered, capacity]
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        delivered.skip(NCHAN, f"failed: {type(exc).__name__}: {exc}"[:300])
+        return [delivered, capacity]
+    delivered.add(NCHAN, measured.delivered_rate)
+    capacity.add(CLIENT, measured.client_capacity)
+    print(f"ceiling: {measured.summary()}", file=sys.stderr)
+    return [delivered, capacity]
+
+
+async def run(quick: bool, rounds: int, processes: int = 2) -> list[Figure]:
+    sizes = [100, 500] if quick else [100, 500, 1000]
+    seconds = 3.0 if quick else 10.0
+    figures = _figures(sizes)
+    raise_open_files(max(sizes) * 4 + 4096)
+    unavailable: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-fanout-") as directory:
+        scratch = Path(directory)
+        for round_number in range(rounds):
+            for n in sizes:
+                for contender in contenders():
+                    name = contender.name
+                    if name in unavailable:
+                        _skip(figures, n, name, unavailable[name])
+                        continue
+                    print(f"round {round_number + 1}/{rounds}: {name}, {n} subscribers",
+                          file=sys.stderr)  # fmt: skip
+                    try:
+                        measured = await fanout_once(
+                            contender, scratch, n, RATE, seconds, processes
+                        )
+                        measured.check()
+                    except NchanUnavailable as exc:
+                        unavailable[name] = str(exc)
+                        print(f"{name} skipped: {exc}", file=sys.stderr)
+                        _skip(figures, n, name, str(exc))
+                        continue
+                    except (RuntimeError, TimeoutError, OSError) as exc:
+                        reason = f"failed: {type(exc).__name__}: {exc}"
+                        print(f"FAILED {name}, {n} subscribers: {reason}", file=sys.stderr)
+                        _skip(figures, n, name, reason[:300])
+                        continue
+                    _record(figures, n, name, measured)
+                    print(f"  {measured.summary()}", file=sys.stderr)
+        ceiling = await client_ceiling(scratch, max(sizes), RATE * 5, seconds, processes)
+    return [*figures.values(), *ceiling]
+
+
+def failed(figures: list[Figure]) -> list[str]:
+    """Contenders whose subscribers did not all get every event, once, in order."""
+    return [
+        f"{figure.key}: {name}: {reason}"
+        for figure in figures
+        for name, reason in figure.skipped.items()
+        if reason.startswith("failed:")
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="100 and 500 subscribers, 3 s")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3, quick 2)")
+    parser.add_argument("--processes", type=int, default=2, help="subscriber client processes")
+    args = parser.parse_args()
+    rounds = args.rounds or (2 if args.quick else 3)
+    figures = asyncio.run(run(args.quick, rounds, args.processes))
+    print(render(figures))
+    problems = failed(figures)
+    if problems:
+        print("FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
