@@ -6,15 +6,25 @@ tailer would move past it and never see it. On SQLite the database's single writ
 (``BEGIN IMMEDIATE``) gives this; on PostgreSQL a transaction-scoped advisory lock does, held
 from before the head is read until commit. Positions are assigned as head + 1, … under that
 lock, so they are also gapless.
+
+Each appender forms its own batches: requests handed over while a transaction is being made
+durable wait in a line, and the next transaction takes the whole line (up to the batch limit)
+the moment the previous one commits. Outcomes go back to the store in commit order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import queue
 import sqlite3
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,34 +33,78 @@ import msgspec
 from app.database import SQLITE_PRAGMAS
 from app.eventlog.envelope import Event, NewEvent, utc_now
 from app.eventlog.errors import LogUnavailable
-from app.eventlog.plan import Plan, SourceKey, plan_batch, source_keys, supplied_ids
+from app.eventlog.plan import AppendResult, Plan, SourceKey, plan_batch, source_keys, supplied_ids
 
 __all__ = [
     "APPEND_LOCK_KEY",
     "NOTIFY_CHANNEL",
+    "AppendRequest",
     "Appender",
+    "OnCommit",
     "PostgresAppender",
     "SqliteAppender",
     "postgres_dsn",
 ]
+
+logger = logging.getLogger(__name__)
 
 # pg_advisory_xact_lock key for appends ("activity" in ASCII).
 APPEND_LOCK_KEY = 0x6163746976697479
 NOTIFY_CHANNEL = "activity_events"
 
 _COLUMNS = "position, stream, source_id, version, event, event_id, timestamp, payload"
+_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+class AppendRequest:
+    """One caller's events (all or nothing) and the future its caller awaits."""
+
+    __slots__ = ("events", "future", "started")
+
+    def __init__(
+        self,
+        events: Sequence[NewEvent],
+        future: asyncio.Future[list[AppendResult]],
+        started: float,
+    ) -> None:
+        self.events = events
+        self.future = future
+        self.started = started
+
+
+#: Called on the event loop, in commit order, once per transaction: the requests it held, its
+#: plan (or the exception that rolled it back), and the seconds it took to write and sync.
+OnCommit = Callable[[list[AppendRequest], "Plan | Exception", float], None]
 
 
 class Appender(Protocol):
-    async def start(self) -> None: ...
+    async def start(self, on_commit: OnCommit) -> None:
+        """Connect; from now on, ``on_commit`` hears of every transaction of submitted requests."""
+        ...
 
-    async def write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan: ...
+    def submit(self, requests: list[AppendRequest]) -> None:
+        """Queue requests (on the event loop); each outcome reaches ``on_commit`` later."""
+        ...
 
     async def probe(self) -> str | None:
         """What stops writes now (a lock held elsewhere, a full disk), or None."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Commit every request submitted so far, then release the connection."""
+        ...
+
+
+def take_group(waiting: deque[AppendRequest], max_events: int) -> list[AppendRequest]:
+    """The next transaction's requests: the oldest, then more while under ``max_events``."""
+    first = waiting.popleft()
+    group = [first]
+    size = len(first.events)
+    while waiting and size < max_events:
+        request = waiting.popleft()
+        group.append(request)
+        size += len(request.events)
+    return group
 
 
 # Less free space than this on the SQLite file's filesystem reads as a full disk in /health.
@@ -102,39 +156,139 @@ class VersionCache:
         self._head = None
 
 
-class SqliteAppender:
-    """Runs each batch as one synchronous transaction on a dedicated thread.
+class _Call:
+    """A function to run on the appender's thread, between two transactions."""
 
-    One thread hop per batch instead of one per statement (aiosqlite's model): the whole
-    read-plan-insert-commit sequence costs a single wake-up of the event loop.
+    __slots__ = ("args", "fn", "future")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.future: Future[Any] = Future()
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.fn(*self.args)
+        except BaseException as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
+class _Stop:
+    """Commit what is waiting, close the connection, end the thread."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: Future[None] = Future()
+
+
+class SqliteAppender:
+    """Runs each batch as one synchronous transaction on the appender's own thread.
+
+    The thread forms the batches: when a transaction commits, it starts the next one at once
+    with every request handed over in the meantime, without a round trip through the event
+    loop. The loop hands requests over once per burst and hears back once per transaction, so
+    it and the thread overlap: it acknowledges one batch (and its callers append again) while
+    the thread writes and syncs the next.
     """
 
-    def __init__(self, path: Path, *, busy_timeout_seconds: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_seconds: float = 10.0,
+        max_batch_events: int = 2000,
+        cache_kib: int = 64 * 1024,
+    ) -> None:
         self._path = path
         self._busy_ms = int(busy_timeout_seconds * 1000)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-append")
+        self._max_batch = max_batch_events
+        self._cache_kib = cache_kib
+        self._inbox: queue.SimpleQueue[list[AppendRequest] | _Call | _Stop] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_commit: OnCommit | None = None
         self._connection: sqlite3.Connection | None = None
         self._cache = VersionCache()
 
-    async def start(self) -> None:
-        await self._run(self._connect)
+    async def start(self, on_commit: OnCommit) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_commit = on_commit
+        self._thread = threading.Thread(target=self._serve, name="sqlite-append", daemon=True)
+        self._thread.start()
+        try:
+            await self._run(self._connect)
+        except BaseException:
+            await self.close()
+            raise
 
     def _connect(self) -> None:
         connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         for pragma in SQLITE_PRAGMAS:
             connection.execute(pragma)
         connection.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        # Only this connection writes, so its page cache stays valid from one transaction to
+        # the next: the index pages an append touches are found in memory, not re-read.
+        connection.execute(f"PRAGMA cache_size=-{self._cache_kib}")
         self._connection = connection
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._thread is None:
+            raise LogUnavailable("the event log is closed")
+        call = _Call(fn, args)
+        self._inbox.put(call)
+        return await asyncio.wrap_future(call.future)
 
-    async def write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+    def submit(self, requests: list[AppendRequest]) -> None:
+        self._inbox.put(requests)
+
+    def _serve(self) -> None:
+        inbox = self._inbox
+        waiting: deque[AppendRequest] = deque()
+        stop: _Stop | None = None
+        while True:
+            # Everything handed over by now joins the line; wait only when there is nothing
+            # to write, so a batch never starts before the requests already here are in it.
+            block = not waiting and stop is None
+            while True:
+                try:
+                    item = inbox.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if isinstance(item, list):
+                    waiting.extend(item)
+                elif isinstance(item, _Call):
+                    item.run()
+                else:
+                    stop = item
+            if waiting:
+                self._commit(take_group(waiting, self._max_batch))
+            elif stop is not None:
+                self._close()
+                stop.future.set_result(None)
+                return
+
+    def _commit(self, group: list[AppendRequest]) -> None:
+        started = time.perf_counter()
+        outcome: Plan | Exception
         try:
-            plan: Plan = await self._run(self._write, batch)
+            outcome = self._write([request.events for request in group])
         except sqlite3.Error as exc:
-            raise LogUnavailable(self._describe(exc)) from exc
-        return plan
+            outcome = LogUnavailable(self._describe(exc))
+            outcome.__cause__ = exc
+        except Exception as exc:
+            outcome = exc
+        seconds = time.perf_counter() - started
+        assert self._loop is not None
+        assert self._on_commit is not None
+        # RuntimeError: the event loop is gone, and nobody waits for these outcomes any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._on_commit, group, outcome, seconds)
 
     def _describe(self, exc: sqlite3.Error) -> str:
         name = getattr(exc, "sqlite_errorname", "")
@@ -155,6 +309,8 @@ class SqliteAppender:
         return stat.f_bavail * stat.f_frsize
 
     async def probe(self) -> str | None:
+        if self._thread is None:
+            return "the event log is closed"
         return await self._run(self._probe)  # type: ignore[no-any-return]
 
     def _probe(self) -> str | None:
@@ -196,9 +352,7 @@ class SqliteAppender:
                 batch, head=head, versions=versions, existing=existing, timestamp=utc_now()
             )
             if plan.rows:
-                connection.executemany(
-                    f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", plan.rows
-                )
+                connection.executemany(_INSERT, plan.rows)
             connection.execute("COMMIT")
         except BaseException:
             self._cache.forget()
@@ -222,14 +376,20 @@ class SqliteAppender:
                 found[row[5]] = _event_from_row(row)
         return found
 
-    async def close(self) -> None:
-        def _close() -> None:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+    def _close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
-        await self._run(_close)
-        self._executor.shutdown(wait=True)
+    async def close(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._thread = None
+        stop = _Stop()
+        self._inbox.put(stop)
+        await asyncio.wrap_future(stop.future)
+        thread.join()  # it has nothing left to do but return
 
 
 def postgres_dsn(url: str) -> str:
@@ -240,15 +400,27 @@ def postgres_dsn(url: str) -> str:
 
 
 class PostgresAppender:
-    """One dedicated asyncpg connection; each batch is one transaction under the append lock."""
+    """One dedicated asyncpg connection; each batch is one transaction under the append lock.
 
-    def __init__(self, url: str) -> None:
+    A task on the event loop forms the batches: whatever was submitted while a transaction
+    was being committed goes into the next one.
+    """
+
+    def __init__(self, url: str, *, max_batch_events: int = 2000) -> None:
         self._dsn = postgres_dsn(url)
+        self._max_batch = max_batch_events
         self._connection: Any = None
         self._cache = VersionCache()
+        self._waiting: deque[AppendRequest] = deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._on_commit: OnCommit | None = None
+        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, on_commit: OnCommit) -> None:
         await self._connect()
+        self._on_commit = on_commit
+        self._task = asyncio.create_task(self._serve(), name="event-log-writer")
 
     async def _connect(self) -> Any:
         import asyncpg
@@ -257,7 +429,32 @@ class PostgresAppender:
             self._connection = await asyncpg.connect(self._dsn)
         return self._connection
 
-    async def write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+    def submit(self, requests: list[AppendRequest]) -> None:
+        self._waiting.extend(requests)
+        self._wake.set()
+
+    async def _serve(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                group = take_group(self._waiting, self._max_batch)
+                started = time.perf_counter()
+                outcome: Plan | Exception
+                try:
+                    outcome = await self._transaction([request.events for request in group])
+                except Exception as exc:
+                    outcome = exc
+                assert self._on_commit is not None
+                try:
+                    self._on_commit(group, outcome, time.perf_counter() - started)
+                except Exception:
+                    # The outcome is the store's to deliver; the next batch must still go.
+                    logger.exception("delivering the outcome of an append failed")
+            if self._stopping:
+                return
+
+    async def _transaction(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
         import asyncpg
 
         try:
@@ -321,6 +518,11 @@ class PostgresAppender:
         return plan, head
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._stopping = True
+            self._wake.set()
+            await self._task
+            self._task = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 
 from app.observability import Histogram
 
@@ -12,6 +13,19 @@ __all__ = ["AppendFailure", "AppendMetrics"]
 _LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # Events per group-committed transaction.
 _BATCH_BOUNDS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class _Buckets(Histogram):
+    """The same buckets, found by bisection: this one is observed once per append request."""
+
+    __slots__ = ()
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        index = bisect_left(self.bounds, value)
+        if index < len(self.counts):
+            self.counts[index] += 1
 
 
 class AppendFailure:
@@ -32,7 +46,7 @@ class AppendMetrics:
         self.events = 0
         self.transactions = 0
         self.failed_transactions = 0
-        self.latency = Histogram(_LATENCY_BOUNDS)
-        self.batch_events = Histogram(_BATCH_BOUNDS)
-        self.commit_seconds = Histogram(_LATENCY_BOUNDS)
+        self.latency: Histogram = _Buckets(_LATENCY_BOUNDS)
+        self.batch_events: Histogram = _Buckets(_BATCH_BOUNDS)
+        self.commit_seconds: Histogram = _Buckets(_LATENCY_BOUNDS)
         self.last_failure: AppendFailure | None = None

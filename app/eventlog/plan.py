@@ -7,7 +7,7 @@ that same transaction, so what they decide is what commits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -43,14 +43,7 @@ class Row(NamedTuple):
 
     def to_event(self) -> Event:
         return Event(
-            position=self.position,
-            stream=self.stream,
-            source_id=self.source_id,
-            version=self.version,
-            event=self.event,
-            event_id=self.event_id,
-            timestamp=self.timestamp,
-            payload=msgspec.Raw(self.payload),
+            self[0], self[1], self[2], self[3], self[4], self[5], self[6], msgspec.Raw(self[7])
         )
 
 
@@ -83,15 +76,17 @@ def plan_batch(
     outcomes: list[list[AppendResult] | AppendError] = []
     current = dict(versions)
     written: dict[str, Row] = {}
+    # One draw of ids for the whole batch, ascending in position order (see new_event_ids).
+    ids = iter(new_event_ids(sum(len(request) for request in batch)))
     for request in batch:
         if all(new.event_id is None and new.expected_version is None for new in request):
             # Nothing in it can be refused: no trial copy of the versions is needed.
-            outcomes.append(_assign(request, head, rows, current, timestamp))
+            outcomes.append(_assign(request, head, rows, current, ids, timestamp))
             continue
         trial = _Trial(current)
         first = len(rows)
         try:
-            results = _plan_checked(request, head, rows, trial, existing, written, timestamp)
+            results = _plan_checked(request, head, rows, trial, existing, written, ids, timestamp)
         except AppendError as exc:
             del rows[first:]
             outcomes.append(exc)
@@ -116,31 +111,43 @@ class _Trial:
         return found if found is not None else self.base.get(key, 0)
 
 
+# tuple.__new__ builds a NamedTuple without its generated Python-level __new__: less than half
+# the cost, paid for every row and every result of every append.
+_make = tuple.__new__
+
+
 def _assign(
     request: Sequence[NewEvent],
     head: int,
     rows: list[Row],
     current: dict[SourceKey, int],
+    ids: Iterator[str],
     timestamp: str,
 ) -> list[AppendResult]:
     results: list[AppendResult] = []
-    ids = new_event_ids(len(request))
-    for new, event_id in zip(request, ids, strict=True):
+    position = head + len(rows)
+    for new in request:
         key = (new.stream, new.source_id)
         version = current.get(key, 0) + 1
         current[key] = version
-        row = Row(
-            head + len(rows) + 1,
-            new.stream,
-            new.source_id,
-            version,
-            new.event,
-            event_id,
-            timestamp,
-            bytes(new.payload).decode(),
+        position += 1
+        event_id = next(ids)
+        rows.append(
+            _make(
+                Row,
+                (
+                    position,
+                    new.stream,
+                    new.source_id,
+                    version,
+                    new.event,
+                    event_id,
+                    timestamp,
+                    str(new.payload, "utf-8"),
+                ),
+            )
         )
-        rows.append(row)
-        results.append(AppendResult(row.position, version, event_id, timestamp))
+        results.append(_make(AppendResult, (position, version, event_id, timestamp, False)))
     return results
 
 
@@ -151,6 +158,7 @@ def _plan_checked(
     trial: _Trial,
     existing: Mapping[str, Event],
     written: Mapping[str, Row],
+    ids: Iterator[str],
     timestamp: str,
 ) -> list[AppendResult]:
     results: list[AppendResult] = []
@@ -172,9 +180,9 @@ def _plan_checked(
             new.source_id,
             version,
             new.event,
-            new.event_id or new_event_ids(1)[0],
+            new.event_id or next(ids),
             timestamp,
-            bytes(new.payload).decode(),
+            str(new.payload, "utf-8"),
         )
         rows.append(row)
         results.append(AppendResult(row.position, version, row.event_id, timestamp))

@@ -62,6 +62,9 @@ async def test_metrics_follow_appends_subscribers_and_projections(
     assert (await client.post("/agents/events", json=batch)).status_code == 201
     conflict = await client.post("/agents/b/events", json={**agent_event(), "expected_version": 1})
     assert conflict.status_code == 409
+    # /metrics shows the projections as they are (lag included); a read of /agents waits for
+    # them to reach the head, so the gauges below are settled.
+    assert (await client.get("/agents")).status_code == 200
 
     response = await client.get("/metrics")
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"

@@ -112,6 +112,15 @@ def test_rows_carry_the_request_content_and_fresh_unique_event_ids() -> None:
     assert [r.event_id for r in results(found.outcomes[0])] == ids
 
 
+def test_event_ids_ascend_with_positions_across_the_requests_of_a_batch() -> None:
+    # Time-ordered ids keep each commit's inserts at the end of the event_id index.
+    found = plan([[new("a1"), new("a2")], [new("a1", expected_version=1)], [new("a3")]])
+
+    ids = [row.event_id for row in found.rows]
+    assert ids == sorted(ids)
+    assert {uuid.UUID(event_id).version for event_id in ids} == {7}
+
+
 def test_expected_version_mismatch_refuses_only_that_request() -> None:
     found = plan(
         [

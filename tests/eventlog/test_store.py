@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import re
 import sqlite3
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from app.eventlog import (
     VersionConflict,
     canonical_payload,
 )
-from app.eventlog.plan import Plan
 from app.services import Services
 from app.settings import Settings
 
@@ -390,24 +390,15 @@ async def test_read_source_is_in_version_order_and_stops_at_until_position(
 
 
 async def test_concurrent_appends_share_transactions_and_are_all_durable(
-    store: EventStore, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    store: EventStore, settings: Settings
 ) -> None:
-    appender: Any = store._appender
-    write = appender.write
-    transactions: list[int] = []
-
-    async def counting_write(batch: Sequence[Sequence[NewEvent]]) -> Plan:
-        transactions.append(len(batch))
-        plan: Plan = await write(batch)
-        return plan
-
-    monkeypatch.setattr(appender, "write", counting_write)
+    before = store.metrics.transactions
 
     found = await asyncio.gather(*(store.append_one(new(f"s{n % 7}", n=n)) for n in range(200)))
 
     assert sorted(r.position for r in found) == list(range(1, 201))
-    assert sum(transactions) == 200
-    assert len(transactions) <= 20, f"200 appends took {len(transactions)} transactions"
+    transactions = store.metrics.transactions - before
+    assert transactions <= 20, f"200 appends took {transactions} transactions"
     rows = await table_contents(settings.database.url)
     assert [(row[0], row[5]) for row in rows] == sorted((r.position, r.event_id) for r in found)
 
@@ -436,6 +427,77 @@ async def test_sqlite_appender_commits_durably(tmp_path: Path) -> None:
     finally:
         await store.close()
         await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[EventStore]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    await upgrade_database(url)
+    engine = create_engine(url)
+    store = await EventStore.open(engine)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+async def test_appends_arriving_during_a_commit_all_go_into_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with sqlite_store(tmp_path) as store:
+        appender: Any = store._appender
+        write = appender._write
+        entered, held = threading.Event(), threading.Event()
+        sizes: list[int] = []
+
+        def held_write(batch: Sequence[Sequence[NewEvent]]) -> Any:
+            sizes.append(sum(len(request) for request in batch))
+            if len(sizes) == 1:
+                entered.set()
+                held.wait(10)  # the first transaction is still being made durable
+            return write(batch)
+
+        monkeypatch.setattr(appender, "_write", held_write)
+        first = asyncio.create_task(store.append_one(new("first")))
+        assert await asyncio.to_thread(entered.wait, 10)
+        rest = [asyncio.create_task(store.append_one(new(f"s{n}"))) for n in range(30)]
+        await asyncio.sleep(0.05)  # handed over to the appender, which is still busy
+        held.set()
+
+        found = await asyncio.gather(first, *rest)
+
+        assert sizes == [1, 30]
+        assert [r.position for r in found] == list(range(1, 32))
+        assert store.metrics.transactions == 2
+
+
+async def test_a_failed_transaction_fails_only_its_own_appends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with sqlite_store(tmp_path) as store:
+        appender: Any = store._appender
+        write = appender._write
+        failures = [sqlite3.OperationalError("disk I/O error")]
+
+        def failing_write(batch: Sequence[Sequence[NewEvent]]) -> Any:
+            if failures:
+                raise failures.pop()
+            return write(batch)
+
+        monkeypatch.setattr(appender, "_write", failing_write)
+
+        with pytest.raises(LogUnavailable, match="disk I/O error"):
+            await store.append_one(new())
+        failure = store.metrics.last_failure
+        assert failure is not None
+        assert "disk I/O error" in failure.detail
+
+        assert (await store.append_one(new())).position == 1
+        assert store.metrics.failed_transactions == 1
+        assert store.metrics.last_failure is None
+        assert await store.probe() is None
+    assert await store._appender.probe() == "the event log is closed"
 
 
 async def test_postgres_appender_commits_durably(postgres_url: str) -> None:
