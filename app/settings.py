@@ -59,6 +59,8 @@ class ServerSettings(msgspec.Struct, frozen=True):
     poll_seconds: float = 1.0
     # "text": readable lines; "json": one JSON object per line (for log collectors).
     log_format: Literal["text", "json"] = "text"
+    # The HTTP server ``serve`` runs the application under (``serve --server`` overrides it).
+    http_server: Literal["uvicorn", "granian"] = "uvicorn"
 
 
 class SecuritySettings(msgspec.Struct, frozen=True):
@@ -141,6 +143,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "SSE_WRITE_TIMEOUT_SECONDS": ("server", "write_timeout_seconds"),
     "TAIL_POLL_SECONDS": ("server", "poll_seconds"),
     "LOG_FORMAT": ("server", "log_format"),
+    "HTTP_SERVER": ("server", "http_server"),
     "INGEST_CONCURRENCY": ("ingest", "concurrency"),
     "INGEST_ALLOW_PRIVATE_URLS": ("ingest", "allow_private_urls"),
     "YOUTUBE_PROXY_URL": ("ingest", "youtube_proxy_url"),

@@ -81,7 +81,7 @@ async def test_help_works_for_every_command(tmp_path: Path) -> None:
     top, serve, db, _, projections, rebuild = (result.stdout for result in results)
     for name in ("serve", "db", "projections"):
         assert name in top
-    for option in ("--host", "--port", "--workers", "--log-level"):
+    for option in ("--host", "--port", "--workers", "--log-level", "--http-server"):
         assert option in serve
     assert "upgrade" in db
     assert "rebuild" in projections

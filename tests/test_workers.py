@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.support import ROOT, agent_event, free_port, read_frames
 
@@ -22,9 +23,12 @@ def _children(pid: int) -> list[int]:
     return [int(line) for line in found.stdout.split()]
 
 
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
 async def test_workers_share_the_log_and_every_stream_sees_every_event(
-    postgres_url: str, tmp_path: Path
+    postgres_url: str, tmp_path: Path, server: str
 ) -> None:
+    if server == "granian":
+        pytest.importorskip("granian")
     port = free_port()
     env = {
         **os.environ,
@@ -35,7 +39,18 @@ async def test_workers_share_the_log_and_every_stream_sees_every_event(
     }
     process = await asyncio.to_thread(
         subprocess.Popen,
-        [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", "2"],
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--http-server",
+            server,
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -92,14 +107,26 @@ async def test_workers_share_the_log_and_every_stream_sees_every_event(
         process.wait(30)
 
 
-def test_workers_refuse_an_embedded_content_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+def test_workers_refuse_an_embedded_content_path(tmp_path: Path, server: str) -> None:
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'events.db'}",
         "SURREALDB_URL": f"surrealkv://{tmp_path / 'content'}",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "app", "serve", "--port", str(free_port()), "--workers", "2"],
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--workers",
+            "2",
+            "--http-server",
+            server,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import functools
+import logging
+import math
+import os
+import signal
+import sys
+from typing import Any
 
 from app.cli.common import CliError, redacted
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
-__all__ = ["register"]
+__all__ = ["load_granian_app", "register"]
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     settings = get_settings()  # fail here, with a clear message, not inside a worker
     if args.workers < 1:
         raise CliError("--workers must be at least 1", code=2)
@@ -26,6 +34,17 @@ def _serve(args: argparse.Namespace) -> int:
             "cross-worker streams (see docs/scaling.md)",
             code=2,
         )
+    server = args.http_server or settings.server.http_server
+    if server == "granian":
+        _serve_granian(args, settings)
+    else:
+        _serve_uvicorn(args)
+    return 0
+
+
+def _serve_uvicorn(args: argparse.Namespace) -> None:
+    import uvicorn
+
     uvicorn.run(
         "app.asgi:create_app",
         factory=True,
@@ -35,10 +54,88 @@ def _serve(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         log_level=args.log_level,
+        # Request lines come from app.access (app.observability), at this level.
+        access_log=False,
         timeout_graceful_shutdown=args.graceful_timeout,
         proxy_headers=False,
     )
-    return 0
+
+
+def _serve_granian(args: argparse.Namespace, settings: Settings) -> None:
+    try:
+        from granian.constants import HTTPModes, Interfaces, Loops
+        from granian.log import LogLevels
+        from granian.server import Server
+    except ImportError:
+        raise CliError("--http-server granian needs granian: pip install granian", code=2) from None
+
+    level = args.log_level.upper()
+    server = Server(
+        "app.asgi:create_app",
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,
+        workers=args.workers,
+        loop=Loops.uvloop,
+        # HTTP/1.1 only, as under uvicorn: SSE needs nothing more, and a plain-text HTTP/2
+        # connection would multiplex streams the per-connection limits do not see.
+        http=HTTPModes.http1,
+        websockets=False,
+        backlog=2048,
+        # Granian holds further requests once this many are in flight in a worker (default:
+        # 1024): every SSE subscriber is one, so the cap must sit above the SSE limit, which
+        # answers 503 itself.
+        backpressure=settings.limits.sse_max_connections + 1024,
+        log_level=LogLevels(args.log_level),
+        # Granian's lines go through the root logger, in the service's format; no access log
+        # (app.access writes the request lines).
+        log_dictconfig={
+            "loggers": {
+                "_granian": {"handlers": [], "propagate": True},
+                "granian.access": {"handlers": [], "propagate": True, "level": "WARNING"},
+            }
+        },
+        log_access=False,
+        # Streams end at once on SIGTERM (app.api.shutdown); a worker still busy after the
+        # graceful timeout and a second more is killed.
+        workers_kill_timeout=math.ceil(args.graceful_timeout) + 1,
+    )
+    loader = functools.partial(load_granian_app, level, os.getpid())
+    server.serve(target_loader=loader, wrap_loader=False)
+
+
+def load_granian_app(access_level: str, supervisor: int) -> Any:
+    """The application, built in a granian worker process (``supervisor``: its parent)."""
+    _die_with_parent(supervisor)
+    # A spawned (not forked) worker starts with logging unconfigured.
+    logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # configure_logging() gives app.access the level of uvicorn's access logger, which is
+    # what `serve --log-level` sets under uvicorn.
+    logging.getLogger("uvicorn.access").setLevel(access_level)
+    from app.asgi import create_app
+
+    return create_app()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when ``parent`` exits.
+
+    Granian's workers are child processes that outlive a supervisor killed with SIGKILL: the
+    orphan would go on serving (and appending) with no one to stop it. Under uvicorn a single
+    worker is the server process itself, so ``kill -9`` stops everything; this keeps that true.
+    (SIGTERM to the supervisor is unaffected: it stops its workers and waits for them.)
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        logging.getLogger(__name__).warning(
+            "cannot tie the worker to its supervisor: %s", os.strerror(ctypes.get_errno())
+        )
+    elif os.getppid() != parent:  # it exited before the call above
+        os._exit(1)
 
 
 def _db_upgrade(_: argparse.Namespace) -> int:
@@ -84,6 +181,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--http-server",
+        choices=["uvicorn", "granian"],
+        default=None,
+        help="HTTP server to run the service under (default: HTTP_SERVER, else uvicorn)",
+    )
     serve.add_argument(
         "--log-level",
         default="info",
