@@ -26,14 +26,27 @@ class EventFilter(msgspec.Struct, frozen=True):
     def is_empty(self) -> bool:
         return not (self.streams or self.source_ids or self.events or self.agent_names)
 
+    @property
+    def rechecked(self) -> bool:
+        """Whether rows read with :meth:`clauses` must still go through :meth:`matches`."""
+        return bool(self.agent_names or (self.source_ids and (self.streams or self.events)))
+
     def clauses(self) -> list[ColumnElement[bool]]:
-        """SQL conditions for the criteria the table has columns (and indexes) for."""
+        """SQL conditions for the criteria the table has columns (and indexes) for.
+
+        Given sources, only they are asked for: a source's events are few, and found through
+        the (source_id, position) index. Combined with a stream condition, the planner
+        (SQLite's has no statistics) may walk the stream's index instead, reading every
+        event of the stream; the other criteria are then checked on the rows read
+        (:attr:`rechecked`).
+        """
         found: list[ColumnElement[bool]] = []
-        for column, values in (
-            (events.c.stream, self.streams),
-            (events.c.source_id, self.source_ids),
-            (events.c.event, self.events),
-        ):
+        criteria = (
+            [(events.c.source_id, self.source_ids)]
+            if self.source_ids
+            else [(events.c.stream, self.streams), (events.c.event, self.events)]
+        )
+        for column, values in criteria:
             if len(values) == 1:
                 found.append(column == values[0])
             elif values:

@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.database import is_sqlite, sqlite_path
@@ -111,6 +111,18 @@ def _to_event(row: Sequence[Any]) -> Event:
     )
 
 
+def page_query(after: int, head: int, event_filter: EventFilter, limit: int) -> Select[Any]:
+    """The table read behind every page, replay and catch-up: matching rows in
+    ``(after, head]``, in position order."""
+    return (
+        select(*_COLUMNS)
+        .where(events.c.position > after, events.c.position <= head)
+        .where(*event_filter.clauses())
+        .order_by(events.c.position)
+        .limit(limit)
+    )
+
+
 async def read_page(
     connection: AsyncConnection,
     after: int,
@@ -124,16 +136,10 @@ async def read_page(
     head = await _head(connection)
     if after >= head:
         return Page([], after, head)
-    query = (
-        select(*_COLUMNS)
-        .where(events.c.position > after, events.c.position <= head)
-        .where(*event_filter.clauses())
-        .order_by(events.c.position)
-        .limit(limit)
-    )
+    query = page_query(after, head, event_filter, limit)
     found = [_to_event(row) for row in (await connection.execute(query)).all()]
     scanned_to = found[-1].position if len(found) == limit else head
-    if event_filter.agent_names:
+    if event_filter.rechecked:
         found = [event for event in found if event_filter.matches(event)]
     return Page(found, scanned_to, head)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.dialects import sqlite
 
 from app.database import create_engine, sqlite_path, upgrade_database
 from app.eventlog import (
@@ -26,6 +27,7 @@ from app.eventlog import (
     VersionConflict,
     canonical_payload,
 )
+from app.eventlog.store import page_query
 from app.services import Services
 from app.settings import Settings
 
@@ -311,8 +313,36 @@ FILTERS = [
     EventFilter(agent_names=("writer",)),
     EventFilter(agent_names=("writer", "scout"), events=("progress",)),
     EventFilter(streams=("agents",), source_ids=("a1", "a3"), agent_names=("tagger",)),
+    EventFilter(streams=("agents",), source_ids=("a1", "j1")),
+    EventFilter(streams=("jobs",), source_ids=("a1",), events=("finished",)),
+    EventFilter(source_ids=("a2",), events=("finished",)),
     EventFilter(source_ids=("nobody",)),
 ]
+
+
+@pytest.mark.parametrize(
+    "event_filter",
+    [
+        EventFilter(source_ids=("a1",)),
+        EventFilter(streams=("agents",), source_ids=("a1",)),
+        EventFilter(streams=("agents",), source_ids=("a1", "a2"), events=("finished",)),
+    ],
+)
+async def test_a_read_by_source_walks_the_source_index(
+    tmp_path: Path, event_filter: EventFilter
+) -> None:
+    # Without statistics SQLite would otherwise walk the stream's index and test every
+    # event of the stream: a page of one source's events would cost the whole stream.
+    path = tmp_path / "plan.db"
+    await upgrade_database(f"sqlite+aiosqlite:///{path}")
+    sql = str(
+        page_query(0, 10, event_filter, 100).compile(
+            dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}
+        )
+    )
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        plan = " ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}"))
+    assert "ix_events_source_id_position" in plan, plan
 
 
 async def test_read_after_returns_exactly_the_matching_events(
