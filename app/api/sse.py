@@ -2,32 +2,45 @@
 subscribers which vanish.
 
 Frames are built once per event and shared by every subscriber of the same kind
-(:meth:`LogEntry.frame`), and a subscriber that is behind gets its backlog as one write.
+(:meth:`LogEntry.frame`), and a subscriber that is behind gets its backlog as one write. An
+idle subscriber is its request's suspended task and two pending futures (the feed's wake-up
+and the receive channel's disconnect), with no helper task, timer or buffer of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any
+import weakref
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+)
+from datetime import UTC, datetime
+from types import CoroutineType
+from typing import Any, TypeVar
 
-import anyio
 import msgspec
 from litestar import Request
 from litestar.background_tasks import BackgroundTask, BackgroundTasks
-from litestar.datastructures import Cookie
+from litestar.datastructures import Cookie, MutableScopeHeaders
 from litestar.enums import MediaType
 from litestar.exceptions import ClientException
 from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
-from litestar.types import Receive, Send
+from litestar.types import HTTPResponseBodyEvent, Receive, ReceiveMessage, Send
 
 from app.eventlog import EventFilter, EventStore, LogEntry, replay_then_tail
-from app.eventlog.envelope import utc_now
+from app.eventlog.envelope import format_timestamp
 
 __all__ = [
     "SSE_HEADERS",
@@ -48,6 +61,7 @@ _MAX_ID_DIGITS = 19  # a position is a signed 64-bit integer
 MAX_WRITE_BYTES = 256 * 1024
 
 FrameBuilder = Callable[[LogEntry], bytes]
+_T = TypeVar("_T")
 
 
 def parse_last_event_id(header: str | None, query: str | None) -> int | None:
@@ -114,7 +128,9 @@ async def event_stream(
     with heartbeats. Ends after an entry for which ``stop`` is true."""
     yield b"retry: %d\n\n" % retry_ms
     start = 0 if after is None else after
-    if after is not None:
+    # The feed's head is a committed position, so at or below the table's: a client resuming
+    # at or below it (nearly all) needs no query to rule out a reset.
+    if after is not None and after > store.feed.head:
         head = await store.head()
         if after > head:
             yield control_frame("reset", {"head": head})
@@ -123,19 +139,54 @@ async def event_stream(
         store, start, event_filter, idle_timeout=heartbeat_seconds
     ):
         if not entries:
-            yield control_frame("heartbeat", {"timestamp": utc_now(), "head": store.feed.head})
+            yield _heartbeats.frame(store.feed.head)
             continue
-        if stop is not None:
-            for index, entry in enumerate(entries):
-                if stop(entry):
-                    for piece in _pieces(entries[: index + 1], build):
-                        yield piece
-                    return
-        if len(entries) == 1:
-            yield build(entries[0])
-            continue
-        for piece in _pieces(entries, build):
-            yield piece
+        batch = entries if stop is None else _through_stop(entries, stop)
+        # What was written is not held while the stream waits for more (for hours, maybe).
+        del entries
+        if len(batch) == 1:
+            yield build(batch[0])
+        else:
+            for piece in _pieces(batch, build):
+                yield piece
+            piece = b""
+        if stop is not None and stop(batch[-1]):
+            return
+        del batch
+
+
+def _through_stop(entries: list[LogEntry], stop: Callable[[LogEntry], bool]) -> list[LogEntry]:
+    """The entries up to the first one ``stop`` is true for (included), or all of them."""
+    for index, entry in enumerate(entries):
+        if stop(entry):
+            return entries[: index + 1]
+    return entries
+
+
+class _Heartbeats:
+    """The heartbeat frame, built once per millisecond and head: heartbeats fall due in groups
+    (the feed's idle timers fire by ticks), and those of one group share it."""
+
+    __slots__ = ("_frame", "_key")
+
+    def __init__(self) -> None:
+        self._key = (-1, -1)
+        self._frame = b""
+
+    def frame(self, head: int) -> bytes:
+        millisecond = time.time_ns() // 1_000_000
+        key = (millisecond, head)
+        if key != self._key:
+            seconds, rest = divmod(millisecond, 1000)
+            moment = datetime.fromtimestamp(seconds, UTC).replace(microsecond=rest * 1000)
+            self._frame = control_frame(
+                "heartbeat", {"timestamp": format_timestamp(moment), "head": head}
+            )
+            self._key = key
+        return self._frame
+
+
+_heartbeats = _Heartbeats()
 
 
 def _pieces(entries: list[LogEntry], build: FrameBuilder) -> Iterator[bytes]:
@@ -161,9 +212,203 @@ def shutdown_frame(retry_ms: int) -> bytes:
     return b'retry: %d\nevent: shutdown\ndata: {"retry_ms":%d}\n\n' % (hint, hint)
 
 
+class _StreamEnd:
+    """How a stream is ended from outside its task: the peer disconnects, or the process
+    starts draining. Either cancels the stream's task; the stream tells that cancellation from
+    any other by :meth:`taken`.
+
+    The disconnect is watched on the receive channel without a task of its own: the pending
+    ``receive()`` is resumed from its future's done callback, as a task would resume it, so an
+    idle stream costs its own task's suspended stack and that one pending call.
+    """
+
+    __slots__ = ("_receive", "_receiving", "pending", "reason", "task")
+
+    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
+        self.task = task
+        self.reason: str | None = None
+        #: Cancelled for this end, and the cancellation not yet taken.
+        self.pending = False
+        self._receive = receive
+        self._receiving: Coroutine[Any, Any, ReceiveMessage] | None = None
+        self._call()
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.pending = True
+            self.task.cancel()
+
+    def taken(self) -> bool:
+        """Whether the cancellation being handled is this end's alone (it is consumed)."""
+        if not self.pending:
+            return False
+        self.pending = False
+        return self.task.uncancel() == 0
+
+    async def close(self) -> str | None:
+        """No end from outside from now on; returns what ended the stream (None: nothing).
+        A cancellation asked for but not delivered yet is taken here, not at the caller's
+        next await."""
+        receiving, self._receiving = self._receiving, None
+        if receiving is not None:
+            receiving.close()
+        if self.reason is None:
+            self.reason = _ENDED
+            return None
+        if self.pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)
+            if not self.taken():
+                raise asyncio.CancelledError
+        return None if self.reason == _ENDED else self.reason
+
+    def _call(self) -> None:
+        while self._receiving is None and self.reason is None:
+            self._receiving = _as_coroutine(self._receive())
+            if self._advance():
+                return
+
+    def _advance(self) -> bool:
+        """Run the pending receive to its next suspension; False when it has returned."""
+        receiving = self._receiving
+        assert receiving is not None
+        try:
+            awaited = receiving.send(None)
+        except StopIteration as returned:
+            self._receiving = None
+            if returned.value["type"] == "http.disconnect":
+                self.stop("disconnect")
+                return True
+            return False  # request body: receive again
+        except (Exception, asyncio.CancelledError):
+            # A receive channel that fails has no peer left to stream to either.
+            self._receiving = None
+            logger.debug("SSE receive failed; ending the stream", exc_info=True)
+            self.stop("disconnect")
+            return True
+        if asyncio.isfuture(awaited):
+            awaited._asyncio_future_blocking = False
+            awaited.add_done_callback(self._resume)
+        else:  # a bare yield: asks to be resumed on the next loop iteration
+            asyncio.get_running_loop().call_soon(self._resume, None)
+        return True
+
+    def _resume(self, _awaited: object) -> None:
+        if self._receiving is not None and not self._advance():
+            self._call()
+
+
+_ENDED = "ended"
+
+
+def _as_coroutine(awaitable: Awaitable[_T]) -> Coroutine[Any, Any, _T]:
+    """The awaitable as a coroutine, to be stepped by hand."""
+    if isinstance(awaitable, CoroutineType | Coroutine):
+        return awaitable
+    return _awaiting(awaitable)
+
+
+async def _awaiting(awaitable: Awaitable[_T]) -> _T:
+    return await awaitable
+
+
+async def _send_within(send: Send, message: HTTPResponseBodyEvent, seconds: float) -> None:
+    """``await send(message)``, raising TimeoutError if it takes longer than ``seconds``.
+
+    A send to a peer that keeps reading completes without waiting (the transport takes the
+    bytes): the send is started by hand, and a timer is armed only if it has to wait. That
+    spares a timer per frame, a tenth of a heartbeat's cost.
+    """
+    sending = _as_coroutine(send(message))
+    try:
+        awaited = sending.send(None)
+    except StopIteration:
+        return
+    async with asyncio.timeout(seconds):
+        await _Resumed(sending, awaited)
+
+
+class _Resumed:
+    """Awaits the rest of a coroutine that was started by hand and is suspended on
+    ``awaited``: the task waits on what the coroutine waits on, and what the task is thrown
+    (a cancellation) is thrown into the coroutine, as ``await`` would do."""
+
+    __slots__ = ("_awaited", "_coroutine")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None], awaited: Any) -> None:
+        self._coroutine = coroutine
+        self._awaited = awaited
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coroutine, awaited = self._coroutine, self._awaited
+        while True:
+            try:
+                yield awaited
+            except GeneratorExit:
+                coroutine.close()
+                raise
+            except BaseException as error:
+                try:
+                    awaited = coroutine.throw(error)
+                except StopIteration:
+                    return
+                continue
+            try:
+                awaited = coroutine.send(None)
+            except StopIteration:
+                return
+
+
+class _Drain:
+    """The open streams of one application, all ended when its ``draining`` event is set: one
+    task waits for the event while any stream is open, rather than one per stream."""
+
+    __slots__ = ("_ends", "_waiting")
+
+    def __init__(self) -> None:
+        self._ends: set[_StreamEnd] = set()
+        self._waiting: asyncio.Task[None] | None = None
+
+    def add(self, end: _StreamEnd, draining: asyncio.Event) -> None:
+        if draining.is_set():
+            end.stop("drain")
+            return
+        self._ends.add(end)
+        if self._waiting is None:
+            self._waiting = asyncio.get_running_loop().create_task(
+                self._wait(draining), name="sse-drain"
+            )
+
+    def discard(self, end: _StreamEnd) -> None:
+        self._ends.discard(end)
+        if not self._ends and self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+
+    async def _wait(self, draining: asyncio.Event) -> None:
+        await draining.wait()
+        self._waiting = None
+        ends, self._ends = self._ends, set()
+        for end in ends:
+            end.stop("drain")
+
+
+#: Keyed by the application's ``draining`` event (one per application, and per event loop).
+_drains: weakref.WeakKeyDictionary[asyncio.Event, _Drain] = weakref.WeakKeyDictionary()
+
+
+#: The headers of a response whose headers were sent (none; never added to).
+_SENT = MutableScopeHeaders()
+
+
 class _SubscriberResponse(ASGIStreamingResponse):
     """Streams the iterator; a send that does not complete in time (a vanished or stalled
-    peer) ends the response, and a disconnect cancels the iterator at once."""
+    peer) ends the response, and a disconnect cancels the iterator at once.
+
+    An idle stream is its task's suspended stack, the iterator's wait and a pending receive
+    (see :class:`_StreamEnd`); the shutdown signal is watched by one task per application.
+    """
 
     __slots__ = ("draining", "retry_ms", "write_timeout")
 
@@ -172,41 +417,64 @@ class _SubscriberResponse(ASGIStreamingResponse):
     draining: asyncio.Event | None
     retry_ms: int
 
+    async def start_response(self, send: Send) -> None:
+        await super().start_response(send)
+        # Sent: the headers need not be held for the hours the stream may last.
+        self.headers = _SENT
+
     async def send_body(self, send: Send, receive: Receive) -> None:
         iterator = self.iterator
+        task = asyncio.current_task()
+        assert task is not None
+        end = _StreamEnd(task, receive)
+        drain = None
+        if self.draining is not None:
+            drain = _drains.get(self.draining)
+            if drain is None:
+                drain = _drains[self.draining] = _Drain()
+            drain.add(end, self.draining)
+        started = time.monotonic()
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._listen_for_disconnect, group.cancel_scope, receive)
-                started = time.monotonic()
-                try:
-                    with anyio.CancelScope() as streaming:
-                        if self.draining is not None:
-                            group.start_soon(_cancel_when_set, self.draining, streaming)
-                        async for chunk in iterator:
-                            body = chunk if isinstance(chunk, bytes) else chunk.encode()
-                            with anyio.fail_after(self.write_timeout):
-                                await send(
-                                    {"type": "http.response.body", "body": body, "more_body": True}
-                                )
-                    if streaming.cancelled_caught:
-                        # Shutting down: a peer that cannot take one more frame now is not
-                        # waited for (it resumes from its Last-Event-ID all the same).
-                        with anyio.fail_after(min(self.write_timeout, 1.0)):
-                            await send(
-                                {
-                                    "type": "http.response.body",
-                                    "body": shutdown_frame(self.retry_ms),
-                                    "more_body": True,
-                                }
-                            )
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                except TimeoutError:
-                    logger.info(
-                        "closing an SSE stream after %.0fs: the subscriber stopped reading",
-                        time.monotonic() - started,
+            try:
+                async for chunk in iterator:
+                    body = chunk if isinstance(chunk, bytes) else chunk.encode()
+                    await _send_within(
+                        send,
+                        {"type": "http.response.body", "body": body, "more_body": True},
+                        self.write_timeout,
                     )
-                group.cancel_scope.cancel()
+                    # Not held while the stream waits for its next frame.
+                    chunk = body = b""
+                    if end.reason is not None:
+                        break  # its cancellation was swallowed on the way
+            except asyncio.CancelledError:
+                if not end.taken():
+                    raise
+            reason = await end.close()
+            if reason == "disconnect":
+                return
+            if reason == "drain":
+                # Shutting down: a peer that cannot take one more frame now is not waited for
+                # (it resumes from its Last-Event-ID all the same).
+                await _send_within(
+                    send,
+                    {
+                        "type": "http.response.body",
+                        "body": shutdown_frame(self.retry_ms),
+                        "more_body": True,
+                    },
+                    min(self.write_timeout, 1.0),
+                )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            logger.info(
+                "closing an SSE stream after %.0fs: the subscriber stopped reading",
+                time.monotonic() - started,
+            )
         finally:
+            if drain is not None:
+                drain.discard(end)
+            await end.close()
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -264,8 +532,3 @@ class EventStreamResponse(Stream):
         services = state.get("services")
         response.retry_ms = services.settings.server.retry_ms if services is not None else 3000
         return response
-
-
-async def _cancel_when_set(event: asyncio.Event, scope: anyio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -72,12 +74,82 @@ def _cost(event: Event) -> int:
 
 
 class Subscription:
-    """One tail's place in the log: every position up to ``delivered`` was handed over."""
+    """One tail's place in the log: every position up to ``delivered`` was handed over.
 
-    __slots__ = ("delivered",)
+    While its tail is idle, ``waiter`` is the future it sleeps on (see :meth:`LogFeed.wait`)
+    and ``expiry`` the tick of its idle timeout.
+    """
+
+    __slots__ = ("delivered", "expiry", "waiter")
 
     def __init__(self, delivered: int) -> None:
         self.delivered = delivered
+        self.waiter: asyncio.Future[bool] | None = None
+        self.expiry: int | None = None
+
+
+#: The idle timeouts' granularity, in seconds: a timeout ends up to this much late, and every
+#: timeout due in the same tick is handled by one timer callback.
+TICK_SECONDS = 0.02
+
+
+class _IdleTimers:
+    """The idle timeouts of every waiting subscription, on one loop timer: a subscription is
+    filed under the tick its timeout falls in, and a timeout cut short by an advance is taken
+    out of its tick's set (no timer handle per subscription, none left behind)."""
+
+    __slots__ = ("_due", "_expire", "_scheduled", "_ticks", "_timer")
+
+    def __init__(self, expire: Callable[[Subscription], None]) -> None:
+        self._expire = expire
+        self._due: dict[int, set[Subscription]] = {}
+        self._ticks: list[int] = []  # a heap of the keys of _due
+        self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = 0
+
+    def add(self, subscription: Subscription, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        tick = math.ceil((loop.time() + seconds) / TICK_SECONDS)
+        subscription.expiry = tick
+        due = self._due.get(tick)
+        if due is None:
+            due = self._due[tick] = set()
+            heapq.heappush(self._ticks, tick)
+            if self._timer is None or tick < self._scheduled:
+                self._schedule(loop, tick)
+        due.add(subscription)
+
+    def remove(self, subscription: Subscription) -> None:
+        tick, subscription.expiry = subscription.expiry, None
+        if tick is not None:
+            due = self._due.get(tick)
+            if due is not None:
+                due.discard(subscription)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, tick: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._scheduled = tick
+        self._timer = loop.call_at(tick * TICK_SECONDS, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        # A timer may fire a little early (the loop's clock resolution): a tick counts as due
+        # within a tenth of a tick.
+        now = loop.time() / TICK_SECONDS + 0.1
+        ticks = self._ticks
+        while ticks and ticks[0] <= now:
+            for subscription in self._due.pop(heapq.heappop(ticks)):
+                subscription.expiry = None
+                self._expire(subscription)
+        if ticks:
+            self._schedule(loop, ticks[0])
 
 
 class LogFeed:
@@ -105,6 +177,10 @@ class LogFeed:
         self._follower: asyncio.Task[None] | None = None
         self.subscribers = 0
         self._subscriptions: set[Subscription] = set()
+        # The idle ones: an advance resolves each one's waiter (an idle tail costs a future,
+        # not a task, a timer or a queue of its own).
+        self._waiting: set[Subscription] = set()
+        self._timers = _IdleTimers(self._expire)
 
     @property
     def head(self) -> int:
@@ -115,6 +191,7 @@ class LogFeed:
         self._follower = asyncio.create_task(self._follow(), name="log-feed-follower")
 
     async def close(self) -> None:
+        self._timers.close()
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -129,7 +206,42 @@ class LogFeed:
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
+        self._stop_waiting(subscription)
         self.subscribers -= 1
+
+    def wait(
+        self, subscription: Subscription, position: int, idle_timeout: float | None
+    ) -> asyncio.Future[bool]:
+        """A future resolved at the next advance of the head (True) or after ``idle_timeout``
+        seconds (False); resolved already if the head is past ``position``, the last one the
+        caller saw, so that an advance while it was not waiting is never missed.
+
+        Nothing but the future is allocated for the wait (no task, no timer handle): idle
+        tails cost little however many there are. A cancelled wait is cleared at the next
+        wait, advance, timeout or :meth:`unsubscribe`.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._stop_waiting(subscription)
+        if self._head > position:
+            waiter.set_result(True)
+            return waiter
+        subscription.waiter = waiter
+        self._waiting.add(subscription)
+        if idle_timeout is not None:
+            self._timers.add(subscription, idle_timeout)
+        return waiter
+
+    def _stop_waiting(self, subscription: Subscription) -> None:
+        subscription.waiter = None
+        self._waiting.discard(subscription)
+        self._timers.remove(subscription)
+
+    def _expire(self, subscription: Subscription) -> None:
+        waiter, subscription.waiter = subscription.waiter, None
+        self._waiting.discard(subscription)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
 
     def max_lag(self) -> int:
         """How many positions the furthest-behind tail has yet to be handed (0: none)."""
@@ -188,6 +300,12 @@ class LogFeed:
         self._head = events[-1].position
         changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
         changed.set_result(None)
+        waiting, self._waiting = self._waiting, set()
+        for subscription in waiting:
+            waiter, subscription.waiter = subscription.waiter, None
+            self._timers.remove(subscription)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(True)
 
     async def _follow(self) -> None:
         while True:

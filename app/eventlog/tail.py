@@ -47,8 +47,6 @@ async def replay_then_tail(
         while True:
             # Resumed after a yield: the caller has taken (for SSE: written) everything so far.
             subscription.delivered = last
-            # Taken before looking at the head: an append landing after this line resolves it.
-            changed = feed.changed()
             entries = feed.entries_after(last)
             if entries is None:
                 try:
@@ -61,10 +59,14 @@ async def replay_then_tail(
                     yield []
                     continue
                 last = max(last, page.scanned_to)
-                if page.events:
-                    size = sum(len(event.payload) for event in page.events) + 200 * len(page.events)
-                    limit = max(1, min(chunk, PAGE_BYTES * len(page.events) // size))
-                    yield [LogEntry(event) for event in page.events]
+                events = page.events
+                # Not held once written: an idle tail would keep its last page alive.
+                del page
+                if events:
+                    size = sum(len(event.payload) for event in events) + 200 * len(events)
+                    limit = max(1, min(chunk, PAGE_BYTES * len(events) // size))
+                    yield [LogEntry(event) for event in events]
+                del events
                 continue
             if entries:
                 last = entries[-1].position
@@ -73,8 +75,9 @@ async def replay_then_tail(
                 if entries:
                     yield entries
                 continue
-            done, _ = await asyncio.wait((changed,), timeout=idle_timeout)
-            if not done:
+            # Nothing between the look at the head above and this wait yields to the loop, so
+            # no append can land unseen in between.
+            if not await feed.wait(subscription, last, idle_timeout):
                 yield []
     finally:
         feed.unsubscribe(subscription)
