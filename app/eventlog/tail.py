@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from app.eventlog.filters import EventFilter
 from app.eventlog.notify import LogEntry
-from app.eventlog.store import EventStore
+from app.eventlog.store import EventStore, Page
 
 __all__ = ["replay_then_tail"]
 
@@ -42,6 +42,10 @@ async def replay_then_tail(
     # Rows per table read, sized so that a page holds about PAGE_BYTES: a subscriber that is
     # far behind (or stalled) holds one page, whatever the payloads' size.
     limit = min(chunk, FIRST_PAGE)
+    # While a page is written to the subscriber, the next one is read (the query runs on the
+    # database's side, or SQLite's thread, alongside): a replay does not wait for each read.
+    ahead: asyncio.Future[Page] | None = None
+    ahead_after = -1
     try:
         last = after
         while True:
@@ -50,7 +54,10 @@ async def replay_then_tail(
             entries = feed.entries_after(last)
             if entries is None:
                 try:
-                    page = await store.read_after(last, event_filter, limit)
+                    if ahead is not None and ahead_after == last:
+                        page = await ahead
+                    else:
+                        page = await store.read_after(last, event_filter, limit)
                 except (DBAPIError, OSError) as exc:
                     # The database is away (a restart): keep the subscriber and its place, tick
                     # so heartbeats still flow, and read again shortly.
@@ -58,13 +65,20 @@ async def replay_then_tail(
                     await asyncio.sleep(min(idle_timeout or 1.0, 1.0))
                     yield []
                     continue
+                finally:
+                    _dropped(ahead)
+                    ahead = None
                 last = max(last, page.scanned_to)
                 events = page.events
+                more = page.scanned_to < page.head
                 # Not held once written: an idle tail would keep its last page alive.
                 del page
                 if events:
                     size = sum(len(event.payload) for event in events) + 200 * len(events)
                     limit = max(1, min(chunk, PAGE_BYTES * len(events) // size))
+                    if more:
+                        ahead = asyncio.ensure_future(store.read_after(last, event_filter, limit))
+                        ahead_after = last
                     yield [LogEntry(event) for event in events]
                 del events
                 continue
@@ -80,7 +94,18 @@ async def replay_then_tail(
             if not await feed.wait(subscription, last, idle_timeout):
                 yield []
     finally:
+        _dropped(ahead)
         feed.unsubscribe(subscription)
+
+
+def _dropped(ahead: asyncio.Future[Page] | None) -> None:
+    """Let go of a read ahead (finished, or no longer wanted)."""
+    if ahead is None:
+        return
+    if not ahead.done():
+        ahead.cancel()  # the read itself runs to its end (see EventStore._read_to_the_end)
+    elif not ahead.cancelled():
+        ahead.exception()  # retrieved: a failed read ahead is not reported as unhandled
 
 
 def _matches(event_filter: EventFilter, entry: LogEntry) -> bool:
