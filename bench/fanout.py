@@ -42,7 +42,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import free_port, start_server, stop_server, wait_ready
+from bench.load import free_port, read_response, start_server, stop_server, wait_ready
 from bench.peers.nchan import NchanUnavailable, nchan_server
 from bench.report import SERVICE, Figure, render
 from bench.subscribers import MARKER, FanoutResult, SubscriberPool, SubscriberSpec, raise_open_files
@@ -232,15 +232,9 @@ class _Answers:
     async def read(self, expected: int) -> None:
         reader = self.reader
         while self.count < expected:
-            status = await reader.readline()
+            status = await read_response(reader)
             if status[9:12] not in self.accepted:
                 raise RuntimeError(f"publish {self.count + 1} answered {status!r}")
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
             self.count += 1
 
 

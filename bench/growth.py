@@ -344,7 +344,7 @@ PAGE_FILTERS: tuple[tuple[str, EventFilter], ...] = (
 
 
 def _page_plans() -> list[tuple[str, str, tuple[object, ...]]]:
-    found = []
+    found: list[tuple[str, str, tuple[object, ...]]] = []
     for name, event_filter in PAGE_FILTERS:
         compiled = page_query(0, 1, event_filter, 100).compile(
             dialect=sqlite_dialect.dialect(), compile_kwargs={"literal_binds": True}

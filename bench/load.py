@@ -26,6 +26,7 @@ __all__ = [
     "free_port",
     "post_events",
     "post_events_raw",
+    "read_response",
     "sse_replay",
     "start_server",
     "stop_server",
@@ -111,20 +112,26 @@ def _raw_request(host: str, path: str, body: bytes) -> bytes:
     ).encode() + body
 
 
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    """Read one HTTP/1.1 response with a Content-Length body off ``reader``; its status line."""
+    status = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
 async def _raw_worker(host: str, port: int, requests: deque[bytes]) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while requests:
             writer.write(requests.popleft())
-            status = await reader.readline()
+            status = await read_response(reader)
             if b" 201 " not in status:
                 raise RuntimeError(f"POST answered {status!r}")
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
     finally:
         writer.close()
 

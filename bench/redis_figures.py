@@ -1,6 +1,5 @@
-"""The service against Redis Streams: durable appends and a full replay to one client.
-
-    python -m bench.redis_figures [--quick] [--rounds N]
+"""Redis Streams measured as the service's peer: durable appends and a full replay to one
+client (the figures themselves are run by :mod:`bench.run`, ``--only append,replay``).
 
 Redis Streams are what a team would reach for instead of this service, so the service has
 to hold its own against them on the two things it is for:
@@ -15,31 +14,34 @@ to hold its own against them on the two things it is for:
   parses replies in pure Python unless ``hiredis`` is installed, and the replay is bound by
   that parser (about 6x slower here), so the run says which parser it used.
 
-Contenders alternate within each round (A B A B), each on a fresh server and a fresh file.
+Each measurement runs on a fresh server (:func:`measure_redis`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 from redis.utils import HIREDIS_AVAILABLE
 
-from bench.load import sse_replay
 from bench.peers.redis_streams import Fsync, RedisUnavailable, redis_server
-from bench.raw_sqlite import raw_sqlite_rate
-from bench.report import SERVICE, Figure, render
-from bench.service import Servers, service_append_rate
+from bench.report import Figure
 
-__all__ = ["redis_append_rate", "redis_replay_rate", "run"]
+__all__ = [
+    "HIREDIS_AVAILABLE",
+    "REDIS_ALWAYS",
+    "REDIS_CEILING",
+    "REDIS_EVERYSEC",
+    "REDIS_REPLAY",
+    "measure_redis",
+    "redis_append_rate",
+    "redis_replay_rate",
+]
 
 STREAM = "agent"
 SOURCES = 100
@@ -48,7 +50,6 @@ PAGE = 10_000
 REDIS_ALWAYS = "redis streams, appendfsync always"
 REDIS_EVERYSEC = "redis streams, appendfsync everysec"
 REDIS_CEILING = "redis streams, no persistence (client ceiling)"
-RAW_SQLITE = "raw sqlite3 batches of 1000, synchronous=FULL"
 REDIS_REPLAY = "redis XRANGE paging (10k/page)"
 
 Fields = dict[FieldT, EncodableT]
@@ -138,7 +139,7 @@ async def redis_replay_rate(url: str, events: int) -> float:
     return events / elapsed
 
 
-async def _measure_redis(
+async def measure_redis(
     figure: Figure,
     name: str,
     fsync: Fsync,
@@ -153,62 +154,3 @@ async def _measure_redis(
     except RedisUnavailable as error:
         print(f"skipping {name}: {error}", file=sys.stderr)
         figure.skip(name, str(error))
-
-
-async def run(quick: bool, rounds: int) -> list[Figure]:
-    append_events = 20_000 if quick else 100_000
-    replay_events = 200_000 if quick else 1_000_000
-    append = Figure(
-        "append",
-        "durable append, in-process API, 100 concurrent producers",
-        "events/s",
-        target=">= 0.50 of raw sqlite3; above redis always",
-    )
-    replay = Figure("replay_redis", f"replay of {replay_events:,} events to one client", "events/s")
-
-    async def appended(url: str) -> float:
-        return await redis_append_rate(url, append_events)
-
-    async def replayed(url: str) -> float:
-        return await redis_replay_rate(url, replay_events)
-
-    async def sse(base_url: str) -> float:
-        return await sse_replay(base_url, "/events/stream", replay_events, 0)
-
-    parser = "hiredis" if HIREDIS_AVAILABLE else "pure Python (hiredis not installed)"
-    print(f"redis-py reply parser: {parser}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="bench-redis-figures-") as directory:
-        scratch = Path(directory)
-        servers = Servers(scratch)
-        for round_number in range(rounds):
-            print(f"round {round_number + 1}/{rounds}", file=sys.stderr)
-            append.add(
-                SERVICE,
-                await service_append_rate(scratch / f"append-{round_number}.db", append_events),
-            )
-            await _measure_redis(append, REDIS_ALWAYS, "always", appended)
-            await _measure_redis(append, REDIS_EVERYSEC, "everysec", appended)
-            append.add(
-                RAW_SQLITE,
-                await asyncio.to_thread(
-                    raw_sqlite_rate, scratch / f"raw-{round_number}.db", append_events, 1000
-                ),
-            )
-            await _measure_redis(append, REDIS_CEILING, None, appended)
-
-            replay.add(SERVICE, await servers.run_service(sse, replay_events))
-            await _measure_redis(replay, REDIS_REPLAY, "everysec", replayed)
-    return [append, replay]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 2 quick, 3)")
-    args = parser.parse_args()
-    rounds = args.rounds or (2 if args.quick else 3)
-    print(render(asyncio.run(run(args.quick, rounds))))
-
-
-if __name__ == "__main__":
-    main()

@@ -22,14 +22,21 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.load import client_ceiling, post_events_raw, sse_replay
 from bench.peers.nchan import NchanUnavailable, nchan_replay_rate, nchan_server
-from bench.peers.redis_streams import RedisUnavailable, redis_server
 from bench.raw_sqlite import raw_sqlite_rate
-from bench.redis_figures import redis_append_rate, redis_replay_rate
+from bench.redis_figures import (
+    HIREDIS_AVAILABLE,
+    REDIS_ALWAYS,
+    REDIS_CEILING,
+    REDIS_EVERYSEC,
+    REDIS_REPLAY,
+    measure_redis,
+    redis_append_rate,
+    redis_replay_rate,
+)
 from bench.report import SERVICE, Figure, render
 from bench.service import Servers, service_append_rate
 
@@ -40,28 +47,10 @@ ALL = ("append", "http", "fanout", "replay", "idle", "growth", "servers")
 NAIVE = "naive (in-memory list, asyncio.Condition)"
 RAW_1000 = "raw sqlite3, batches of 1000, synchronous=FULL"
 RAW_100 = "raw sqlite3, batches of 100, synchronous=FULL"
-REDIS_ALWAYS = "redis streams, appendfsync always"
-REDIS_EVERYSEC = "redis streams, appendfsync everysec"
-REDIS_NONE = "redis streams, no persistence (client ceiling)"
-REDIS_XRANGE = "redis XRANGE paging (10k/page)"
 #: nchan replays a channel's buffer in time quadratic in its length (200,000 messages take
 #: minutes), so it is measured on a shorter buffer, which flatters it.
 NCHAN_REPLAY_EVENTS = 20_000
 NCHAN_BUFFER = f"nchan buffer replay of {NCHAN_REPLAY_EVENTS:,} (Last-Event-ID 0:0)"
-
-
-async def _redis(
-    figure: Figure, name: str, fsync: str | None, measure: Callable[[str], Awaitable[float]]
-) -> None:
-    """One sample for ``name`` on a fresh Redis, or the reason it cannot run."""
-    if name in figure.skipped:
-        return
-    try:
-        async with redis_server(fsync) as url:  # type: ignore[arg-type]
-            figure.add(name, await measure(url))
-    except RedisUnavailable as error:
-        print(f"skipping {name}: {error}", file=sys.stderr)
-        figure.skip(name, str(error))
 
 
 async def append_figures(quick: bool, rounds: int, scratch: Path) -> list[Figure]:
@@ -76,6 +65,9 @@ async def append_figures(quick: bool, rounds: int, scratch: Path) -> list[Figure
     async def redis_append(url: str) -> float:
         return await redis_append_rate(url, events)
 
+    parser = "hiredis" if HIREDIS_AVAILABLE else "pure Python (hiredis not installed)"
+    print(f"redis-py reply parser: {parser}", file=sys.stderr)
+
     for round_number in range(rounds):
         print(f"append: round {round_number + 1}/{rounds}", file=sys.stderr)
         figure.add(SERVICE, await service_append_rate(scratch / f"a-{round_number}.db", events))
@@ -85,13 +77,13 @@ async def append_figures(quick: bool, rounds: int, scratch: Path) -> list[Figure
                 raw_sqlite_rate, scratch / f"r-{round_number}.db", events, 1000
             ),
         )
-        await _redis(figure, REDIS_ALWAYS, "always", redis_append)
+        await measure_redis(figure, REDIS_ALWAYS, "always", redis_append)
         figure.add(
             RAW_100,
             await asyncio.to_thread(raw_sqlite_rate, scratch / f"q-{round_number}.db", events, 100),
         )
-        await _redis(figure, REDIS_EVERYSEC, "everysec", redis_append)
-        await _redis(figure, REDIS_NONE, None, redis_append)
+        await measure_redis(figure, REDIS_EVERYSEC, "everysec", redis_append)
+        await measure_redis(figure, REDIS_CEILING, None, redis_append)
     return [figure]
 
 
@@ -143,7 +135,7 @@ async def replay_figures(quick: bool, rounds: int, servers: Servers) -> list[Fig
     for round_number in range(rounds):
         print(f"replay: round {round_number + 1}/{rounds}", file=sys.stderr)
         figure.add(SERVICE, await servers.run_service(sse, events))
-        await _redis(figure, REDIS_XRANGE, "everysec", xrange)
+        await measure_redis(figure, REDIS_REPLAY, "everysec", xrange)
         figure.add(NAIVE, await servers.run_naive(sse, events))
         if NCHAN_BUFFER not in figure.skipped:
             try:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import free_port, stop_server, wait_ready
+from bench.load import free_port, read_response, stop_server, wait_ready
 
 __all__ = [
     "BUFFER_LENGTH",
@@ -211,15 +211,9 @@ def _publish_request(host: str, channel: str, body: bytes) -> bytes:
 
 async def _read_responses(reader: asyncio.StreamReader, count: int) -> None:
     for _ in range(count):
-        status = await reader.readline()
+        status = await read_response(reader)
         if not status.startswith((b"HTTP/1.1 201", b"HTTP/1.1 202")):
             raise RuntimeError(f"nchan publish answered {status!r}")
-        length = 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        await reader.readexactly(length)
 
 
 async def publish_many(base_url: str, channel: str, bodies: list[bytes], clients: int = 4) -> None:
