@@ -126,12 +126,20 @@ class ProjectionRunner:
                 continue
             await asyncio.wait((changed,), timeout=self._poll_seconds)
 
-    async def _catch_up_together(self, names: list[str], *, until: int) -> None:
+    async def catch_up(self, name: str, *, until: int | None = None) -> int:
+        """Apply everything after the checkpoint (up to ``until`` if given, else the head)."""
+        return (await self._catch_up_together([name], until=until))[name]
+
+    async def _catch_up_together(
+        self, names: list[str], *, until: int | None = None
+    ) -> dict[str, int]:
         """Fold the named projections up to ``until`` (or the head), one transaction per
-        round for all of them. Checkpoints are locked in the same order in every process."""
-        if not self._checkpoints_ready:
+        round for all of them; returns each one's checkpoint. Checkpoints are locked in the
+        same order in every process."""
+        if not self._checkpoints_ready:  # a runner used without start() has made no rows yet
             await self._ensure_checkpoints()
         pending = [self.get(name) for name in names]
+        reached: dict[str, int] = {}
         while pending:
             async with self._engine.connect() as connection:
                 connection = await write_transaction(connection)
@@ -143,22 +151,10 @@ class ProjectionRunner:
             pending = []
             for projection, position, more in stepped:
                 self._note(projection.name, position)
-                if more and position < until:
+                reached[projection.name] = position
+                if more and (until is None or position < until):
                     pending.append(projection)
-
-    async def catch_up(self, name: str, *, until: int | None = None) -> int:
-        """Apply everything after the checkpoint (up to ``until`` if given, else the head)."""
-        projection = self.get(name)
-        if not self._checkpoints_ready:  # a runner used without start() has made no rows yet
-            await self._ensure_checkpoints()
-        while True:
-            async with self._engine.connect() as connection:
-                connection = await write_transaction(connection)
-                async with connection.begin():
-                    position, more = await self._step(connection, projection)
-            self._note(name, position)
-            if not more or (until is not None and position >= until):
-                return position
+        return reached
 
     async def _step(self, connection: AsyncConnection, projection: Projection) -> tuple[int, bool]:
         position = (
