@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import free_port, start_server, stop_server, wait_ready
+from bench.load import free_port, raise_open_files, start_server, stop_server, wait_ready
 from bench.report import SERVICE, Figure, render
 
 __all__ = ["NAIVE", "IdleRun", "hold_idle", "hold_service", "main", "run"]
@@ -189,12 +188,9 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _raise_open_files(wanted: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < wanted:
-            print(f"open-file limit {target} (hard limit) < {wanted} wanted", file=sys.stderr)
+    target = raise_open_files(wanted)
+    if target < wanted:
+        print(f"open-file limit {target} (hard limit) < {wanted} wanted", file=sys.stderr)
 
 
 async def _open(port: int, count: int) -> list[_Subscriber]:

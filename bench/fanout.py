@@ -42,10 +42,17 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import free_port, read_response, start_server, stop_server, wait_ready
+from bench.load import (
+    free_port,
+    raise_open_files,
+    read_response,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 from bench.peers.nchan import NchanUnavailable, nchan_server
 from bench.report import SERVICE, Figure, render
-from bench.subscribers import MARKER, FanoutResult, SubscriberPool, SubscriberSpec, raise_open_files
+from bench.subscribers import MARKER, FanoutResult, SubscriberPool, SubscriberSpec
 
 __all__ = ["FanoutRun", "fanout_once", "main", "run"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ __all__ = [
     "free_port",
     "post_events",
     "post_events_raw",
+    "raise_open_files",
     "read_response",
     "sse_replay",
     "start_server",
@@ -250,6 +252,16 @@ async def client_ceiling(
     finally:
         stop_server(process)
     return figures
+
+
+def raise_open_files(wanted: int) -> int:
+    """Raise this process's open-file limit to ``wanted`` (or as far as the hard limit
+    allows); returns the limit now in force. Servers started afterwards inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
 
 
 def free_port() -> int:

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import importlib.util
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -34,7 +33,15 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import free_port, post_events_raw, sse_replay, start_server, stop_server, wait_ready
+from bench.load import (
+    free_port,
+    post_events_raw,
+    raise_open_files,
+    sse_replay,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 from bench.report import Figure, render
 from bench.service import fill_log
 
@@ -48,13 +55,6 @@ REPLAY = 100_000
 SUBSCRIBERS = 500
 
 Measure = Callable[[str], Awaitable[dict[str, float]]]
-
-
-def _raise_open_files(wanted: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _unavailable(name: str) -> str | None:
@@ -292,7 +292,7 @@ async def run(quick: bool, rounds: int) -> list[Figure]:
         print(f"skipping {server}: {reason}", file=sys.stderr)
         for figure in figures.values():
             figure.skip(server, reason)
-    _raise_open_files(SUBSCRIBERS * 2 + 1024)
+    raise_open_files(SUBSCRIBERS * 2 + 1024)
 
     async def single(base_url: str) -> dict[str, float]:
         rate = await post_events_raw(base_url, CLIENTS, sizes["http_single"], None)

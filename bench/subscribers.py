@@ -20,7 +20,6 @@ import asyncio
 import multiprocessing
 import os
 import re
-import resource
 import time
 from array import array
 from collections.abc import Callable
@@ -30,7 +29,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import cast
 
-__all__ = ["MARKER", "FanoutResult", "SubscriberPool", "SubscriberSpec", "raise_open_files"]
+from bench.load import raise_open_files
+
+__all__ = ["MARKER", "FanoutResult", "SubscriberPool", "SubscriberSpec"]
 
 #: How the producer marks an event: ``MARKER % (seq, time.time())`` inside ``data``.
 MARKER = b'"message":"fanout %d %.6f"'
@@ -40,14 +41,6 @@ _FRAME = re.compile(
     re.MULTILINE,
 )
 _CONNECT_BATCH = 100
-
-
-def raise_open_files(wanted: int) -> None:
-    """Raise this process's open-file limit to ``wanted`` (or the hard limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _id_key(raw: bytes) -> tuple[int, ...]:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import free_port, read_response, stop_server, wait_ready
+from bench.load import free_port, raise_open_files, read_response, stop_server, wait_ready
 
 __all__ = [
     "BUFFER_LENGTH",
@@ -141,16 +141,6 @@ def _ensure_installed() -> Path:
     return module
 
 
-def _raise_open_files(wanted: int) -> int:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return soft
-
-
 @contextmanager
 def nchan_server(connections: int = 4096) -> Iterator[str]:
     """Run nginx + nchan on a free loopback port; yields its base url.
@@ -159,7 +149,7 @@ def nchan_server(connections: int = 4096) -> Iterator[str]:
     cannot be installed or started.
     """
     module = _ensure_installed()
-    files = _raise_open_files(2 * connections + 1024)
+    files = raise_open_files(2 * connections + 1024)
     with tempfile.TemporaryDirectory(prefix="bench-nchan-") as directory:
         root = Path(directory)
         (root / "logs").mkdir()
