@@ -22,6 +22,7 @@ from app.api.metrics import metrics
 from app.api.security import AccessPolicy, build_cors_config
 from app.api.shutdown import ShutdownSignal
 from app.api.stats import StatsController
+from app.heap import settled_heap
 from app.observability import configure_logging, track_requests
 from app.services import open_services
 from app.settings import Settings, get_settings
@@ -43,7 +44,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             app.state.services = services
             shutdown.install()
             try:
-                yield
+                with settled_heap():
+                    yield
             finally:
                 shutdown.uninstall()
 
