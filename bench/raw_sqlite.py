@@ -10,9 +10,9 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from uuid import uuid4
 
 from app.database import upgrade_database
+from app.eventlog.envelope import new_event_ids
 
 __all__ = ["raw_sqlite_rate"]
 
@@ -31,6 +31,9 @@ def _payload(n: int) -> dict[str, object]:
 
 def _prepare_rows(rows: int) -> list[Row]:
     timestamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # The ids the service writes (time-ordered version 7 UUIDs): random ones would make every
+    # row rewrite its own page of the event_id index, and the limit would be set too low.
+    ids = new_event_ids(rows)
     return [
         (
             n + 1,
@@ -38,7 +41,7 @@ def _prepare_rows(rows: int) -> list[Row]:
             f"bench-{n % SOURCES}",
             n // SOURCES + 1,
             "progress",
-            str(uuid4()),
+            ids[n],
             timestamp,
             json.dumps(_payload(n), separators=(",", ":")),
         )
