@@ -19,7 +19,7 @@ from app.api.errors import ErrorDocumentingJsonPlugin
 from app.api.ingest import IngestController, IngestsController
 from app.api.limits import SseConnections, limit_sse_connections
 from app.api.metrics import metrics
-from app.api.security import AccessPolicy, build_cors_config
+from app.api.security import AccessPolicy, build_cors_config, require_access
 from app.api.shutdown import ShutdownSignal
 from app.api.stats import StatsController
 from app.heap import settled_heap
@@ -62,8 +62,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=exception_handlers,
-        guards=[access.guard],
-        middleware=[DefineMiddleware(limit_sse_connections, connections=sse_connections)],
+        middleware=[
+            DefineMiddleware(require_access, policy=access),
+            DefineMiddleware(limit_sse_connections, connections=sse_connections),
+        ],
         cors_config=build_cors_config(settings.security),
         request_max_body_size=settings.limits.max_body_bytes,
         state=State({"access_policy": access, "sse_connections": sse_connections}),

@@ -1,9 +1,11 @@
 """Who may call what: bearer tokens for writes (``API_TOKENS``) and, when configured, for reads
 (``READ_TOKENS``), and which other origins a browser may call the API from (``CORS_ORIGINS``).
 
-One guard on the whole application decides from the method and the route, so an endpoint
-added later is guarded without anyone remembering to: every POST/PUT/PATCH/DELETE needs an
-API token, every other route a read token (or an API token) when read tokens are set. Only
+One check in front of every route (route middleware on the whole application: cheaper than a
+Litestar guard, which copies the route handler per request) decides from the method and the
+route, so an endpoint added later is guarded without anyone remembering to: every
+POST/PUT/PATCH/DELETE needs an API token, every other route a read token (or an API token)
+when read tokens are set. Only
 the routes in :func:`access_for`'s public list stay open: the dashboard page and its assets
 (the page must load to ask for a token; its data calls carry it), ``/health`` (a load balancer
 must reach it; with read tokens set it says no more than its status without one) and the
@@ -15,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
-from litestar.handlers.base import BaseRouteHandler
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.settings import SecuritySettings
 
@@ -30,6 +33,7 @@ __all__ = [
     "access_for",
     "build_cors_config",
     "may_read",
+    "require_access",
 ]
 
 Access = Literal["public", "read", "write"]
@@ -63,18 +67,20 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[str | None, bool]:
+def _bearer(scope: Scope) -> tuple[str | None, bool]:
     """The token the request presents, and whether an Authorization header was malformed."""
-    header = connection.headers.get("authorization")
-    if header is not None:
-        scheme, _, token = header.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return None, True
-        return token, False
-    scope = connection.scope
+    for name, value in scope["headers"]:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                return None, True
+            return token, False
     if is_stream(str(scope.get("method", "")), str(scope.get("path_template", ""))):
-        return connection.query_params.get(ACCESS_TOKEN_PARAMETER) or None, False
+        query: str = scope.get("query_string", b"").decode("latin-1")
+        for key, given in parse_qsl(query, keep_blank_values=True):
+            if key == ACCESS_TOKEN_PARAMETER:
+                return given or None, False
     return None, False
 
 
@@ -102,18 +108,19 @@ class AccessPolicy:
             found |= hmac.compare_digest(probe, known)
         return found
 
-    def may_read(self, connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
-        token, _ = _bearer(connection)
+    def may_read(self, scope: Scope) -> bool:
+        token, _ = _bearer(scope)
         return self.accepts(token, "read")
 
-    async def guard(
-        self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
-    ) -> None:
-        # A coroutine: Litestar runs a plain function guard in a worker thread per request.
-        method = str(connection.scope.get("method", "GET"))
-        path_template = str(connection.scope.get("path_template", ""))
+    def check(self, scope: Scope) -> None:
+        """Raise NotAuthorizedException (401, with its challenge) unless the request's token
+        grants what its route needs."""
+        method = str(scope.get("method", "GET"))
+        path_template = str(scope.get("path_template", ""))
         access = access_for(method, path_template)
-        token, malformed = _bearer(connection)
+        if access == "public" or (access == "read" and not self.reads_guarded):
+            return  # nothing to read from the request
+        token, malformed = _bearer(scope)
         if self.accepts(token, access):
             return
         needed = "an API token (API_TOKENS)" if access == "write" else "a read or API token"
@@ -134,10 +141,22 @@ class AccessPolicy:
         raise NotAuthorizedException(detail=detail, headers={"WWW-Authenticate": challenge})
 
 
+def require_access(app: ASGIApp, policy: AccessPolicy) -> ASGIApp:
+    """Route middleware: :meth:`AccessPolicy.check` before the route runs (its refusal is
+    answered by the application's exception handlers, like any other error)."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if str(scope["type"]) == "http":
+            policy.check(scope)
+        await app(scope, receive, send)
+
+    return middleware
+
+
 def may_read(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     """Whether this request may see read-guarded details (always, without read tokens)."""
     policy: AccessPolicy | None = connection.app.state.get("access_policy")
-    return policy is None or policy.may_read(connection)
+    return policy is None or policy.may_read(connection.scope)
 
 
 def build_cors_config(settings: SecuritySettings) -> CORSConfig | None:
