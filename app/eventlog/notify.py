@@ -36,12 +36,17 @@ MAX_WAKE_SPACING = 0.025
 
 
 class LogEntry:
-    """An event with its encodings, computed once and shared by every subscriber."""
+    """An event with its encodings, computed once and shared by every subscriber.
 
-    __slots__ = ("_envelope", "_frames", "_payload", "event")
+    An entry read from the table for one replay (``shared=False``) has one reader: its frames
+    are built when asked for and not kept, which spares a cache per event.
+    """
 
-    def __init__(self, event: Event) -> None:
+    __slots__ = ("_envelope", "_frames", "_payload", "_shared", "event")
+
+    def __init__(self, event: Event, shared: bool = True) -> None:
         self.event = event
+        self._shared = shared
         self._envelope: bytes | None = None
         self._payload: dict[str, Any] | None = None
         self._frames: dict[str, bytes] | None = None
@@ -61,6 +66,8 @@ class LogEntry:
         return self._payload
 
     def frame(self, kind: str, build: Callable[[LogEntry], bytes]) -> bytes:
+        if not self._shared:
+            return build(self)
         frames = self._frames
         if frames is None:
             frames = self._frames = {}

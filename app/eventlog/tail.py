@@ -81,7 +81,7 @@ async def replay_then_tail(
                     if more:
                         ahead = asyncio.ensure_future(store.read_after(last, event_filter, limit))
                         ahead_after = last
-                    yield [LogEntry(event) for event in events]
+                    yield [LogEntry(event, shared=False) for event in events]
                 del events
                 continue
             if entries:
