@@ -442,14 +442,15 @@ async def test_sqlite_appender_commits_durably(tmp_path: Path) -> None:
         await store.append_one(new())
         appender: Any = store._appender
 
-        def pragmas() -> tuple[int, str]:
+        def pragmas() -> tuple[int, str, int]:
             connection = appender._connection
             synchronous = connection.execute("PRAGMA synchronous").fetchone()[0]
             journal = connection.execute("PRAGMA journal_mode").fetchone()[0]
-            return synchronous, journal
+            checkpoint = connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+            return synchronous, journal, checkpoint
 
         # Queried on the appender's own connection, on its own thread.
-        assert await appender._run(pragmas) == (2, "wal")  # 2 = FULL
+        assert await appender._run(pragmas) == (2, "wal", 10_000)  # 2 = FULL
         path = sqlite_path(url)
         assert path is not None
         with contextlib.closing(sqlite3.connect(path)) as other:
