@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from app.api import AgentsController, EventsController, exception_handlers, health
 from app.api.dashboard import dashboard_routes
 from app.api.deps import provide_services
+from app.api.direct import DirectAppends
 from app.api.errors import ErrorDocumentingJsonPlugin
 from app.api.ingest import IngestController, IngestsController
 from app.api.limits import SseConnections, limit_sse_connections
@@ -81,6 +82,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         logging_config=None,
     )
+    router = app.asgi_handler
+    if settings.server.direct_appends:
+        router = app.state.direct_appends = DirectAppends(app, router, settings, access)
     # Outermost, so that every response (a 404 too) carries its request id.
-    app.asgi_handler = track_requests(app.asgi_handler)  # type: ignore[arg-type,assignment]
+    app.asgi_handler = track_requests(router)  # type: ignore[arg-type,assignment]
     return app

@@ -61,6 +61,8 @@ class ServerSettings(msgspec.Struct, frozen=True):
     log_format: Literal["text", "json"] = "text"
     # The HTTP server ``serve`` runs the application under (``serve --server`` overrides it).
     http_server: Literal["uvicorn", "granian"] = "uvicorn"
+    # Answer the append endpoints in front of the router (app/api/direct.py); off: routed.
+    direct_appends: bool = True
 
 
 class SecuritySettings(msgspec.Struct, frozen=True):
@@ -144,6 +146,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "TAIL_POLL_SECONDS": ("server", "poll_seconds"),
     "LOG_FORMAT": ("server", "log_format"),
     "HTTP_SERVER": ("server", "http_server"),
+    "DIRECT_APPENDS": ("server", "direct_appends"),
     "INGEST_CONCURRENCY": ("ingest", "concurrency"),
     "INGEST_ALLOW_PRIVATE_URLS": ("ingest", "allow_private_urls"),
     "YOUTUBE_PROXY_URL": ("ingest", "youtube_proxy_url"),

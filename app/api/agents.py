@@ -22,9 +22,18 @@ from app.api.deps import ServicesDep, build_filter
 from app.api.events import LastEventIdHeader, LastEventIdQuery
 from app.api.limits import MAX_POSITION, check_payload_sizes
 from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
+from app.eventlog import AppendResult, NewEvent
 from app.projections.agents import AGENT_STREAM, ActivityRow, list_activities, load_activity
 
-__all__ = ["AgentsController"]
+__all__ = [
+    "AgentsController",
+    "Appended",
+    "BatchAppended",
+    "appended",
+    "batch_appended",
+    "prepare_batch",
+    "prepare_event",
+]
 
 AGENT_STATUSES = ("running", "stalled", "completed", "failed")
 
@@ -58,6 +67,55 @@ class BatchAppended(msgspec.Struct):
     event_ids: list[str]
 
 
+def prepare_event(source_id: str, data: AgentEventIn, max_payload_bytes: int) -> NewEvent:
+    """``POST /agents/{source_id}/events``'s checks; raises the refusal the client gets."""
+    event = to_new_event(source_id, data)
+    check_payload_sizes([event], max_payload_bytes, batch=False)
+    return event
+
+
+def prepare_batch(data: AgentEventsIn, max_payload_bytes: int) -> list[NewEvent]:
+    """``POST /agents/events``'s checks; raises the refusal the client gets."""
+    if not data.events:
+        raise ClientException(
+            detail="events must hold at least one event", extra={"field": "events"}
+        )
+    if len(data.events) > MAX_BATCH_EVENTS:
+        raise ClientException(
+            detail=f"a batch holds at most {MAX_BATCH_EVENTS} events, got {len(data.events)}",
+            extra={"field": "events"},
+        )
+    batch = [
+        to_new_event(item.source_id, item, prefix=f"events[{index}].")
+        for index, item in enumerate(data.events)
+    ]
+    check_payload_sizes(batch, max_payload_bytes, batch=True)
+    ids = [event.event_id for event in batch if event.event_id]
+    if len(ids) != len(set(ids)):
+        raise ClientException(
+            detail="event_id values must be unique within a batch", extra={"field": "events"}
+        )
+    return batch
+
+
+def appended(result: AppendResult) -> Appended:
+    return Appended(
+        position=result.position,
+        version=result.version,
+        event_id=result.event_id,
+        timestamp=result.timestamp,
+        duplicate=result.duplicate,
+    )
+
+
+def batch_appended(results: list[AppendResult]) -> BatchAppended:
+    return BatchAppended(
+        positions=[r.position for r in results],
+        versions=[r.version for r in results],
+        event_ids=[r.event_id for r in results],
+    )
+
+
 async def _fresh(services: ServicesDep) -> None:
     """Read-your-writes: wait until the agents projection reflects the log's current head."""
     head = await services.store.head()
@@ -72,46 +130,15 @@ class AgentsController(Controller):
     async def append_event(
         self, services: ServicesDep, source_id: FromPath[str], data: JSONBody[AgentEventIn]
     ) -> Appended:
-        event = to_new_event(source_id, data)
-        check_payload_sizes([event], services.settings.limits.max_payload_bytes, batch=False)
-        result = await services.store.append_one(event)
-        return Appended(
-            position=result.position,
-            version=result.version,
-            event_id=result.event_id,
-            timestamp=result.timestamp,
-            duplicate=result.duplicate,
-        )
+        event = prepare_event(source_id, data, services.settings.limits.max_payload_bytes)
+        return appended(await services.store.append_one(event))
 
     @post("/events", summary="Append agent events atomically", status_code=201)
     async def append_events(
         self, services: ServicesDep, data: JSONBody[AgentEventsIn]
     ) -> BatchAppended:
-        if not data.events:
-            raise ClientException(
-                detail="events must hold at least one event", extra={"field": "events"}
-            )
-        if len(data.events) > MAX_BATCH_EVENTS:
-            raise ClientException(
-                detail=f"a batch holds at most {MAX_BATCH_EVENTS} events, got {len(data.events)}",
-                extra={"field": "events"},
-            )
-        batch = [
-            to_new_event(item.source_id, item, prefix=f"events[{index}].")
-            for index, item in enumerate(data.events)
-        ]
-        check_payload_sizes(batch, services.settings.limits.max_payload_bytes, batch=True)
-        ids = [event.event_id for event in batch if event.event_id]
-        if len(ids) != len(set(ids)):
-            raise ClientException(
-                detail="event_id values must be unique within a batch", extra={"field": "events"}
-            )
-        results = await services.store.append(batch)
-        return BatchAppended(
-            positions=[r.position for r in results],
-            versions=[r.version for r in results],
-            event_ids=[r.event_id for r in results],
-        )
+        batch = prepare_batch(data, services.settings.limits.max_payload_bytes)
+        return batch_appended(await services.store.append(batch))
 
     @post("/runs", summary="Run an agent over stored content (a coordinator job)", status_code=202)
     async def start_run(self, services: ServicesDep, data: JSONBody[RunRequest]) -> RunAccepted:

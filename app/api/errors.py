@@ -19,16 +19,30 @@ from app.api.security import access_for
 from app.eventlog import EventIdReused, LogUnavailable, VersionConflict
 from app.ingest.urls import InvalidUrl
 
-__all__ = ["ErrorDocumentingJsonPlugin", "document_errors", "exception_handlers"]
+__all__ = [
+    "AppendRefusal",
+    "ErrorDocumentingJsonPlugin",
+    "append_refusal",
+    "document_errors",
+    "error_body",
+    "exception_handlers",
+]
 
 logger = logging.getLogger(__name__)
 
 
+def error_body(status_code: int, detail: str, extra: Any = None) -> dict[str, Any]:
+    """The contract's error document."""
+    return {
+        "status_code": status_code,
+        "detail": detail,
+        "extra": extra if extra is not None else {},
+    }
+
+
 def error_response(status_code: int, detail: str, extra: Any = None) -> Response[Any]:
     return Response(
-        {"status_code": status_code, "detail": detail, "extra": extra if extra is not None else {}},
-        status_code=status_code,
-        media_type=MediaType.JSON,
+        error_body(status_code, detail, extra), status_code=status_code, media_type=MediaType.JSON
     )
 
 
@@ -67,27 +81,29 @@ def _validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response
     return error_response(400, detail, problems or exc.extra)
 
 
-def _version_conflict(_: Request[Any, Any, Any], exc: VersionConflict) -> Response[Any]:
-    return error_response(
-        409,
-        str(exc),
-        {
+AppendRefusal = VersionConflict | EventIdReused | LogUnavailable
+
+
+def append_refusal(exc: AppendRefusal) -> tuple[int, str, dict[str, Any], dict[str, str]]:
+    """Status, detail, extra and headers of the answer to an append the log refused."""
+    if isinstance(exc, VersionConflict):
+        extra: dict[str, Any] = {
             "stream": exc.stream,
             "source_id": exc.source_id,
             "expected_version": exc.expected,
             "current_version": exc.actual,
-        },
-    )
-
-
-def _event_id_reused(_: Request[Any, Any, Any], exc: EventIdReused) -> Response[Any]:
-    return error_response(409, str(exc), {"event_id": exc.event_id, "position": exc.position})
-
-
-def _unavailable(_: Request[Any, Any, Any], exc: LogUnavailable) -> Response[Any]:
+        }
+        return 409, str(exc), extra, {}
+    if isinstance(exc, EventIdReused):
+        return 409, str(exc), {"event_id": exc.event_id, "position": exc.position}, {}
     logger.warning("log unavailable: %s", exc)
-    response = error_response(503, str(exc))
-    response.headers["Retry-After"] = "1"
+    return 503, str(exc), {}, {"Retry-After": "1"}
+
+
+def _append_refused(_: Request[Any, Any, Any], exc: AppendRefusal) -> Response[Any]:
+    status_code, detail, extra, headers = append_refusal(exc)
+    response = error_response(status_code, detail, extra)
+    response.headers.update(headers)
     return response
 
 
@@ -107,9 +123,9 @@ exception_handlers: ExceptionHandlersMap = {
     InvalidReport: _invalid_report,
     InvalidUrl: _invalid_url,
     ValidationException: _validation,
-    VersionConflict: _version_conflict,
-    EventIdReused: _event_id_reused,
-    LogUnavailable: _unavailable,
+    VersionConflict: _append_refused,
+    EventIdReused: _append_refused,
+    LogUnavailable: _append_refused,
     DBAPIError: _database_down,
     PoolTimeout: _database_down,
     ConnectionError: _database_down,

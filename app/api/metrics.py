@@ -16,6 +16,7 @@ from litestar.datastructures import State
 from sqlalchemy import func, select
 
 from app.api.deps import ServicesDep
+from app.api.direct import DirectAppends
 from app.api.limits import SseConnections
 from app.observability import Histogram
 from app.projections.agents import agent_activities
@@ -157,6 +158,15 @@ async def metrics(services: ServicesDep, state: State) -> Response[bytes]:
             "counter",
             "SSE requests refused with 503 at the connection limit.",
             [({}, connections.refused)],
+        )
+    direct: DirectAppends | None = state.get("direct_appends")
+    if direct is not None:
+        out.family(
+            "activity_http_appends_total",
+            "counter",
+            "Append requests by who answered them: direct (in front of the router, "
+            "app/api/direct.py) or router (anything the direct path does not take).",
+            [({"path": "direct"}, direct.answered), ({"path": "router"}, direct.handed_on)],
         )
     out.family(
         "activity_log_subscribers",

@@ -108,6 +108,12 @@ class AccessPolicy:
             found |= hmac.compare_digest(probe, known)
         return found
 
+    def permits(self, scope: Scope, access: Access) -> bool:
+        """Whether :meth:`check` lets this request through to a route that needs ``access``."""
+        if access == "public" or (access == "write" and not self.writes_guarded):
+            return True
+        return self.accepts(_bearer(scope)[0], access)
+
     def may_read(self, scope: Scope) -> bool:
         token, _ = _bearer(scope)
         return self.accepts(token, "read")
