@@ -45,6 +45,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALL = ("append", "http", "fanout", "replay", "idle", "growth", "servers")
 
 NAIVE = "naive (in-memory list, asyncio.Condition)"
+#: The service with its append endpoints routed through Litestar like every other route.
+ROUTED = "service, appends through the router (DIRECT_APPENDS=0)"
 RAW_1000 = "raw sqlite3, batches of 1000, synchronous=FULL"
 RAW_100 = "raw sqlite3, batches of 100, synchronous=FULL"
 #: nchan replays a channel's buffer in time quadratic in its length (200,000 messages take
@@ -114,6 +116,7 @@ async def http_figures(quick: bool, rounds: int, servers: Servers) -> list[Figur
         for figure, measure in ((single, post_single), (batch, post_batch)):
             figure.add(SERVICE, await servers.run_service(measure))
             figure.add(NAIVE, await servers.run_naive(measure))
+            figure.add(ROUTED, await servers.run_service(measure, env={"DIRECT_APPENDS": "0"}))
     return [single, batch]
 
 

@@ -99,8 +99,12 @@ class Servers:
         return self.scratch / f"service-{self.count}.db"
 
     async def run_service(
-        self, measure: Callable[[str], Awaitable[float]], prefill: int = 0
+        self,
+        measure: Callable[[str], Awaitable[float]],
+        prefill: int = 0,
+        env: dict[str, str] | None = None,
     ) -> float:
+        """Start the service with ``env`` on top of its benchmark settings and measure it."""
         database = self._database()
         if prefill:
             await fill_log(database, prefill)
@@ -109,6 +113,7 @@ class Servers:
             # The content store is not measured; in memory, several runs never share a path.
             "SURREALDB_URL": "mem://",
             "HEARTBEAT_SECONDS": "15",
+            **(env or {}),
         }
 
         async def projected(base_url: str) -> float:
