@@ -97,9 +97,9 @@ async def _answers(tmp_path: Path, direct: bool) -> AsyncIterator[tuple[int, dic
         httpx.AsyncClient(base_url=server.base_url, timeout=30) as client,
     ):
         for path, headers, body in REQUESTS:
-            content = body if isinstance(body, bytes) else httpx.Request(
-                "POST", "/", json=body
-            ).content
+            content = (
+                body if isinstance(body, bytes) else httpx.Request("POST", "/", json=body).content
+            )
             response = await client.post(path, content=content, headers={**JSON, **headers})
             kept = {
                 name: response.headers[name]
