@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.database import upsert, write_transaction
@@ -38,6 +38,20 @@ logger = logging.getLogger(__name__)
 
 class UnknownProjection(KeyError):
     pass
+
+
+async def _read_checkpoints(
+    connection: AsyncConnection, projections: Sequence[Projection], *, for_update: bool = False
+) -> dict[str, int]:
+    query = (
+        select(checkpoints.c.name, checkpoints.c.position)
+        .where(checkpoints.c.name.in_([projection.name for projection in projections]))
+        .order_by(checkpoints.c.name)
+    )
+    if for_update:
+        query = query.with_for_update()
+    rows = (await connection.execute(query)).all()
+    return {name: int(position) for name, position in rows}
 
 
 class ProjectionRunner:
@@ -134,20 +148,56 @@ class ProjectionRunner:
         self, names: list[str], *, until: int | None = None
     ) -> dict[str, int]:
         """Fold the named projections up to ``until`` (or the head), one transaction per
-        round for all of them; returns each one's checkpoint. Checkpoints are locked in the
-        same order in every process."""
+        round for all of them; returns each one's checkpoint.
+
+        Each round reads the projections' next pages of events before it takes the write
+        lock: committed events never change, so only the projections' own reads and writes
+        need the lock. On SQLite that lock is the log's too, and every statement made while
+        holding it waits for a turn of a busy event loop, so this keeps appends from waiting
+        on the projections. Under the lock, a checkpoint that another process moved since
+        the page was read sends that projection back to reading its page under the lock.
+        Checkpoints are locked in the same order (by name) in every process."""
         if not self._checkpoints_ready:  # a runner used without start() has made no rows yet
             await self._ensure_checkpoints()
         pending = [self.get(name) for name in names]
         reached: dict[str, int] = {}
         while pending:
             async with self._engine.connect() as connection:
+                seen = await _read_checkpoints(connection, pending)
+                pages = {
+                    projection.name: await read_page(
+                        connection, seen[projection.name], projection.source_filter,
+                        self._batch_size,
+                    )
+                    for projection in pending
+                }  # fmt: skip
+            async with self._engine.connect() as connection:
                 connection = await write_transaction(connection)
                 async with connection.begin():
-                    stepped = [
-                        (projection, *await self._step(connection, projection))
-                        for projection in pending
-                    ]
+                    locked = await _read_checkpoints(connection, pending, for_update=True)
+                    stepped: list[tuple[Projection, int, bool]] = []
+                    moved: list[dict[str, object]] = []
+                    for projection in pending:
+                        position = locked[projection.name]
+                        page = pages[projection.name]
+                        if position != seen[projection.name]:
+                            page = await read_page(
+                                connection, position, projection.source_filter, self._batch_size
+                            )
+                        if page.scanned_to <= position:
+                            stepped.append((projection, position, False))
+                            continue
+                        if page.events:
+                            await projection.apply(connection, page.events)
+                        moved.append({"checkpoint": projection.name, "to": page.scanned_to})
+                        stepped.append((projection, page.scanned_to, page.scanned_to < page.head))
+                    if moved:
+                        await connection.execute(
+                            update(checkpoints)
+                            .where(checkpoints.c.name == bindparam("checkpoint"))
+                            .values(position=bindparam("to"), updated_at=utc_now()),
+                            moved,
+                        )
             pending = []
             for projection, position, more in stepped:
                 self._note(projection.name, position)

@@ -337,6 +337,46 @@ async def test_two_runners_on_two_engines_apply_every_event_once(log: Log) -> No
         await other_engine.dispose()
 
 
+async def test_a_checkpoint_moved_after_the_page_was_read_is_not_applied_twice(
+    log: Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner reads its page before it takes the write lock; when another process moves
+    the checkpoint in between, the page it read is stale and must be read again under the
+    lock, not applied."""
+    import app.projections.runner as runner_module
+
+    await append_events(log.store, 60, random.Random(9))
+    other_engine = create_engine(log.url, pool_size=2)
+    try:
+        slow, other = CountingProjection(), CountingProjection()
+        slow_runner = ProjectionRunner(log.engine, [slow], batch_size=1000)
+        other_runner = ProjectionRunner(other_engine, [other], batch_size=20)
+        await other_runner.catch_up(NAME, until=0)  # checkpoints exist, nothing applied yet
+        read_page = runner_module.read_page
+        interleaved = False
+
+        async def page_then_the_other_runner(*args: Any, **kwargs: Any) -> Any:
+            nonlocal interleaved
+            page = await read_page(*args, **kwargs)
+            if not interleaved:  # the slow runner's first read, before its lock
+                interleaved = True
+                # Part of the way: the stale page overlaps what the other runner applied.
+                assert 0 < await other_runner.catch_up(NAME, until=20) < await log.store.head()
+            return page
+
+        monkeypatch.setattr(runner_module, "read_page", page_then_the_other_runner)
+        head = await log.store.head()
+        assert await slow_runner.catch_up(NAME) == head
+        assert interleaved
+        assert other.applied > 0
+        assert slow.applied + other.applied == sum(
+            n for n, _, _ in (await projected(log.engine)).values()
+        )
+        assert await projected(log.engine) == await expected_now(log.engine)
+    finally:
+        await other_engine.dispose()
+
+
 async def test_rebuilds_while_events_keep_arriving_end_consistent(log: Log) -> None:
     live = ProjectionRunner(log.engine, [CountingProjection()], store=log.store, poll_seconds=0.2)
     other_engine = create_engine(log.url, pool_size=2)
