@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app.database import upsert, write_transaction
 from app.eventlog import EventStore
 from app.eventlog.envelope import utc_now
-from app.eventlog.store import read_page
+from app.eventlog.store import Page, read_page
 from app.projections.base import Projection, checkpoints
 
 __all__ = ["ProjectionRunner", "UnknownProjection"]
@@ -52,6 +52,18 @@ async def _read_checkpoints(
         query = query.with_for_update()
     rows = (await connection.execute(query)).all()
     return {name: int(position) for name, position in rows}
+
+
+async def _apply_page(
+    connection: AsyncConnection, projection: Projection, position: int, page: Page
+) -> tuple[int, bool]:
+    """Apply ``page`` (read after ``position``): the position the checkpoint moves to (the
+    same when the page holds nothing new) and whether more events follow it."""
+    if page.scanned_to <= position:
+        return position, False
+    if page.events:
+        await projection.apply(connection, page.events)
+    return page.scanned_to, page.scanned_to < page.head
 
 
 class ProjectionRunner:
@@ -184,13 +196,10 @@ class ProjectionRunner:
                             page = await read_page(
                                 connection, position, projection.source_filter, self._batch_size
                             )
-                        if page.scanned_to <= position:
-                            stepped.append((projection, position, False))
-                            continue
-                        if page.events:
-                            await projection.apply(connection, page.events)
-                        moved.append({"checkpoint": projection.name, "to": page.scanned_to})
-                        stepped.append((projection, page.scanned_to, page.scanned_to < page.head))
+                        to, more = await _apply_page(connection, projection, position, page)
+                        if to != position:
+                            moved.append({"checkpoint": projection.name, "to": to})
+                        stepped.append((projection, to, more))
                     if moved:
                         await connection.execute(
                             update(checkpoints)
@@ -215,16 +224,14 @@ class ProjectionRunner:
             )
         ).scalar_one()
         page = await read_page(connection, position, projection.source_filter, self._batch_size)
-        if page.scanned_to <= position:
-            return position, False
-        if page.events:
-            await projection.apply(connection, page.events)
-        await connection.execute(
-            update(checkpoints)
-            .where(checkpoints.c.name == projection.name)
-            .values(position=page.scanned_to, updated_at=utc_now())
-        )
-        return page.scanned_to, page.scanned_to < page.head
+        to, more = await _apply_page(connection, projection, position, page)
+        if to != position:
+            await connection.execute(
+                update(checkpoints)
+                .where(checkpoints.c.name == projection.name)
+                .values(position=to, updated_at=utc_now())
+            )
+        return to, more
 
     def _note(self, name: str, position: int) -> None:
         if position > self._positions.get(name, -1):
