@@ -93,10 +93,13 @@ class AccessPolicy:
         self.writes_guarded = bool(settings.api_tokens)
         self.reads_guarded = bool(settings.read_tokens)
 
+    def needs_token(self, access: Access) -> bool:
+        if access == "public":
+            return False
+        return self.writes_guarded if access == "write" else self.reads_guarded
+
     def accepts(self, token: str | None, access: Access) -> bool:
-        if access == "public" or (access == "read" and not self.reads_guarded):
-            return True
-        if access == "write" and not self.writes_guarded:
+        if not self.needs_token(access):
             return True
         if token is None:
             return False
@@ -109,10 +112,9 @@ class AccessPolicy:
         return found
 
     def permits(self, scope: Scope, access: Access) -> bool:
-        """Whether :meth:`check` lets this request through to a route that needs ``access``."""
-        if access == "public" or (access == "write" and not self.writes_guarded):
-            return True
-        return self.accepts(_bearer(scope)[0], access)
+        """Whether this request may reach a route that needs ``access`` (what :meth:`check`
+        decides; the headers are read only when a token is needed)."""
+        return not self.needs_token(access) or self.accepts(_bearer(scope)[0], access)
 
     def may_read(self, scope: Scope) -> bool:
         token, _ = _bearer(scope)
@@ -124,11 +126,9 @@ class AccessPolicy:
         method = str(scope.get("method", "GET"))
         path_template = str(scope.get("path_template", ""))
         access = access_for(method, path_template)
-        if access == "public" or (access == "read" and not self.reads_guarded):
-            return  # nothing to read from the request
-        token, malformed = _bearer(scope)
-        if self.accepts(token, access):
+        if self.permits(scope, access):
             return
+        token, malformed = _bearer(scope)
         needed = "an API token (API_TOKENS)" if access == "write" else "a read or API token"
         how = "Authorization: Bearer <token>"
         if is_stream(method, path_template):
