@@ -27,6 +27,7 @@ from app.eventlog import (
     VersionConflict,
     canonical_payload,
 )
+from app.eventlog.appenders import blocks_within, insert_rows
 from app.eventlog.store import page_query
 from app.services import Services
 from app.settings import Settings
@@ -501,6 +502,45 @@ async def test_appends_arriving_during_a_commit_all_go_into_the_next_one(
         assert sizes == [1, 30]
         assert [r.position for r in found] == list(range(1, 32))
         assert store.metrics.transactions == 2
+
+
+async def test_a_large_commit_stores_every_event_in_order(store: EventStore) -> None:
+    # 1,300 events in one request: on SQLite, one block of 1,024 rows, one of 256, and 20
+    # rows one by one; appends racing it land before or after it, never inside.
+    big = [new(f"s{n % 7}", n=n, text="é" * (n % 5)) for n in range(1300)]
+    racing = [asyncio.create_task(store.append_one(new("other", n=n))) for n in range(40)]
+    results = await store.append(big)
+    await asyncio.gather(*racing)
+
+    read = await read_all(store)
+    assert [e.position for e in read] == list(range(1, 1341))
+    mine = [e for e in read if e.source_id != "other"]
+    assert [e.position for e in mine] == [r.position for r in results]
+    assert mine[-1].position - mine[0].position == 1299
+    assert [bytes(e.payload) for e in mine] == [bytes(e.payload) for e in big]
+    for source in range(7):
+        versions = [e.version for e in mine if e.source_id == f"s{source}"]
+        assert versions == list(range(1, len(versions) + 1))
+    assert [e.payload_dict()["n"] for e in read if e.source_id == "other"] == list(range(40))
+
+
+@pytest.mark.parametrize("count", [0, 1, 255, 256, 257, 1023, 1024, 1283, 2000])
+def test_insert_rows_writes_blocks_and_the_rest_in_order(tmp_path: Path, count: int) -> None:
+    asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"))
+    rows = [
+        (n + 1, "agents", f"s{n % 3}", n // 3 + 1, "progress", str(uuid.uuid4()), "t", f"[{n}]")
+        for n in range(count)
+    ]
+    with contextlib.closing(sqlite3.connect(tmp_path / "events.db")) as connection:
+        insert_rows(connection, rows, blocks_within(32_766))
+        stored = connection.execute("SELECT * FROM events ORDER BY position").fetchall()
+    assert stored == rows
+
+
+def test_insert_blocks_fit_the_sqlite_parameter_limit() -> None:
+    assert blocks_within(32_766) == (1024, 256)
+    assert blocks_within(8 * 1024 - 1) == (256,)
+    assert blocks_within(999) == ()  # SQLite before 3.32: every row by executemany
 
 
 async def test_a_failed_transaction_fails_only_its_own_appends(
