@@ -196,9 +196,12 @@ class _Stop:
         self.future: Future[None] = Future()
 
 
-def blocks_within(max_parameters: int) -> tuple[int, ...]:
-    """The insert blocks a statement may bind (SQLite allows 999 parameters before 3.32,
-    32,766 since; 8 a row)."""
+def blocks_within(max_parameters: int, version: tuple[int, ...]) -> tuple[int, ...]:
+    """The insert blocks a statement may bind: 8 parameters a row, within the library's
+    limit (999 before SQLite 3.32, 32,766 since), and none before 3.8.8, where a long
+    ``VALUES`` list still counted against the 500 terms of a compound ``SELECT``."""
+    if version < (3, 8, 8):
+        return ()
     return tuple(size for size in INSERT_BLOCKS if size * 8 <= max_parameters)
 
 
@@ -275,7 +278,9 @@ class SqliteAppender:
         # Only this connection writes, so its page cache stays valid from one transaction to
         # the next: the index pages an append touches are found in memory, not re-read.
         connection.execute(f"PRAGMA cache_size=-{self._cache_kib}")
-        self._blocks = blocks_within(connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+        self._blocks = blocks_within(
+            connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), sqlite3.sqlite_version_info
+        )
         self._connection = connection
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -452,6 +452,8 @@ async def test_sqlite_appender_commits_durably(tmp_path: Path) -> None:
 
         # Queried on the appender's own connection, on its own thread.
         assert await appender._run(pragmas) == (2, "wal", 10_000)  # 2 = FULL
+        # This SQLite (3.32 or later) takes large commits in blocks of rows per statement.
+        assert appender._blocks == (1024, 256)
         path = sqlite_path(url)
         assert path is not None
         with contextlib.closing(sqlite3.connect(path)) as other:
@@ -532,15 +534,19 @@ def test_insert_rows_writes_blocks_and_the_rest_in_order(tmp_path: Path, count: 
         for n in range(count)
     ]
     with contextlib.closing(sqlite3.connect(tmp_path / "events.db")) as connection:
-        insert_rows(connection, rows, blocks_within(32_766))
+        blocks = blocks_within(32_766, sqlite3.sqlite_version_info)
+        assert blocks == (1024, 256)  # this SQLite takes them: the blocks are what is tested
+        insert_rows(connection, rows, blocks)
         stored = connection.execute("SELECT * FROM events ORDER BY position").fetchall()
     assert stored == rows
 
 
 def test_insert_blocks_fit_the_sqlite_parameter_limit() -> None:
-    assert blocks_within(32_766) == (1024, 256)
-    assert blocks_within(8 * 1024 - 1) == (256,)
-    assert blocks_within(999) == ()  # SQLite before 3.32: every row by executemany
+    assert blocks_within(32_766, (3, 45, 0)) == (1024, 256)
+    assert blocks_within(8 * 1024 - 1, (3, 45, 0)) == (256,)
+    assert blocks_within(999, (3, 31, 1)) == ()  # before 3.32: every row by executemany
+    # Before 3.8.8 a long VALUES list is a compound SELECT, capped at 500 terms.
+    assert blocks_within(250_000, (3, 8, 7)) == ()
 
 
 async def test_a_failed_transaction_fails_only_its_own_appends(
