@@ -56,12 +56,13 @@ APPEND_LOCK_KEY = 0x6163746976697479
 NOTIFY_CHANNEL = "activity_events"
 
 _COLUMNS = "position, stream, source_id, version, event, event_id, timestamp, payload"
-_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_ROW_PARAMETERS = _COLUMNS.count(",") + 1
+_ROW_MARKS = "(" + ", ".join("?" * _ROW_PARAMETERS) + ")"
+_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES {_ROW_MARKS}"
 #: Rows per multi-row INSERT, largest first (see insert_rows), and their statements.
 INSERT_BLOCKS = (1024, 256)
 _BLOCK_INSERT = {
-    size: f"INSERT INTO events ({_COLUMNS}) VALUES "
-    + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * size)
+    size: f"INSERT INTO events ({_COLUMNS}) VALUES " + ", ".join([_ROW_MARKS] * size)
     for size in INSERT_BLOCKS
 }
 
@@ -197,12 +198,12 @@ class _Stop:
 
 
 def blocks_within(max_parameters: int, version: tuple[int, ...]) -> tuple[int, ...]:
-    """The insert blocks a statement may bind: 8 parameters a row, within the library's
-    limit (999 before SQLite 3.32, 32,766 since), and none before 3.8.8, where a long
-    ``VALUES`` list still counted against the 500 terms of a compound ``SELECT``."""
+    """The insert blocks a statement may bind: a parameter per column of each row, within
+    the library's limit (999 before SQLite 3.32, 32,766 since), and none before 3.8.8, where
+    a long ``VALUES`` list still counted against the 500 terms of a compound ``SELECT``."""
     if version < (3, 8, 8):
         return ()
-    return tuple(size for size in INSERT_BLOCKS if size * 8 <= max_parameters)
+    return tuple(size for size in INSERT_BLOCKS if size * _ROW_PARAMETERS <= max_parameters)
 
 
 def insert_rows(
