@@ -61,8 +61,12 @@ _ROW_MARKS = "(" + ", ".join("?" * _ROW_PARAMETERS) + ")"
 _INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES {_ROW_MARKS}"
 #: Rows per multi-row INSERT, largest first (see insert_rows), and their statements.
 INSERT_BLOCKS = (1024, 256)
+# OR ROLLBACK: a multi-row statement that may fail part way (a unique index) otherwise keeps a
+# statement journal, a temporary file every page the statement changes is first copied into,
+# so that the statement alone can be undone; it doubled the bytes a commit wrote. A failure
+# here ends the whole transaction instead, which the appender rolls back in any case.
 _BLOCK_INSERT = {
-    size: f"INSERT INTO events ({_COLUMNS}) VALUES " + ", ".join([_ROW_MARKS] * size)
+    size: f"INSERT OR ROLLBACK INTO events ({_COLUMNS}) VALUES " + ", ".join([_ROW_MARKS] * size)
     for size in INSERT_BLOCKS
 }
 
@@ -218,6 +222,8 @@ def insert_rows(
     on the CPU; in blocks, 5.6 us). A block is one step and one wait. Below a block,
     ``executemany`` stays: it costs less CPU per row, and small commits are the ones
     in-process appends make.
+
+    A block that breaks a constraint rolls back the whole transaction (see ``_BLOCK_INSERT``).
     """
     start = 0
     for size in blocks:

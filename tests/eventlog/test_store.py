@@ -541,6 +541,29 @@ def test_insert_rows_writes_blocks_and_the_rest_in_order(tmp_path: Path, count: 
     assert stored == rows
 
 
+def test_a_block_that_breaks_a_constraint_rolls_back_the_whole_transaction(
+    tmp_path: Path,
+) -> None:
+    # Blocks are INSERT OR ROLLBACK: a failing block ends its transaction, so SQLite keeps
+    # no statement journal to undo only that statement (a temporary file every page the
+    # block touches was copied into, doubling what a commit writes).
+    asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"))
+    rows = [
+        (n + 2, "agents", "s", n + 2, "progress", str(uuid.uuid4()), "t", f"[{n}]")
+        for n in range(1024)
+    ]
+    rows[700] = (*rows[700][:3], 1, *rows[700][4:])  # the version of the row before them
+    with contextlib.closing(sqlite3.connect(tmp_path / "events.db", isolation_level=None)) as db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "INSERT INTO events VALUES (1, 'agents', 's', 1, 'progress', 'first', 't', '[]')"
+        )
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            insert_rows(db, rows, (1024,))
+        assert not db.in_transaction
+        assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+
+
 def test_insert_blocks_fit_the_sqlite_parameter_limit() -> None:
     assert blocks_within(32_766, (3, 45, 0)) == (1024, 256)
     assert blocks_within(8 * 1024 - 1, (3, 45, 0)) == (256,)
