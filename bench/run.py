@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.load import client_ceiling, post_events_raw, sse_replay
+from bench.load import client_ceiling, post_events_raw, sse_replay, wait_projected
 from bench.peers.nchan import NchanUnavailable, nchan_replay_rate, nchan_server
 from bench.raw_sqlite import raw_sqlite_rate
 from bench.redis_figures import (
@@ -105,19 +105,41 @@ async def http_figures(quick: bool, rounds: int, servers: Servers) -> list[Figur
         target=">= naive",
     )
 
+    # The same batch runs, timed until the service's projections hold every event too: what
+    # it sustains with its read models current. The naive peer keeps no read model.
+    projected = Figure(
+        "http_batch_projected",
+        "2. append over HTTP, batch endpoint, until the projections hold every event",
+        "events/s",
+        target="(none: what is sustained)",
+    )
+    until_projected: list[float] = []
+
     async def post_single(base_url: str) -> float:
         return await post_events_raw(base_url, 50, single_n, None)
 
     async def post_batch(base_url: str) -> float:
         return await post_events_raw(base_url, 50, batch_n, 100)
 
+    async def post_batch_then_project(base_url: str) -> float:
+        started = time.perf_counter()
+        rate = await post_batch(base_url)
+        await asyncio.to_thread(wait_projected, base_url)
+        until_projected.append(batch_n / (time.perf_counter() - started))
+        return rate
+
     for round_number in range(rounds):
         print(f"http: round {round_number + 1}/{rounds}", file=sys.stderr)
-        for figure, measure in ((single, post_single), (batch, post_batch)):
-            figure.add(SERVICE, await servers.run_service(measure))
-            figure.add(NAIVE, await servers.run_naive(measure))
-            figure.add(ROUTED, await servers.run_service(measure, env={"DIRECT_APPENDS": "0"}))
-    return [single, batch]
+        single.add(SERVICE, await servers.run_service(post_single))
+        single.add(NAIVE, await servers.run_naive(post_single))
+        single.add(ROUTED, await servers.run_service(post_single, env={"DIRECT_APPENDS": "0"}))
+        batch.add(SERVICE, await servers.run_service(post_batch_then_project))
+        projected.add(SERVICE, until_projected[-1])
+        naive_rate = await servers.run_naive(post_batch)
+        batch.add(NAIVE, naive_rate)
+        projected.add(NAIVE, naive_rate)
+        batch.add(ROUTED, await servers.run_service(post_batch, env={"DIRECT_APPENDS": "0"}))
+    return [single, batch, projected]
 
 
 async def replay_figures(quick: bool, rounds: int, servers: Servers) -> list[Figure]:

@@ -176,13 +176,7 @@ class ProjectionRunner:
         while pending:
             async with self._engine.connect() as connection:
                 seen = await _read_checkpoints(connection, pending)
-                pages = {
-                    projection.name: await read_page(
-                        connection, seen[projection.name], projection.source_filter,
-                        self._batch_size,
-                    )
-                    for projection in pending
-                }  # fmt: skip
+                pages = await self._read_pages(connection, pending, seen)
             async with self._engine.connect() as connection:
                 connection = await write_transaction(connection)
                 async with connection.begin():
@@ -214,6 +208,35 @@ class ProjectionRunner:
                 if more and (until is None or position < until):
                     pending.append(projection)
         return reached
+
+    async def _read_pages(
+        self, connection: AsyncConnection, projections: list[Projection], seen: dict[str, int]
+    ) -> dict[str, Page]:
+        """Each projection's next page. Projections at the same checkpoint (all of them, once
+        caught up) share one read of every event, as many as their own pages would hold
+        together, and each takes the events it folds: one read and one step for several
+        pages' worth, where reading each projection's page apart read most events twice."""
+        by_position: dict[int, list[Projection]] = {}
+        for projection in projections:
+            by_position.setdefault(seen[projection.name], []).append(projection)
+        pages: dict[str, Page] = {}
+        for position, together in by_position.items():
+            if len(together) == 1:
+                (projection,) = together
+                pages[projection.name] = await read_page(
+                    connection, position, projection.source_filter, self._batch_size
+                )
+                continue
+            shared = await read_page(connection, position, None, self._batch_size * len(together))
+            for projection in together:
+                wanted = projection.source_filter
+                found = (
+                    shared.events
+                    if wanted.is_empty
+                    else [event for event in shared.events if wanted.matches(event)]
+                )
+                pages[projection.name] = Page(found, shared.scanned_to, shared.head)
+        return pages
 
     async def _step(self, connection: AsyncConnection, projection: Projection) -> tuple[int, bool]:
         position = (

@@ -442,6 +442,60 @@ async def test_wait_for_times_out_then_sees_another_runner_catch_up(log: Log) ->
         await other_engine.dispose()
 
 
+class RecordingProjection:
+    """Keeps (in memory) the positions of the events it was given, in order."""
+
+    tables: Sequence[Table] = ()
+
+    def __init__(self, name: str, source_filter: EventFilter) -> None:
+        self.name = name
+        self.source_filter = source_filter
+        self.positions: list[int] = []
+
+    async def apply(self, connection: AsyncConnection, batch: Sequence[Event]) -> None:
+        self.positions.extend(item.position for item in batch)
+
+
+async def test_projections_at_one_checkpoint_share_each_read_and_get_their_own_events(
+    log: Log,
+) -> None:
+    everything = RecordingProjection("everything", EventFilter())
+    others = RecordingProjection("others", EventFilter(streams=("other",)))
+    runner = ProjectionRunner(log.engine, [CountingProjection(), everything, others], batch_size=10)
+    await append_events(log.store, 120, random.Random(7))
+    # "everything" goes ahead alone, so the next step starts from two checkpoints.
+    assert await runner.catch_up("everything", until=35) >= 35
+    reads: list[str] = []
+
+    def count_reads(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        # Pages are read between two positions (the store's own tail reads only one bound).
+        if "FROM events" in statement and "events.position <=" in statement:
+            reads.append(statement)
+
+    event.listen(log.engine.sync_engine, "before_cursor_execute", count_reads)
+    try:
+        await runner._catch_up_together(sorted(runner.projections))
+        head = await log.store.head()
+        async with log.engine.connect() as connection:
+            query = select(events.c.position, events.c.stream).order_by(events.c.position)
+            rows = (await connection.execute(query)).all()
+        assert everything.positions == [position for position, _ in rows]
+        assert others.positions == [position for position, stream in rows if stream == "other"]
+        assert await projected(log.engine) == await expected_now(log.engine)
+
+        # Level now: 25 new events are one read for all three (30 a page: 10 for each).
+        await append_events(log.store, 25, random.Random(8))
+        reads.clear()
+        reached = await runner._catch_up_together(sorted(runner.projections))
+        assert len(reads) == 1, reads
+        assert set(reached.values()) == {head + 25}
+    finally:
+        event.remove(log.engine.sync_engine, "before_cursor_execute", count_reads)
+    assert len(everything.positions) == head + 25
+    assert everything.positions == sorted(set(everything.positions))
+    assert await projected(log.engine) == await expected_now(log.engine)
+
+
 async def test_catch_up_on_an_empty_log_is_at_zero(log: Log) -> None:
     runner = ProjectionRunner(log.engine, [CountingProjection()])
     assert await runner.catch_up(NAME) == 0
