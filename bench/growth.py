@@ -789,7 +789,7 @@ async def rebuild_rate(log: Log) -> float:
     try:
         runner = ProjectionRunner(engine, all_projections())
         started = time.perf_counter()
-        positions = [await runner.rebuild(name) for name in sorted(runner.projections)]
+        positions = list((await runner.rebuild_together(sorted(runner.projections))).values())
         seconds = time.perf_counter() - started
     finally:
         await engine.dispose()

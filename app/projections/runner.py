@@ -294,26 +294,39 @@ class ProjectionRunner:
     async def rebuild(self, name: str) -> int:
         """Empty the projection and fold the whole log again, in one transaction: readers see
         the old rows until the new ones are complete."""
-        projection = self.get(name)
+        return (await self.rebuild_together([name]))[name]
+
+    async def rebuild_together(self, names: Sequence[str]) -> dict[str, int]:
+        """Rebuild the named projections in one transaction, sharing each read of the log
+        (see :meth:`_read_pages`); returns each one's checkpoint."""
+        chosen = [self.get(name) for name in sorted(set(names))]
         await self._ensure_checkpoints()
         async with self._engine.connect() as connection:
             connection = await write_transaction(connection)
             async with connection.begin():
-                await connection.execute(
-                    select(checkpoints.c.position)
-                    .where(checkpoints.c.name == name)
-                    .with_for_update()
-                )
-                for table in projection.tables:
-                    await connection.execute(delete(table))
+                # Locked in name order, as every step locks them.
+                await _read_checkpoints(connection, chosen, for_update=True)
+                for projection in chosen:
+                    for table in projection.tables:
+                        await connection.execute(delete(table))
+                positions = {projection.name: 0 for projection in chosen}
+                pending = chosen
+                while pending:
+                    pages = await self._read_pages(connection, pending, positions)
+                    following = []
+                    for projection in pending:
+                        name = projection.name
+                        positions[name], more = await _apply_page(
+                            connection, projection, positions[name], pages[name]
+                        )
+                        if more:
+                            following.append(projection)
+                    pending = following
                 await connection.execute(
                     update(checkpoints)
-                    .where(checkpoints.c.name == name)
-                    .values(position=0, updated_at=utc_now())
+                    .where(checkpoints.c.name == bindparam("checkpoint"))
+                    .values(position=bindparam("to"), updated_at=utc_now()),
+                    [{"checkpoint": name, "to": to} for name, to in positions.items()],
                 )
-                more = True
-                position = 0
-                while more:
-                    position, more = await self._step(connection, projection)
-        self._positions[name] = position
-        return position
+        self._positions.update(positions)
+        return positions

@@ -496,6 +496,40 @@ async def test_projections_at_one_checkpoint_share_each_read_and_get_their_own_e
     assert await projected(log.engine) == await expected_now(log.engine)
 
 
+async def test_rebuilding_together_folds_every_projection_from_zero_with_shared_reads(
+    log: Log,
+) -> None:
+    everything = RecordingProjection("everything", EventFilter())
+    others = RecordingProjection("others", EventFilter(streams=("other",)))
+    runner = ProjectionRunner(log.engine, [CountingProjection(), everything, others], batch_size=10)
+    await append_events(log.store, 95, random.Random(9))
+    await runner.catch_up(NAME)
+    async with log.engine.begin() as connection:  # a wrong row the rebuild must replace
+        await connection.execute(counts.update().values(events=counts.c.events + 1000))
+    reads: list[str] = []
+
+    def count_reads(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "FROM events" in statement and "events.position <=" in statement:
+            reads.append(statement)
+
+    event.listen(log.engine.sync_engine, "before_cursor_execute", count_reads)
+    try:
+        reached = await runner.rebuild_together([NAME, "everything", "others"])
+    finally:
+        event.remove(log.engine.sync_engine, "before_cursor_execute", count_reads)
+    head = await log.store.head()
+    assert reached == {NAME: head, "everything": head, "others": head}
+    assert len(reads) == 4  # 95 events, 30 a shared page: 4 reads, not 10 for each of 3
+    assert everything.positions == list(range(1, head + 1))
+    async with log.engine.connect() as connection:
+        query = select(events.c.position).where(events.c.stream == "other")
+        assert others.positions == list(
+            (await connection.execute(query.order_by("position"))).scalars()
+        )
+    assert await projected(log.engine) == await expected_now(log.engine)
+    assert await checkpoint_of(log.engine) == head
+
+
 async def test_catch_up_on_an_empty_log_is_at_zero(log: Log) -> None:
     runner = ProjectionRunner(log.engine, [CountingProjection()])
     assert await runner.catch_up(NAME) == 0
