@@ -301,8 +301,9 @@ def wait_ready(
 
 
 def wait_projected(base_url: str, timeout: float = 600.0) -> None:
-    """Wait until the service's projections have folded the whole log (``GET /health``), so
-    that a figure measured on a pre-filled log is not sharing the server with that fold."""
+    """Wait until the service's projections have folded the whole log (``GET /health``): so
+    that a figure measured on a pre-filled log is not sharing the server with that fold, and
+    to time a run until its events are projected. Polled every 50 ms."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         checks = httpx.get(f"{base_url}/health", timeout=10.0).json()
@@ -310,7 +311,7 @@ def wait_projected(base_url: str, timeout: float = 600.0) -> None:
         points = [entry.get("checkpoint") for entry in checks.get("projections", {}).values()]
         if head is not None and points and all(point >= head for point in points):
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise TimeoutError(f"{base_url}: the projections did not reach the head in {timeout}s")
 
 
