@@ -238,24 +238,6 @@ class ProjectionRunner:
                 pages[projection.name] = Page(found, shared.scanned_to, shared.head)
         return pages
 
-    async def _step(self, connection: AsyncConnection, projection: Projection) -> tuple[int, bool]:
-        position = (
-            await connection.execute(
-                select(checkpoints.c.position)
-                .where(checkpoints.c.name == projection.name)
-                .with_for_update()
-            )
-        ).scalar_one()
-        page = await read_page(connection, position, projection.source_filter, self._batch_size)
-        to, more = await _apply_page(connection, projection, position, page)
-        if to != position:
-            await connection.execute(
-                update(checkpoints)
-                .where(checkpoints.c.name == projection.name)
-                .values(position=to, updated_at=utc_now())
-            )
-        return to, more
-
     def _note(self, name: str, position: int) -> None:
         if position > self._positions.get(name, -1):
             self._positions[name] = position
