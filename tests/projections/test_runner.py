@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -456,24 +456,42 @@ class RecordingProjection:
         self.positions.extend(item.position for item in batch)
 
 
-async def test_projections_at_one_checkpoint_share_each_read_and_get_their_own_events(
-    log: Log,
-) -> None:
-    everything = RecordingProjection("everything", EventFilter())
-    others = RecordingProjection("others", EventFilter(streams=("other",)))
-    runner = ProjectionRunner(log.engine, [CountingProjection(), everything, others], batch_size=10)
-    await append_events(log.store, 120, random.Random(7))
-    # "everything" goes ahead alone, so the next step starts from two checkpoints.
-    assert await runner.catch_up("everything", until=35) >= 35
+@contextlib.contextmanager
+def page_reads(engine: AsyncEngine) -> Iterator[list[str]]:
+    """The pages of events read on ``engine`` meanwhile (a page is read between two
+    positions; the store's own tail reads only one bound)."""
     reads: list[str] = []
 
-    def count_reads(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        # Pages are read between two positions (the store's own tail reads only one bound).
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if "FROM events" in statement and "events.position <=" in statement:
             reads.append(statement)
 
-    event.listen(log.engine.sync_engine, "before_cursor_execute", count_reads)
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
     try:
+        yield reads
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", count)
+
+
+def three_projections(
+    log: Log,
+) -> tuple[ProjectionRunner, RecordingProjection, RecordingProjection]:
+    """The counting projection, one recording every event and one recording the "other"
+    stream's, 10 events a page each."""
+    everything = RecordingProjection("everything", EventFilter())
+    others = RecordingProjection("others", EventFilter(streams=("other",)))
+    runner = ProjectionRunner(log.engine, [CountingProjection(), everything, others], batch_size=10)
+    return runner, everything, others
+
+
+async def test_projections_at_one_checkpoint_share_each_read_and_get_their_own_events(
+    log: Log,
+) -> None:
+    runner, everything, others = three_projections(log)
+    await append_events(log.store, 120, random.Random(7))
+    # "everything" goes ahead alone, so the next step starts from two checkpoints.
+    assert await runner.catch_up("everything", until=35) >= 35
+    with page_reads(log.engine) as reads:
         await runner._catch_up_together(sorted(runner.projections))
         head = await log.store.head()
         async with log.engine.connect() as connection:
@@ -489,8 +507,6 @@ async def test_projections_at_one_checkpoint_share_each_read_and_get_their_own_e
         reached = await runner._catch_up_together(sorted(runner.projections))
         assert len(reads) == 1, reads
         assert set(reached.values()) == {head + 25}
-    finally:
-        event.remove(log.engine.sync_engine, "before_cursor_execute", count_reads)
     assert len(everything.positions) == head + 25
     assert everything.positions == sorted(set(everything.positions))
     assert await projected(log.engine) == await expected_now(log.engine)
@@ -499,24 +515,13 @@ async def test_projections_at_one_checkpoint_share_each_read_and_get_their_own_e
 async def test_rebuilding_together_folds_every_projection_from_zero_with_shared_reads(
     log: Log,
 ) -> None:
-    everything = RecordingProjection("everything", EventFilter())
-    others = RecordingProjection("others", EventFilter(streams=("other",)))
-    runner = ProjectionRunner(log.engine, [CountingProjection(), everything, others], batch_size=10)
+    runner, everything, others = three_projections(log)
     await append_events(log.store, 95, random.Random(9))
     await runner.catch_up(NAME)
     async with log.engine.begin() as connection:  # a wrong row the rebuild must replace
         await connection.execute(counts.update().values(events=counts.c.events + 1000))
-    reads: list[str] = []
-
-    def count_reads(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if "FROM events" in statement and "events.position <=" in statement:
-            reads.append(statement)
-
-    event.listen(log.engine.sync_engine, "before_cursor_execute", count_reads)
-    try:
+    with page_reads(log.engine) as reads:
         reached = await runner.rebuild_together([NAME, "everything", "others"])
-    finally:
-        event.remove(log.engine.sync_engine, "before_cursor_execute", count_reads)
     head = await log.store.head()
     assert reached == {NAME: head, "everything": head, "others": head}
     assert len(reads) == 4  # 95 events, 30 a shared page: 4 reads, not 10 for each of 3
