@@ -54,6 +54,17 @@ async def _read_checkpoints(
     return {name: int(position) for name, position in rows}
 
 
+async def _move_checkpoints(connection: AsyncConnection, moved: dict[str, int]) -> None:
+    """Set each named projection's checkpoint to its new position (one statement)."""
+    if moved:
+        await connection.execute(
+            update(checkpoints)
+            .where(checkpoints.c.name == bindparam("checkpoint"))
+            .values(position=bindparam("to"), updated_at=utc_now()),
+            [{"checkpoint": name, "to": to} for name, to in moved.items()],
+        )
+
+
 async def _apply_page(
     connection: AsyncConnection, projection: Projection, position: int, page: Page
 ) -> tuple[int, bool]:
@@ -182,7 +193,7 @@ class ProjectionRunner:
                 async with connection.begin():
                     locked = await _read_checkpoints(connection, pending, for_update=True)
                     stepped: list[tuple[Projection, int, bool]] = []
-                    moved: list[dict[str, object]] = []
+                    moved: dict[str, int] = {}
                     for projection in pending:
                         position = locked[projection.name]
                         page = pages[projection.name]
@@ -192,15 +203,9 @@ class ProjectionRunner:
                             )
                         to, more = await _apply_page(connection, projection, position, page)
                         if to != position:
-                            moved.append({"checkpoint": projection.name, "to": to})
+                            moved[projection.name] = to
                         stepped.append((projection, to, more))
-                    if moved:
-                        await connection.execute(
-                            update(checkpoints)
-                            .where(checkpoints.c.name == bindparam("checkpoint"))
-                            .values(position=bindparam("to"), updated_at=utc_now()),
-                            moved,
-                        )
+                    await _move_checkpoints(connection, moved)
             pending = []
             for projection, position, more in stepped:
                 self._note(projection.name, position)
@@ -304,11 +309,6 @@ class ProjectionRunner:
                         if more:
                             following.append(projection)
                     pending = following
-                await connection.execute(
-                    update(checkpoints)
-                    .where(checkpoints.c.name == bindparam("checkpoint"))
-                    .values(position=bindparam("to"), updated_at=utc_now()),
-                    [{"checkpoint": name, "to": to} for name, to in positions.items()],
-                )
+                await _move_checkpoints(connection, positions)
         self._positions.update(positions)
         return positions
