@@ -21,6 +21,8 @@ import msgspec
 import uvicorn
 
 from app.asgi import create_app
+from app.eventlog import EventStore, NewEvent, canonical_payload
+from app.projections.agents import AGENT_STREAM
 from app.services import Services
 from app.settings import Settings, load_settings
 
@@ -29,8 +31,10 @@ __all__ = [
     "ServerProcess",
     "SseFrame",
     "agent_event",
+    "busy_log",
     "free_port",
     "make_settings",
+    "new_agent_event",
     "read_frames",
     "running_server",
 ]
@@ -62,6 +66,31 @@ def agent_event(
     event: str = "progress", agent_name: str = "tagger", **payload: Any
 ) -> dict[str, Any]:
     return {"event": event, "payload": {"agent_name": agent_name, **payload}}
+
+
+def new_agent_event(source_id: str, message: str) -> NewEvent:
+    payload = canonical_payload({"agent_name": "a", "message": message})
+    return NewEvent(stream=AGENT_STREAM, source_id=source_id, event="progress", payload=payload)
+
+
+@contextlib.asynccontextmanager
+async def busy_log(store: EventStore, producers: int = 8) -> AsyncIterator[list[int]]:
+    """Producers append 200 events at a time back to back while the block runs, so that the
+    log's writer is never idle; yields the list the events they appended are counted into."""
+    stop = asyncio.Event()
+    appended: list[int] = []
+
+    async def produce(producer: int) -> None:
+        while not stop.is_set():
+            batch = [new_agent_event(f"busy-{producer}-{n % 10}", "busy") for n in range(200)]
+            appended.append(len(await store.append(batch)))
+
+    tasks = [asyncio.create_task(produce(n)) for n in range(producers)]
+    try:
+        yield appended
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
 
 
 @dataclass

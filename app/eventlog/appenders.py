@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,6 +103,10 @@ class Appender(Protocol):
 
     async def probe(self) -> str | None:
         """What stops writes now (a lock held elsewhere, a full disk), or None."""
+        ...
+
+    def turn(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Appends wait between two transactions while the caller writes to the database."""
         ...
 
     async def close(self) -> None:
@@ -192,6 +196,25 @@ class _Call:
             self.future.set_result(result)
 
 
+class _Pause:
+    """Another writer's turn: the appender waits, between two transactions, until released."""
+
+    __slots__ = ("holding", "released")
+
+    def __init__(self) -> None:
+        #: Set when the appender has stopped for this turn.
+        self.holding: Future[None] = Future()
+        self.released = threading.Event()
+
+    def hold(self, limit: float) -> None:
+        if not self.holding.set_running_or_notify_cancel():
+            return  # the caller stopped waiting for its turn
+        self.holding.set_result(None)
+        if not self.released.wait(limit):
+            # The lock itself is SQLite's; past this, appends wait for it there instead.
+            logger.warning("a writer held its turn for more than %g s; appending again", limit)
+
+
 class _Stop:
     """Commit what is waiting, close the connection, end the thread."""
 
@@ -258,7 +281,9 @@ class SqliteAppender:
         self._busy_ms = int(busy_timeout_seconds * 1000)
         self._max_batch = max_batch_events
         self._cache_kib = cache_kib
-        self._inbox: queue.SimpleQueue[list[AppendRequest] | _Call | _Stop] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[AppendRequest] | _Call | _Pause | _Stop] = (
+            queue.SimpleQueue()
+        )
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_commit: OnCommit | None = None
@@ -300,6 +325,28 @@ class SqliteAppender:
     def submit(self, requests: list[AppendRequest]) -> None:
         self._inbox.put(requests)
 
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Hold appends between two transactions while the caller writes (a projection step).
+
+        The caller's ``BEGIN IMMEDIATE`` then finds SQLite's write lock free, and appends go
+        on the moment it is done. Left to SQLite's busy handler, a writer retries with sleeps
+        growing to 100 ms, and the appender, which takes the lock again as soon as it commits,
+        won nearly every retry: projections stalled for up to a second at a time under
+        load. The turn orders the writers only; the lock stays SQLite's, so a turn held
+        past the busy timeout lets appends go back to waiting for the lock itself.
+        """
+        if self._thread is None:  # closed: no appends to hold
+            yield
+            return
+        pause = _Pause()
+        self._inbox.put(pause)
+        try:
+            await asyncio.wrap_future(pause.holding)
+            yield
+        finally:
+            pause.released.set()
+
     def _serve(self) -> None:
         inbox = self._inbox
         waiting: deque[AppendRequest] = deque()
@@ -318,6 +365,8 @@ class SqliteAppender:
                     waiting.extend(item)
                 elif isinstance(item, _Call):
                     item.run()
+                elif isinstance(item, _Pause):
+                    item.hold(self._busy_ms / 1000)
                 else:
                     stop = item
             if waiting:
@@ -527,6 +576,11 @@ class PostgresAppender:
     async def probe(self) -> str | None:
         # The connection is the writer's alone; /health's reads show whether the server answers.
         return None
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        # Appends take only their advisory lock: other writers never wait for them.
+        yield
 
     async def _discard(self) -> None:
         if self._connection is not None:

@@ -12,6 +12,7 @@ commit wakes all run before the hand-over, so they travel (and usually commit) t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -256,6 +257,11 @@ class EventStore:
         if problem is None and self.metrics.last_failure is failure:
             self.metrics.last_failure = None
         return problem
+
+    def write_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold this store's appends while the caller writes to the same database, so that
+        it does not wait on, or stall, them for the database's write lock (SQLite's only)."""
+        return self._appender.turn()
 
     async def append_one(self, event: NewEvent) -> AppendResult:
         return (await self.append([event]))[0]

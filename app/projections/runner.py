@@ -179,7 +179,10 @@ class ProjectionRunner:
         holding it waits for a turn of a busy event loop, so this keeps appends from waiting
         on the projections. Under the lock, a checkpoint that another process moved since
         the page was read sends that projection back to reading its page under the lock.
-        Checkpoints are locked in the same order (by name) in every process."""
+        Checkpoints are locked in the same order (by name) in every process. The write
+        transaction runs in the store's write turn (:meth:`EventStore.write_turn`): on SQLite
+        the appender waits for it between two commits, rather than both polling for the
+        lock, which the appender, taking it again the moment it commits, nearly always won."""
         if not self._checkpoints_ready:  # a runner used without start() has made no rows yet
             await self._ensure_checkpoints()
         pending = [self.get(name) for name in names]
@@ -188,7 +191,7 @@ class ProjectionRunner:
             async with self._engine.connect() as connection:
                 seen = await _read_checkpoints(connection, pending)
                 pages = await self._read_pages(connection, pending, seen)
-            async with self._engine.connect() as connection:
+            async with self._write_turn(), self._engine.connect() as connection:
                 connection = await write_transaction(connection)
                 async with connection.begin():
                     locked = await _read_checkpoints(connection, pending, for_update=True)
@@ -213,6 +216,12 @@ class ProjectionRunner:
                 if more and (until is None or position < until):
                     pending.append(projection)
         return reached
+
+    def _write_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """The store's appends wait while a step writes (see ``EventStore.write_turn``)."""
+        if self._store is None:
+            return contextlib.nullcontext()
+        return self._store.write_turn()
 
     async def _read_pages(
         self, connection: AsyncConnection, projections: list[Projection], seen: dict[str, int]

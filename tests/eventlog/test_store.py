@@ -506,6 +506,48 @@ async def test_appends_arriving_during_a_commit_all_go_into_the_next_one(
         assert store.metrics.transactions == 2
 
 
+async def test_a_write_turn_holds_appends_and_leaves_the_write_lock_free(tmp_path: Path) -> None:
+    async with sqlite_store(tmp_path) as store:
+        async with store.write_turn():
+            held = asyncio.create_task(store.append_one(new("held")))
+            await asyncio.sleep(0.1)
+            assert not held.done()
+            # Another writer takes SQLite's write lock at once: no busy wait at all.
+            with contextlib.closing(
+                sqlite3.connect(tmp_path / "events.db", isolation_level=None, timeout=0)
+            ) as other:
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+        result = await asyncio.wait_for(held, 5)
+        assert (result.position, result.version) == (1, 1)
+
+
+async def test_a_turn_given_up_while_waiting_does_not_hold_appends(tmp_path: Path) -> None:
+    async with sqlite_store(tmp_path) as store:
+
+        async def take_turn() -> None:
+            async with store.write_turn():
+                raise AssertionError("the turn was given up before it came")
+
+        async with store.write_turn():
+            waiting = asyncio.create_task(take_turn())
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        # The appender passes the abandoned turn by (it would otherwise wait out the busy
+        # timeout of 10 s for a release that never comes).
+        result = await asyncio.wait_for(store.append_one(new("after")), 2)
+        assert result.position == 1
+
+
+async def test_a_write_turn_on_a_closed_store_holds_nothing(tmp_path: Path) -> None:
+    async with sqlite_store(tmp_path) as store:
+        pass
+    async with asyncio.timeout(2), store.write_turn():
+        pass
+
+
 async def test_a_large_commit_stores_every_event_in_order(store: EventStore) -> None:
     # 1,300 events in one request: on SQLite, one block of 1,024 rows, one of 256, and 20
     # rows one by one; appends racing it land before or after it, never inside.

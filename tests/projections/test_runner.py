@@ -36,7 +36,7 @@ from app.eventlog import Event, EventFilter, EventStore, NewEvent, canonical_pay
 from app.eventlog.tables import events
 from app.projections import ProjectionRunner, UnknownProjection, checkpoints
 from app.services import Services
-from tests.support import ROOT
+from tests.support import ROOT, busy_log, new_agent_event
 
 NAME = "counts"
 count_metadata = MetaData()
@@ -560,3 +560,24 @@ async def test_unknown_projection_names_the_known_ones(services: Services) -> No
             assert name in message
     with pytest.raises(KeyError):
         runner.get("nope")
+
+
+async def test_reads_see_their_own_writes_while_appends_keep_the_log_busy(
+    services: Services,
+) -> None:
+    # The log's writer is never idle; a reader's write must still reach the agents
+    # projection promptly. On SQLite the projection's step takes a turn between two of the
+    # appender's transactions: polling for the write lock, it lost nearly every retry to the
+    # appender, and the wait grew past a second within a few seconds of such load.
+    store, runner = services.store, services.projections
+    loop = asyncio.get_running_loop()
+    waits: list[float] = []
+    async with busy_log(store) as appended:
+        for attempt in range(15):
+            await asyncio.sleep(0.1)
+            written = await store.append_one(new_agent_event("reader", f"write {attempt}"))
+            started = loop.time()
+            assert await runner.wait_for("agents", written.position, within=5.0)
+            waits.append(loop.time() - started)
+    assert sum(appended) > 15 * 2000  # the log was busy throughout
+    assert max(waits) < 1.0, waits
