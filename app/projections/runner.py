@@ -235,13 +235,16 @@ class ProjectionRunner:
             by_position.setdefault(seen[projection.name], []).append(projection)
         pages: dict[str, Page] = {}
         for position, together in by_position.items():
-            if len(together) == 1:
+            limit = self._batch_size * len(together)
+            shared = self._recent(position, limit)
+            if shared is None and len(together) == 1:
                 (projection,) = together
                 pages[projection.name] = await read_page(
                     connection, position, projection.source_filter, self._batch_size
                 )
                 continue
-            shared = await read_page(connection, position, None, self._batch_size * len(together))
+            if shared is None:
+                shared = await read_page(connection, position, None, limit)
             for projection in together:
                 wanted = projection.source_filter
                 found = (
@@ -251,6 +254,22 @@ class ProjectionRunner:
                 )
                 pages[projection.name] = Page(found, shared.scanned_to, shared.head)
         return pages
+
+    def _recent(self, position: int, limit: int) -> Page | None:
+        """Up to ``limit`` events after ``position`` from the store's feed, which holds the
+        newest committed events in memory (None when it no longer holds them all: then the
+        table is read). A runner that keeps up takes every page from there: no query, and
+        no rows to turn into events again."""
+        if self._store is None:
+            return None
+        feed = self._store.feed
+        entries = feed.entries_after(position)
+        if entries is None:
+            return None
+        if len(entries) > limit:
+            events = [entry.event for entry in entries[:limit]]
+            return Page(events, events[-1].position, feed.head)
+        return Page([entry.event for entry in entries], feed.head, feed.head)
 
     def _note(self, name: str, position: int) -> None:
         if position > self._positions.get(name, -1):

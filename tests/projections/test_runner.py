@@ -112,13 +112,13 @@ class Log:
 
 
 @contextlib.asynccontextmanager
-async def open_log(url: str) -> AsyncIterator[Log]:
+async def open_log(url: str, *, feed_capacity: int = 10_000) -> AsyncIterator[Log]:
     await upgrade_database(url)
     engine = create_engine(url, pool_size=4)
     try:
         async with engine.begin() as connection:
             await connection.run_sync(count_metadata.create_all)
-        store = await EventStore.open(engine, poll_seconds=0.2)
+        store = await EventStore.open(engine, poll_seconds=0.2, feed_capacity=feed_capacity)
         try:
             yield Log(url, engine, store)
         finally:
@@ -474,14 +474,30 @@ def page_reads(engine: AsyncEngine) -> Iterator[list[str]]:
 
 
 def three_projections(
-    log: Log,
+    log: Log, *, feed: bool = False
 ) -> tuple[ProjectionRunner, RecordingProjection, RecordingProjection]:
     """The counting projection, one recording every event and one recording the "other"
-    stream's, 10 events a page each."""
+    stream's, 10 events a page each; with ``feed``, the runner follows the log's store."""
     everything = RecordingProjection("everything", EventFilter())
     others = RecordingProjection("others", EventFilter(streams=("other",)))
-    runner = ProjectionRunner(log.engine, [CountingProjection(), everything, others], batch_size=10)
+    runner = ProjectionRunner(
+        log.engine,
+        [CountingProjection(), everything, others],
+        store=log.store if feed else None,
+        batch_size=10,
+    )
     return runner, everything, others
+
+
+async def assert_recorded_every_event(
+    log: Log, everything: RecordingProjection, others: RecordingProjection
+) -> None:
+    async with log.engine.connect() as connection:
+        query = select(events.c.position, events.c.stream).order_by(events.c.position)
+        rows = (await connection.execute(query)).all()
+    assert everything.positions == [position for position, _ in rows]
+    assert others.positions == [position for position, stream in rows if stream == "other"]
+    assert await projected(log.engine) == await expected_now(log.engine)
 
 
 async def test_projections_at_one_checkpoint_share_each_read_and_get_their_own_events(
@@ -494,12 +510,7 @@ async def test_projections_at_one_checkpoint_share_each_read_and_get_their_own_e
     with page_reads(log.engine) as reads:
         await runner._catch_up_together(sorted(runner.projections))
         head = await log.store.head()
-        async with log.engine.connect() as connection:
-            query = select(events.c.position, events.c.stream).order_by(events.c.position)
-            rows = (await connection.execute(query)).all()
-        assert everything.positions == [position for position, _ in rows]
-        assert others.positions == [position for position, stream in rows if stream == "other"]
-        assert await projected(log.engine) == await expected_now(log.engine)
+        await assert_recorded_every_event(log, everything, others)
 
         # Level now: 25 new events are one read for all three (30 a page: 10 for each).
         await append_events(log.store, 25, random.Random(8))
@@ -533,6 +544,28 @@ async def test_rebuilding_together_folds_every_projection_from_zero_with_shared_
         )
     assert await projected(log.engine) == await expected_now(log.engine)
     assert await checkpoint_of(log.engine) == head
+
+
+@pytest.mark.parametrize("feed_capacity", [10_000, 20])
+async def test_a_runner_that_keeps_up_takes_its_pages_from_the_feed(
+    database_url: str, feed_capacity: int
+) -> None:
+    async with open_log(database_url, feed_capacity=feed_capacity) as log:
+        runner, everything, others = three_projections(log, feed=True)
+        await append_events(log.store, 95, random.Random(11))
+        with page_reads(log.engine) as reads:
+            await runner._catch_up_together(sorted(runner.projections))
+        # The feed holds its newest events only: what it no longer holds comes from the
+        # table, 30 events a read (75 of 95 with room for 20: 3 reads).
+        assert len(reads) == (0 if feed_capacity > 95 else 3)
+        await assert_recorded_every_event(log, everything, others)
+
+        # Level now: new events come from the feed whatever its size.
+        await append_events(log.store, 15, random.Random(12))
+        with page_reads(log.engine) as reads:
+            await runner._catch_up_together(sorted(runner.projections))
+        assert reads == []
+        await assert_recorded_every_event(log, everything, others)
 
 
 async def test_catch_up_on_an_empty_log_is_at_zero(log: Log) -> None:
