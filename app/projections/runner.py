@@ -236,7 +236,7 @@ class ProjectionRunner:
         pages: dict[str, Page] = {}
         for position, together in by_position.items():
             limit = self._batch_size * len(together)
-            shared = self._recent(position, limit)
+            shared = self._recent(position)
             if shared is None and len(together) == 1:
                 (projection,) = together
                 pages[projection.name] = await read_page(
@@ -255,20 +255,18 @@ class ProjectionRunner:
                 pages[projection.name] = Page(found, shared.scanned_to, shared.head)
         return pages
 
-    def _recent(self, position: int, limit: int) -> Page | None:
-        """Up to ``limit`` events after ``position`` from the store's feed, which holds the
-        newest committed events in memory (None when it no longer holds them all: then the
-        table is read). A runner that keeps up takes every page from there: no query, and
-        no rows to turn into events again."""
+    def _recent(self, position: int) -> Page | None:
+        """The events after ``position`` from the store's feed, which holds the newest
+        committed events in memory (its capacity bounds the page), or None when it no longer
+        holds them all and the table is read. A runner that keeps up takes every page from
+        there: no query, no rows to turn into events again, and as many events a step as
+        have arrived since the last (fewer steps, each a turn of the write lock)."""
         if self._store is None:
             return None
         feed = self._store.feed
         entries = feed.entries_after(position)
         if entries is None:
             return None
-        if len(entries) > limit:
-            events = [entry.event for entry in entries[:limit]]
-            return Page(events, events[-1].position, feed.head)
         return Page([entry.event for entry in entries], feed.head, feed.head)
 
     def _note(self, name: str, position: int) -> None:
