@@ -29,6 +29,7 @@ __all__ = [
     "post_events_raw",
     "raise_open_files",
     "read_response",
+    "read_your_writes",
     "sse_replay",
     "start_server",
     "stop_server",
@@ -105,6 +106,34 @@ async def post_events(base_url: str, clients: int, total: int, batch: int | None
                 group.create_task(_post_until_empty(client, requests))
         elapsed = time.perf_counter() - started
     return total / elapsed
+
+
+async def read_your_writes(base_url: str, stop: asyncio.Event) -> tuple[list[float], int]:
+    """Until ``stop``: post one event to a source of its own, then read that source's
+    activity (``GET /agents/{source_id}``, which waits up to 2 s for the projection to
+    reach the log's head) and check that it shows the event. Returns each read's seconds
+    and how many answered without the event (stale). A client watching its own work."""
+    waits: list[float] = []
+    stale = 0
+    prefix = f"ryw-{os.urandom(4).hex()}"
+    async with httpx.AsyncClient(base_url=base_url, timeout=_TIMEOUT) as client:
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            source_id, message = f"{prefix}-{attempt % 5}", f"write {attempt}"
+            posted = await client.post(
+                f"/agents/{source_id}/events",
+                json={"event": "progress", "payload": {"agent_name": "probe", "message": message}},
+            )
+            if posted.status_code != 201:
+                raise RuntimeError(f"POST -> {posted.status_code}: {posted.text[:200]}")
+            started = time.perf_counter()
+            read = await client.get(f"/agents/{source_id}")
+            waits.append(time.perf_counter() - started)
+            if read.status_code != 200 or read.json().get("message") != message:
+                stale += 1
+            await asyncio.sleep(0.02)
+    return waits, stale
 
 
 def _raw_request(host: str, path: str, body: bytes) -> bytes:

@@ -24,7 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.load import client_ceiling, post_events_raw, sse_replay, wait_projected
+from bench.load import (
+    client_ceiling,
+    post_events_raw,
+    read_your_writes,
+    sse_replay,
+    wait_projected,
+)
 from bench.peers.nchan import NchanUnavailable, nchan_replay_rate, nchan_server
 from bench.raw_sqlite import raw_sqlite_rate
 from bench.redis_figures import (
@@ -114,6 +120,21 @@ async def http_figures(quick: bool, rounds: int, servers: Servers) -> list[Figur
         target="(none: what is sustained)",
     )
     until_projected: list[float] = []
+    # During the same runs, a client posting one event at a time and reading its own
+    # activity back: how long the read waits for the projection, and how often it is stale.
+    fresh_p99 = Figure(
+        "http_batch_read_your_writes_p99",
+        "2. during the batch runs: GET /agents/{id} after its own POST, p99",
+        "ms",
+        higher_is_better=False,
+        target="(none: reads wait up to 2 s for their write)",
+    )
+    stale = Figure(
+        "http_batch_read_your_writes_stale",
+        "2. during the batch runs: those reads answered without their write",
+        "%",
+        higher_is_better=False,
+    )
 
     async def post_single(base_url: str) -> float:
         return await post_events_raw(base_url, 50, single_n, None)
@@ -122,10 +143,19 @@ async def http_figures(quick: bool, rounds: int, servers: Servers) -> list[Figur
         return await post_events_raw(base_url, 50, batch_n, 100)
 
     async def post_batch_then_project(base_url: str) -> float:
+        stop = asyncio.Event()
+        reader = asyncio.create_task(read_your_writes(base_url, stop))
         started = time.perf_counter()
-        rate = await post_batch(base_url)
+        try:
+            rate = await post_batch(base_url)
+        finally:
+            stop.set()
+            waits, answered_stale = await reader
         await asyncio.to_thread(wait_projected, base_url)
         until_projected.append(batch_n / (time.perf_counter() - started))
+        waits.sort()
+        fresh_p99.add(SERVICE, waits[min(len(waits) - 1, int(0.99 * len(waits)))] * 1000)
+        stale.add(SERVICE, 100 * answered_stale / len(waits))
         return rate
 
     for round_number in range(rounds):
@@ -139,7 +169,7 @@ async def http_figures(quick: bool, rounds: int, servers: Servers) -> list[Figur
         batch.add(NAIVE, naive_rate)
         projected.add(NAIVE, naive_rate)
         batch.add(ROUTED, await servers.run_service(post_batch, env={"DIRECT_APPENDS": "0"}))
-    return [single, batch, projected]
+    return [single, batch, projected, fresh_p99, stale]
 
 
 async def replay_figures(quick: bool, rounds: int, servers: Servers) -> list[Figure]:
