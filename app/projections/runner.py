@@ -191,7 +191,8 @@ class ProjectionRunner:
             async with self._engine.connect() as connection:
                 seen = await _read_checkpoints(connection, pending)
                 pages = await self._read_pages(connection, pending, seen)
-            async with self._write_turn(), self._engine.connect() as connection:
+            # The connection first: a wait for one (a busy pool) must not hold the appends.
+            async with self._engine.connect() as connection, self._write_turn():
                 connection = await write_transaction(connection)
                 async with connection.begin():
                     locked = await _read_checkpoints(connection, pending, for_update=True)
