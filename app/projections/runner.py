@@ -227,16 +227,17 @@ class ProjectionRunner:
     async def _read_pages(
         self, connection: AsyncConnection, projections: list[Projection], seen: dict[str, int]
     ) -> dict[str, Page]:
-        """Each projection's next page. Projections at the same checkpoint (all of them, once
-        caught up) share one read of every event, as many as their own pages would hold
-        together, and each takes the events it folds: one read and one step for several
-        pages' worth, where reading each projection's page apart read most events twice."""
+        """Each projection's next page: from the store's feed while it holds the events
+        (:meth:`_recent`), else from the table. Projections at the same checkpoint (all of
+        them, once caught up) share one read of every event, as many as their own pages
+        would hold together, and each takes the events it folds: one read and one step for
+        several pages' worth, where reading each projection's page apart read most events
+        twice."""
         by_position: dict[int, list[Projection]] = {}
         for projection in projections:
             by_position.setdefault(seen[projection.name], []).append(projection)
         pages: dict[str, Page] = {}
         for position, together in by_position.items():
-            limit = self._batch_size * len(together)
             shared = self._recent(position)
             if shared is None and len(together) == 1:
                 (projection,) = together
@@ -245,6 +246,7 @@ class ProjectionRunner:
                 )
                 continue
             if shared is None:
+                limit = self._batch_size * len(together)
                 shared = await read_page(connection, position, None, limit)
             for projection in together:
                 wanted = projection.source_filter
