@@ -58,7 +58,7 @@ from app.eventlog.filters import EventFilter
 from app.eventlog.store import page_query
 from app.projections import ProjectionRunner, all_projections
 from bench.load import SseIdScanner, free_port, start_server, stop_server
-from bench.report import Figure, render
+from bench.report import Figure, quantile, render
 
 __all__ = ["fill_log", "log_label", "main", "run"]
 
@@ -548,11 +548,6 @@ def prepare_log(directory: Path, count: int) -> Log:
     return log
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 _decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -858,7 +853,7 @@ def _record(figures: dict[str, Figure], service: Service) -> None:
         for percentile in percentiles:
             figure = figures[f"{name}_p{percentile}"]
             if values:
-                figure.add(label, _quantile(values, percentile / 100))
+                figure.add(label, quantile(values, percentile / 100))
             else:
                 figure.skip(label, "not measured on this log")
 
@@ -912,7 +907,7 @@ async def run(quick: bool, rounds: int, data_dir: Path | None = None) -> list[Fi
                 _record(figures, service)
                 print(
                     f"{service.log.label}: startup {service.startup_s:.2f} s, append p50 "
-                    f"{_quantile(service.latencies['append'], 0.5):.2f} ms",
+                    f"{quantile(service.latencies['append'], 0.5):.2f} ms",
                     file=sys.stderr,
                 )
     return list(figures.values())

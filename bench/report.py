@@ -6,9 +6,15 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-__all__ = ["SERVICE", "Figure", "render"]
+__all__ = ["SERVICE", "Figure", "quantile", "render"]
 
 SERVICE = "service"
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The sample at quantile ``q`` (0-1) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 @dataclass

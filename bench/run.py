@@ -43,7 +43,7 @@ from bench.redis_figures import (
     redis_append_rate,
     redis_replay_rate,
 )
-from bench.report import SERVICE, Figure, render
+from bench.report import SERVICE, Figure, quantile, render
 from bench.service import Servers, service_append_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,8 +153,7 @@ async def http_figures(quick: bool, rounds: int, servers: Servers) -> list[Figur
             waits, answered_stale = await reader
         await asyncio.to_thread(wait_projected, base_url)
         until_projected.append(batch_n / (time.perf_counter() - started))
-        waits.sort()
-        fresh_p99.add(SERVICE, waits[min(len(waits) - 1, int(0.99 * len(waits)))] * 1000)
+        fresh_p99.add(SERVICE, quantile(waits, 0.99) * 1000)
         stale.add(SERVICE, 100 * answered_stale / len(waits))
         return rate
 
