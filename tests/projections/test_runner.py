@@ -537,12 +537,7 @@ async def test_rebuilding_together_folds_every_projection_from_zero_with_shared_
     assert reached == {NAME: head, "everything": head, "others": head}
     assert len(reads) == 4  # 95 events, 30 a shared page: 4 reads, not 10 for each of 3
     assert everything.positions == list(range(1, head + 1))
-    async with log.engine.connect() as connection:
-        query = select(events.c.position).where(events.c.stream == "other")
-        assert others.positions == list(
-            (await connection.execute(query.order_by("position"))).scalars()
-        )
-    assert await projected(log.engine) == await expected_now(log.engine)
+    await assert_recorded_every_event(log, everything, others)
     assert await checkpoint_of(log.engine) == head
 
 
