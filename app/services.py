@@ -68,6 +68,7 @@ async def open_services(
             max_batch_events=settings.database.max_batch_events,
             poll_seconds=settings.server.poll_seconds,
             busy_timeout_seconds=settings.database.busy_timeout_seconds,
+            sqlite_appender=settings.database.sqlite_appender,
         )
         stack.push_async_callback(store.close)
         projections = ProjectionRunner(

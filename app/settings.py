@@ -47,6 +47,9 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     # How long an append waits for SQLite's write lock (held by another process) before it
     # is refused with a 503.
     busy_timeout_seconds: float = 10.0
+    # Where a SQLite log's appends are written: "process" (a child process of their own) or
+    # "thread" (a thread of the service's process, sharing its GIL).
+    sqlite_appender: str = "process"
 
 
 class ServerSettings(msgspec.Struct, frozen=True):
@@ -140,6 +143,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "DATABASE_POOL_SIZE": ("database", "pool_size"),
     "APPEND_MAX_BATCH": ("database", "max_batch_events"),
     "SQLITE_BUSY_TIMEOUT_SECONDS": ("database", "busy_timeout_seconds"),
+    "SQLITE_APPENDER": ("database", "sqlite_appender"),
     "HEARTBEAT_SECONDS": ("server", "heartbeat_seconds"),
     "SSE_RETRY_MS": ("server", "retry_ms"),
     "SSE_WRITE_TIMEOUT_SECONDS": ("server", "write_timeout_seconds"),
@@ -269,6 +273,11 @@ def _check(settings: Settings) -> None:
     busy = settings.database.busy_timeout_seconds
     if not (math.isfinite(busy) and busy >= 0):
         raise SettingsError(f"SQLITE_BUSY_TIMEOUT_SECONDS must be 0 or more seconds, got {busy}")
+    if settings.database.sqlite_appender not in ("process", "thread"):
+        raise SettingsError(
+            'SQLITE_APPENDER must be "process" or "thread", '
+            f"got {settings.database.sqlite_appender!r}"
+        )
     _check_security(settings.security)
     limits = settings.limits
     for name, value, least in (

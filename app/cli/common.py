@@ -96,7 +96,10 @@ async def open_local_store() -> AsyncIterator[Any]:
     check_local_database(settings.database.url)
     engine = create_engine(settings.database.url, pool_size=2)
     try:
-        store = await EventStore.open(engine, poll_seconds=settings.server.poll_seconds)
+        # Read from, not appended to: the appender's thread idles, where a process would start.
+        store = await EventStore.open(
+            engine, poll_seconds=settings.server.poll_seconds, sqlite_appender="thread"
+        )
         try:
             yield store
         finally:

@@ -44,6 +44,7 @@ __all__ = [
     "OnCommit",
     "PostgresAppender",
     "SqliteAppender",
+    "SqliteWriter",
     "blocks_within",
     "insert_rows",
     "postgres_dsn",
@@ -259,6 +260,133 @@ def insert_rows(
         connection.executemany(_INSERT, rows[start:])
 
 
+class SqliteWriter:
+    """The SQLite side of appending: one connection, one transaction per batch.
+
+    Used from one thread at a time: the appender's own thread (:class:`SqliteAppender`) or
+    the appender process's main thread (``app.eventlog.writer_process``).
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_ms: int, cache_kib: int) -> None:
+        self.path = path
+        self.busy_ms = busy_timeout_ms
+        self._cache_kib = cache_kib
+        self._connection: sqlite3.Connection | None = None
+        self._cache = VersionCache()
+        self._blocks: tuple[int, ...] = ()
+
+    def connect(self) -> None:
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        for pragma in SQLITE_PRAGMAS:
+            connection.execute(pragma)
+        connection.execute(f"PRAGMA busy_timeout={self.busy_ms}")
+        # Only this connection writes, so its page cache stays valid from one transaction to
+        # the next: the index pages an append touches are found in memory, not re-read.
+        connection.execute(f"PRAGMA cache_size=-{self._cache_kib}")
+        self._blocks = blocks_within(
+            connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), sqlite3.sqlite_version_info
+        )
+        self._connection = connection
+
+    def commit(self, batch: Sequence[Sequence[NewEvent]]) -> Plan | Exception:
+        """One transaction of ``batch``: its plan, or the exception that rolled it back."""
+        try:
+            return self._write(batch)
+        except sqlite3.Error as exc:
+            unavailable = LogUnavailable(self._describe(exc))
+            unavailable.__cause__ = exc
+            return unavailable
+        except Exception as exc:
+            return exc
+
+    def _describe(self, exc: sqlite3.Error) -> str:
+        name = getattr(exc, "sqlite_errorname", "")
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return (
+                f"the event log is locked by another process: SQLite's write lock was not "
+                f"free within {self.busy_ms / 1000:g} s (SQLITE_BUSY_TIMEOUT_SECONDS); "
+                "nothing was written"
+            )
+        if name.startswith("SQLITE_FULL") or (
+            name.startswith("SQLITE_IOERR") and self._free_bytes() < MIN_FREE_BYTES
+        ):
+            return "the disk holding the event log is full; nothing was written"
+        return f"the event log could not be written: {exc}"
+
+    def _free_bytes(self) -> int:
+        stat = os.statvfs(self.path.parent)
+        return stat.f_bavail * stat.f_frsize
+
+    def probe(self) -> str | None:
+        """What stops writes now (a lock held elsewhere, a full disk), or None."""
+        connection = self._connection
+        if connection is None:
+            return "the event log is closed"
+        free = self._free_bytes()
+        if free < MIN_FREE_BYTES:
+            return f"the disk holding the event log is full ({free} bytes free)"
+        # Take the write lock and let it go at once, waiting a moment at most.
+        connection.execute("PRAGMA busy_timeout=200")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+                return "the event log is locked by another process (SQLite's write lock is held)"
+            return f"the event log cannot be written: {exc}"
+        finally:
+            connection.execute(f"PRAGMA busy_timeout={self.busy_ms}")
+        return None
+
+    def _write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+        connection = self._connection
+        assert connection is not None, "SqliteWriter.connect() was not called"
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            head = connection.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+            versions, missing = self._cache.begin(head, source_keys(batch))
+            for key in missing:
+                found = connection.execute(
+                    "SELECT max(version) FROM events WHERE stream = ? AND source_id = ?", key
+                ).fetchone()[0]
+                versions[key] = found or 0
+            existing = self._existing(connection, supplied_ids(batch))
+            plan = plan_batch(
+                batch, head=head, versions=versions, existing=existing, timestamp=utc_now()
+            )
+            if plan.rows:
+                insert_rows(connection, plan.rows, self._blocks)
+            connection.execute("COMMIT")
+        except BaseException:
+            self._cache.forget()
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        self._cache.committed(plan, head)
+        return plan
+
+    @staticmethod
+    def _existing(connection: sqlite3.Connection, ids: set[str]) -> dict[str, Event]:
+        found: dict[str, Event] = {}
+        pending = list(ids)
+        # Chunked to stay far below SQLite's host-parameter limit.
+        for start in range(0, len(pending), 500):
+            chunk = pending[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for row in connection.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE event_id IN ({marks})", chunk
+            ):
+                found[row[5]] = _event_from_row(row)
+        return found
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
 class SqliteAppender:
     """Runs each batch as one synchronous transaction on the appender's own thread.
 
@@ -277,19 +405,16 @@ class SqliteAppender:
         max_batch_events: int = 2000,
         cache_kib: int = 64 * 1024,
     ) -> None:
-        self._path = path
-        self._busy_ms = int(busy_timeout_seconds * 1000)
+        self._writer = SqliteWriter(
+            path, busy_timeout_ms=int(busy_timeout_seconds * 1000), cache_kib=cache_kib
+        )
         self._max_batch = max_batch_events
-        self._cache_kib = cache_kib
         self._inbox: queue.SimpleQueue[list[AppendRequest] | _Call | _Pause | _Stop] = (
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_commit: OnCommit | None = None
-        self._connection: sqlite3.Connection | None = None
-        self._cache = VersionCache()
-        self._blocks: tuple[int, ...] = ()
 
     async def start(self, on_commit: OnCommit) -> None:
         self._loop = asyncio.get_running_loop()
@@ -297,23 +422,10 @@ class SqliteAppender:
         self._thread = threading.Thread(target=self._serve, name="sqlite-append", daemon=True)
         self._thread.start()
         try:
-            await self._run(self._connect)
+            await self._run(self._writer.connect)
         except BaseException:
             await self.close()
             raise
-
-    def _connect(self) -> None:
-        connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        for pragma in SQLITE_PRAGMAS:
-            connection.execute(pragma)
-        connection.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-        # Only this connection writes, so its page cache stays valid from one transaction to
-        # the next: the index pages an append touches are found in memory, not re-read.
-        connection.execute(f"PRAGMA cache_size=-{self._cache_kib}")
-        self._blocks = blocks_within(
-            connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), sqlite3.sqlite_version_info
-        )
-        self._connection = connection
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._thread is None:
@@ -366,26 +478,19 @@ class SqliteAppender:
                 elif isinstance(item, _Call):
                     item.run()
                 elif isinstance(item, _Pause):
-                    item.hold(self._busy_ms / 1000)
+                    item.hold(self._writer.busy_ms / 1000)
                 else:
                     stop = item
             if waiting:
                 self._commit(take_group(waiting, self._max_batch))
             elif stop is not None:
-                self._close()
+                self._writer.close()
                 stop.future.set_result(None)
                 return
 
     def _commit(self, group: list[AppendRequest]) -> None:
         started = time.perf_counter()
-        outcome: Plan | Exception
-        try:
-            outcome = self._write([request.events for request in group])
-        except sqlite3.Error as exc:
-            outcome = LogUnavailable(self._describe(exc))
-            outcome.__cause__ = exc
-        except Exception as exc:
-            outcome = exc
+        outcome = self._writer.commit([request.events for request in group])
         seconds = time.perf_counter() - started
         assert self._loop is not None
         assert self._on_commit is not None
@@ -393,96 +498,10 @@ class SqliteAppender:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._on_commit, group, outcome, seconds)
 
-    def _describe(self, exc: sqlite3.Error) -> str:
-        name = getattr(exc, "sqlite_errorname", "")
-        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-            return (
-                f"the event log is locked by another process: SQLite's write lock was not "
-                f"free within {self._busy_ms / 1000:g} s (SQLITE_BUSY_TIMEOUT_SECONDS); "
-                "nothing was written"
-            )
-        if name.startswith("SQLITE_FULL") or (
-            name.startswith("SQLITE_IOERR") and self._free_bytes() < MIN_FREE_BYTES
-        ):
-            return "the disk holding the event log is full; nothing was written"
-        return f"the event log could not be written: {exc}"
-
-    def _free_bytes(self) -> int:
-        stat = os.statvfs(self._path.parent)
-        return stat.f_bavail * stat.f_frsize
-
     async def probe(self) -> str | None:
         if self._thread is None:
             return "the event log is closed"
-        return await self._run(self._probe)  # type: ignore[no-any-return]
-
-    def _probe(self) -> str | None:
-        connection = self._connection
-        if connection is None:
-            return "the event log is closed"
-        free = self._free_bytes()
-        if free < MIN_FREE_BYTES:
-            return f"the disk holding the event log is full ({free} bytes free)"
-        # Take the write lock and let it go at once, waiting a moment at most.
-        connection.execute("PRAGMA busy_timeout=200")
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            connection.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
-                return "the event log is locked by another process (SQLite's write lock is held)"
-            return f"the event log cannot be written: {exc}"
-        finally:
-            connection.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-        return None
-
-    def _write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
-        connection = self._connection
-        assert connection is not None, "SqliteAppender.start() was not awaited"
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            head = connection.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
-            versions, missing = self._cache.begin(head, source_keys(batch))
-            for key in missing:
-                found = connection.execute(
-                    "SELECT max(version) FROM events WHERE stream = ? AND source_id = ?", key
-                ).fetchone()[0]
-                versions[key] = found or 0
-            existing = self._existing(connection, supplied_ids(batch))
-            plan = plan_batch(
-                batch, head=head, versions=versions, existing=existing, timestamp=utc_now()
-            )
-            if plan.rows:
-                insert_rows(connection, plan.rows, self._blocks)
-            connection.execute("COMMIT")
-        except BaseException:
-            self._cache.forget()
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
-        self._cache.committed(plan, head)
-        return plan
-
-    @staticmethod
-    def _existing(connection: sqlite3.Connection, ids: set[str]) -> dict[str, Event]:
-        found: dict[str, Event] = {}
-        pending = list(ids)
-        # Chunked to stay far below SQLite's host-parameter limit.
-        for start in range(0, len(pending), 500):
-            chunk = pending[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
-            for row in connection.execute(
-                f"SELECT {_COLUMNS} FROM events WHERE event_id IN ({marks})", chunk
-            ):
-                found[row[5]] = _event_from_row(row)
-        return found
-
-    def _close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        return await self._run(self._writer.probe)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         thread = self._thread

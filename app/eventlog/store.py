@@ -40,6 +40,7 @@ from app.eventlog.metrics import AppendFailure, AppendMetrics
 from app.eventlog.notify import LogFeed, PostgresListener
 from app.eventlog.plan import AppendResult, Plan
 from app.eventlog.tables import events
+from app.eventlog.writer_process import ProcessSqliteAppender
 
 __all__ = ["AppendResult", "EventStore", "Page", "check_names", "read_page"]
 
@@ -57,6 +58,14 @@ _COLUMNS = (
     events.c.timestamp,
     events.c.payload,
 )
+
+
+#: How a SQLite log is written: from a process of its own (the default: no GIL shared with
+#: the event loop), or from a thread of the service's process.
+SQLITE_APPENDERS: dict[str, type[ProcessSqliteAppender] | type[SqliteAppender]] = {
+    "process": ProcessSqliteAppender,
+    "thread": SqliteAppender,
+}
 
 
 class Page(NamedTuple):
@@ -170,6 +179,7 @@ class EventStore:
         feed_capacity: int = 10_000,
         feed_max_bytes: int = 64 * 1024 * 1024,
         busy_timeout_seconds: float = 10.0,
+        sqlite_appender: str = "process",
     ) -> EventStore:
         url = engine.url.render_as_string(hide_password=False)
         appender: Appender
@@ -177,7 +187,13 @@ class EventStore:
             path = sqlite_path(url)
             if path is None:
                 raise ValueError("the event log needs a SQLite file, not an in-memory database")
-            appender = SqliteAppender(
+            kind = SQLITE_APPENDERS.get(sqlite_appender)
+            if kind is None:
+                raise ValueError(
+                    f"sqlite_appender must be one of {', '.join(SQLITE_APPENDERS)}, "
+                    f"got {sqlite_appender!r}"
+                )
+            appender = kind(
                 path, busy_timeout_seconds=busy_timeout_seconds, max_batch_events=max_batch_events
             )
         else:

@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import re
 import sqlite3
-import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.dialects import sqlite
 
-from app.database import create_engine, sqlite_path, upgrade_database
+from app.database import create_engine, upgrade_database
 from app.eventlog import (
     Event,
     EventFilter,
@@ -27,7 +26,7 @@ from app.eventlog import (
     VersionConflict,
     canonical_payload,
 )
-from app.eventlog.appenders import blocks_within, insert_rows
+from app.eventlog.appenders import SqliteWriter, blocks_within, insert_rows
 from app.eventlog.store import page_query
 from app.services import Services
 from app.settings import Settings
@@ -434,41 +433,44 @@ async def test_concurrent_appends_share_transactions_and_are_all_durable(
     assert [(row[0], row[5]) for row in rows] == sorted((r.position, r.event_id) for r in found)
 
 
-async def test_sqlite_appender_commits_durably(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
-    await upgrade_database(url)
-    engine = create_engine(url)
-    store = await EventStore.open(engine)
+def test_the_sqlite_writer_commits_durably(tmp_path: Path) -> None:
+    # Both appenders (a process, a thread) write through this connection.
+    asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"))
+    writer = SqliteWriter(tmp_path / "events.db", busy_timeout_ms=10_000, cache_kib=1024)
+    writer.connect()
     try:
-        await store.append_one(new())
-        appender: Any = store._appender
-
-        def pragmas() -> tuple[int, str, int]:
-            connection = appender._connection
-            synchronous = connection.execute("PRAGMA synchronous").fetchone()[0]
-            journal = connection.execute("PRAGMA journal_mode").fetchone()[0]
-            checkpoint = connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
-            return synchronous, journal, checkpoint
-
-        # Queried on the appender's own connection, on its own thread.
-        assert await appender._run(pragmas) == (2, "wal", 10_000)  # 2 = FULL
+        connection: Any = writer._connection
+        assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
         # This SQLite (3.32 or later) takes large commits in blocks of rows per statement.
-        assert appender._blocks == (1024, 256)
-        path = sqlite_path(url)
-        assert path is not None
-        with contextlib.closing(sqlite3.connect(path)) as other:
-            assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert writer._blocks == (1024, 256)
+        plan = writer.commit([[new()]])
+        assert not isinstance(plan, Exception)
+        assert [row.position for row in plan.rows] == [1]
     finally:
-        await store.close()
-        await engine.dispose()
+        writer.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "events.db")) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert other.execute("SELECT position, source_id FROM events").fetchall() == [(1, "a1")]
+
+
+@pytest.fixture(params=["process", "thread"])
+def appender(request: pytest.FixtureRequest) -> str:
+    """Each SQLite appender: in a process of its own (the default), on a thread."""
+    return str(request.param)
 
 
 @contextlib.asynccontextmanager
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[EventStore]:
+async def sqlite_store(
+    tmp_path: Path, appender: str, busy_timeout_seconds: float = 10.0
+) -> AsyncIterator[EventStore]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
     await upgrade_database(url)
     engine = create_engine(url)
-    store = await EventStore.open(engine)
+    store = await EventStore.open(
+        engine, sqlite_appender=appender, busy_timeout_seconds=busy_timeout_seconds
+    )
     try:
         yield store
     finally:
@@ -476,38 +478,41 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[EventStore]:
         await engine.dispose()
 
 
+@contextlib.contextmanager
+def write_lock_held_elsewhere(path: Path) -> Iterator[None]:
+    """SQLite's write lock, held by another connection (as by another process) until the end."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")
+
+
 async def test_appends_arriving_during_a_commit_all_go_into_the_next_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path) as store:
-        appender: Any = store._appender
-        write = appender._write
-        entered, held = threading.Event(), threading.Event()
-        sizes: list[int] = []
-
-        def held_write(batch: Sequence[Sequence[NewEvent]]) -> Any:
-            sizes.append(sum(len(request) for request in batch))
-            if len(sizes) == 1:
-                entered.set()
-                held.wait(10)  # the first transaction is still being made durable
-            return write(batch)
-
-        monkeypatch.setattr(appender, "_write", held_write)
-        first = asyncio.create_task(store.append_one(new("first")))
-        assert await asyncio.to_thread(entered.wait, 10)
-        rest = [asyncio.create_task(store.append_one(new(f"s{n}"))) for n in range(30)]
-        await asyncio.sleep(0.05)  # handed over to the appender, which is still busy
-        held.set()
+    async with sqlite_store(tmp_path, appender) as store:
+        with write_lock_held_elsewhere(tmp_path / "events.db"):
+            # The first transaction starts, and waits for the lock.
+            first = asyncio.create_task(store.append_one(new("first")))
+            await asyncio.sleep(0.2)
+            rest = [asyncio.create_task(store.append_one(new(f"s{n}"))) for n in range(30)]
+            await asyncio.sleep(0.2)  # handed over to the appender, which is still busy
+            assert not first.done()
 
         found = await asyncio.gather(first, *rest)
 
-        assert sizes == [1, 30]
         assert [r.position for r in found] == list(range(1, 32))
-        assert store.metrics.transactions == 2
+        batches = store.metrics.batch_events
+        assert (batches.count, batches.total) == (2, 31)
+        assert batches.cumulative()[0] == (1, 1)  # the first alone, then the other 30
 
 
-async def test_a_write_turn_holds_appends_and_leaves_the_write_lock_free(tmp_path: Path) -> None:
-    async with sqlite_store(tmp_path) as store:
+async def test_a_write_turn_holds_appends_and_leaves_the_write_lock_free(
+    tmp_path: Path, appender: str
+) -> None:
+    async with sqlite_store(tmp_path, appender) as store:
         async with store.write_turn():
             held = asyncio.create_task(store.append_one(new("held")))
             await asyncio.sleep(0.1)
@@ -522,8 +527,10 @@ async def test_a_write_turn_holds_appends_and_leaves_the_write_lock_free(tmp_pat
         assert (result.position, result.version) == (1, 1)
 
 
-async def test_a_turn_given_up_while_waiting_does_not_hold_appends(tmp_path: Path) -> None:
-    async with sqlite_store(tmp_path) as store:
+async def test_a_turn_given_up_while_waiting_does_not_hold_appends(
+    tmp_path: Path, appender: str
+) -> None:
+    async with sqlite_store(tmp_path, appender) as store:
 
         async def take_turn() -> None:
             async with store.write_turn():
@@ -541,8 +548,8 @@ async def test_a_turn_given_up_while_waiting_does_not_hold_appends(tmp_path: Pat
         assert result.position == 1
 
 
-async def test_a_write_turn_on_a_closed_store_holds_nothing(tmp_path: Path) -> None:
-    async with sqlite_store(tmp_path) as store:
+async def test_a_write_turn_on_a_closed_store_holds_nothing(tmp_path: Path, appender: str) -> None:
+    async with sqlite_store(tmp_path, appender) as store:
         pass
     async with asyncio.timeout(2), store.write_turn():
         pass
@@ -615,25 +622,18 @@ def test_insert_blocks_fit_the_sqlite_parameter_limit() -> None:
 
 
 async def test_a_failed_transaction_fails_only_its_own_appends(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path) as store:
-        appender: Any = store._appender
-        write = appender._write
-        failures = [sqlite3.OperationalError("disk I/O error")]
-
-        def failing_write(batch: Sequence[Sequence[NewEvent]]) -> Any:
-            if failures:
-                raise failures.pop()
-            return write(batch)
-
-        monkeypatch.setattr(appender, "_write", failing_write)
-
-        with pytest.raises(LogUnavailable, match="disk I/O error"):
-            await store.append_one(new())
-        failure = store.metrics.last_failure
-        assert failure is not None
-        assert "disk I/O error" in failure.detail
+    async with sqlite_store(tmp_path, appender, busy_timeout_seconds=0.2) as store:
+        with write_lock_held_elsewhere(tmp_path / "events.db"):
+            with pytest.raises(LogUnavailable, match="locked by another process"):
+                await store.append_one(new())
+            failure = store.metrics.last_failure
+            assert failure is not None
+            assert "SQLITE_BUSY_TIMEOUT_SECONDS" in failure.detail
+            assert await store.probe() == (
+                "the event log is locked by another process (SQLite's write lock is held)"
+            )
 
         assert (await store.append_one(new())).position == 1
         assert store.metrics.failed_transactions == 1

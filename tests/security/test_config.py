@@ -17,6 +17,7 @@ def test_defaults_are_open_same_origin_and_bounded() -> None:
     assert settings.limits.max_payload_bytes == 64 * 1024
     assert settings.limits.sse_max_connections == 10_000
     assert settings.database.busy_timeout_seconds == 10
+    assert settings.database.sqlite_appender == "process"
     assert settings.server.log_format == "text"
 
 
@@ -29,6 +30,7 @@ def test_lists_are_comma_separated_and_trimmed() -> None:
             "LOG_FORMAT": "json",
             "SSE_MAX_CONNECTIONS": "5",
             "SQLITE_BUSY_TIMEOUT_SECONDS": "0.25",
+            "SQLITE_APPENDER": "thread",
         }
     )
     assert settings.security.api_tokens == ("alpha-1", "beta-2")
@@ -37,6 +39,7 @@ def test_lists_are_comma_separated_and_trimmed() -> None:
     assert settings.server.log_format == "json"
     assert settings.limits.sse_max_connections == 5
     assert settings.database.busy_timeout_seconds == 0.25
+    assert settings.database.sqlite_appender == "thread"
 
 
 @pytest.mark.parametrize(
@@ -54,6 +57,7 @@ def test_lists_are_comma_separated_and_trimmed() -> None:
         ({"SQLITE_BUSY_TIMEOUT_SECONDS": "-1"}, "SQLITE_BUSY_TIMEOUT_SECONDS"),
         ({"SQLITE_BUSY_TIMEOUT_SECONDS": "nan"}, "SQLITE_BUSY_TIMEOUT_SECONDS"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"SQLITE_APPENDER": "fork"}, 'SQLITE_APPENDER must be "process" or "thread"'),
     ],
 )
 def test_malformed_values_stop_the_start_naming_the_variable(

@@ -1,0 +1,162 @@
+"""The SQLite appender in a process of its own: what happens when that process dies, when the
+service dies, and the framing between the two."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.database import create_engine, upgrade_database
+from app.eventlog import EventStore, LogUnavailable, NewEvent, canonical_payload
+from app.eventlog.writer_process import _frame, _Frames
+from tests.eventlog.test_store import table_contents, write_lock_held_elsewhere
+
+
+def new(source_id: str, n: int = 0) -> NewEvent:
+    return NewEvent("agents", source_id, "progress", canonical_payload({"n": n}))
+
+
+@contextlib.asynccontextmanager
+async def process_store(tmp_path: Path) -> AsyncIterator[EventStore]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    await upgrade_database(url)
+    engine = create_engine(url)
+    store = await EventStore.open(engine, sqlite_appender="process")
+    try:
+        yield store
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+def writer_pid(store: EventStore) -> int:
+    appender: Any = store._appender
+    return int(appender._process.pid)
+
+
+def gone(pid: int, timeout: float) -> bool:
+    """True once process ``pid`` has exited (or is a zombie nobody reaped yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def test_a_writer_that_dies_refuses_what_it_held_and_the_next_append_restarts_it(
+    tmp_path: Path,
+) -> None:
+    async with process_store(tmp_path) as store:
+        await store.append([new("s", n) for n in range(3)])
+        first = writer_pid(store)
+        with write_lock_held_elsewhere(tmp_path / "events.db"):
+            # Handed over, and waiting for SQLite's lock inside the writer when it dies.
+            in_flight = asyncio.create_task(store.append_one(new("s", 3)))
+            await asyncio.sleep(0.2)
+            os.kill(first, signal.SIGKILL)
+            with pytest.raises(LogUnavailable, match="writer process stopped before answering"):
+                await asyncio.wait_for(in_flight, 5)
+        assert await store.probe() == (
+            "the event log's writer process is not running (the next append starts it)"
+        )
+
+        # A new writer: positions and the source's versions go on from the table.
+        result = await asyncio.wait_for(store.append_one(new("s", 4)), 10)
+        assert writer_pid(store) != first
+        assert (result.position, result.version) == (4, 4)
+        assert await store.probe() is None
+        assert store.metrics.failed_transactions == 1
+    rows = await table_contents(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}")
+    assert [(row[0], row[3]) for row in rows] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+
+
+async def test_a_turn_waiting_on_a_dead_writer_is_let_go(tmp_path: Path) -> None:
+    async with process_store(tmp_path) as store:
+        entered = asyncio.Event()
+
+        async def second_turn() -> None:
+            async with store.write_turn():
+                entered.set()
+
+        async with store.write_turn():
+            # The second turn waits behind the first; the writer dies meanwhile.
+            waiting = asyncio.create_task(second_turn())
+            await asyncio.sleep(0.1)
+            assert not entered.is_set()
+            os.kill(writer_pid(store), signal.SIGKILL)
+            await asyncio.wait_for(waiting, 5)
+        assert entered.is_set()
+        assert (await asyncio.wait_for(store.append_one(new("after")), 10)).position == 1
+
+
+SERVICE_THEN_CRASH = """
+import asyncio, os, sys
+from app.database import create_engine, upgrade_database
+from app.eventlog import EventStore, NewEvent, canonical_payload
+
+async def main(url):
+    await upgrade_database(url)
+    store = await EventStore.open(create_engine(url), sqlite_appender="process")
+    await store.append_one(NewEvent("agents", "s", "progress", canonical_payload({})))
+    print(store._appender._process.pid, flush=True)
+    os.kill(os.getpid(), 9)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_the_writer_exits_when_the_service_is_killed(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    crashed = subprocess.run(
+        [sys.executable, "-c", SERVICE_THEN_CRASH, url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    pid = int(crashed.stdout.split()[0])
+    # Its end of the socket closed with the service: nothing is left writing to the log.
+    assert gone(pid, 10), f"the writer process {pid} outlived the service"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        yield ours, theirs
+
+
+def test_frames_are_read_whole_however_they_arrive(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    frames = _Frames(theirs)
+    data = _frame(b"A", b"x" * 70_000) + _frame(b"S") + _frame(b"P", b"7")
+    ours.sendall(data[:3])
+    assert frames.next(0.05) is None  # not even a whole length yet
+    for start in range(3, len(data), 4096):  # the rest in pieces that split every frame
+        ours.sendall(data[start : start + 4096])
+    assert frames.next(1.0) == (b"A", b"x" * 70_000)
+    assert frames.next(0.0) == (b"S", b"")
+    assert frames.next(None) == (b"P", b"7")
+    assert frames.next(0.0) is None
+    ours.close()
+    with pytest.raises(EOFError):
+        frames.next(None)
