@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -41,6 +41,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "AppendRequest",
     "Appender",
+    "GuardedWrite",
     "OnCommit",
     "PostgresAppender",
     "SqliteAppender",
@@ -125,6 +126,20 @@ def take_group(waiting: deque[AppendRequest], max_events: int) -> list[AppendReq
         group.append(request)
         size += len(request.events)
     return group
+
+
+class GuardedWrite(NamedTuple):
+    """Statements to run in one transaction, only if ``guard`` still reads ``expected``.
+
+    Plain SQL and rows of parameters, so that it can cross to the appender's process: see
+    :meth:`SqliteWriter.write_guarded`.
+    """
+
+    guard: str
+    guard_parameters: list[Any]
+    expected: list[list[Any]]
+    #: Each statement with its rows of parameters (``executemany`` for more than one).
+    statements: list[tuple[str, list[list[Any]]]]
 
 
 # Less free space than this on the SQLite file's filesystem reads as a full disk in /health.
@@ -367,6 +382,32 @@ class SqliteWriter:
         self._cache.committed(plan, head)
         return plan
 
+    def write_guarded(self, write: GuardedWrite) -> bool:
+        """Run ``write`` in one transaction of its own; False (nothing written) if its guard
+        did not read what it expected. Raises :class:`LogUnavailable` (nothing written) if
+        the database refuses a statement."""
+        connection = self._connection
+        assert connection is not None, "SqliteWriter.connect() was not called"
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            found = [list(row) for row in connection.execute(write.guard, write.guard_parameters)]
+            if found != write.expected:
+                connection.execute("ROLLBACK")
+                return False
+            for sql, rows in write.statements:
+                if len(rows) == 1:
+                    connection.execute(sql, rows[0])
+                else:
+                    connection.executemany(sql, rows)
+            connection.execute("COMMIT")
+        except BaseException as exc:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise LogUnavailable(f"the write could not be made: {exc}") from exc
+            raise
+        return True
+
     @staticmethod
     def _existing(connection: sqlite3.Connection, ids: set[str]) -> dict[str, Event]:
         found: dict[str, Event] = {}
@@ -502,6 +543,10 @@ class SqliteAppender:
         if self._thread is None:
             return "the event log is closed"
         return await self._run(self._writer.probe)  # type: ignore[no-any-return]
+
+    async def write_guarded(self, write: GuardedWrite) -> bool:
+        """Run ``write`` on the appender's connection, between two of its transactions."""
+        return await self._run(self._writer.write_guarded, write)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         thread = self._thread

@@ -15,10 +15,12 @@ commit order. A write turn (``turn``) holds it between two transactions, as ther
 Frames, both ways: a 4-byte big-endian length, then a kind byte, then the body.
 
     service -> child   A appends (JSON: one list of events per request)
-                       P pause / R release (JSON: turn id), Q probe (JSON: id), S stop
+                       P pause / R release (JSON: turn id), Q probe (JSON: id)
+                       W guarded write (msgpack: [id, GuardedWrite]), S stop
     child -> service   r ready, E could not start (UTF-8 message)
                        C commit (msgpack: requests, seconds, outcome)
-                       H holding (turn id), q probe answer ([id, problem]), s stopped
+                       H holding (turn id), q probe answer ([id, problem])
+                       w guarded write done ([id, written or an error message]), s stopped
 
 If the child dies, every request in flight is refused (whether its transaction committed is
 unknown: a retry with the same ``event_id`` is safe), and the next append starts a new child.
@@ -41,7 +43,7 @@ from typing import Any
 
 import msgspec
 
-from app.eventlog.appenders import AppendRequest, OnCommit, SqliteWriter
+from app.eventlog.appenders import AppendRequest, GuardedWrite, OnCommit, SqliteWriter
 from app.eventlog.envelope import NewEvent
 from app.eventlog.errors import AppendError, EventIdReused, LogUnavailable, VersionConflict
 from app.eventlog.plan import AppendResult, Plan, Row
@@ -134,6 +136,7 @@ class _Child:
         self._waiting: deque[list[NewEvent]] = deque()
         self._released: set[int] = set()
         self._turns: deque[int] = deque()
+        self._writes: deque[tuple[int, GuardedWrite]] = deque()
         self._stopping = False
 
     def run(self) -> None:
@@ -144,8 +147,11 @@ class _Child:
             while (found := self._frames.next(timeout)) is not None:
                 timeout = 0.0
                 self._handle(*found)
-                while self._turns:
-                    self._hold(self._turns.popleft())
+                while self._turns or self._writes:
+                    if self._turns:
+                        self._hold(self._turns.popleft())
+                    else:
+                        self._write_guarded(*self._writes.popleft())
             if self._waiting:
                 self._commit()
             elif self._stopping:
@@ -161,8 +167,19 @@ class _Child:
         elif kind == b"Q":
             answer = [msgspec.json.decode(body), self._writer.probe()]
             self._sock.sendall(_frame(b"q", _pack.encode(answer)))
+        elif kind == b"W":
+            write_id, fields = _unpack.decode(body)
+            self._writes.append((write_id, GuardedWrite(*fields)))
         elif kind == b"S":
             self._stopping = True
+
+    def _write_guarded(self, write_id: int, write: GuardedWrite) -> None:
+        answer: bool | str
+        try:
+            answer = self._writer.write_guarded(write)
+        except Exception as exc:
+            answer = str(exc)
+        self._sock.sendall(_frame(b"w", _pack.encode([write_id, answer])))
 
     def _hold(self, turn: int) -> None:
         """Stop between two transactions until the turn is released (or the busy timeout)."""
@@ -250,6 +267,7 @@ class ProcessSqliteAppender:
         self._ids = 0
         self._holding: dict[int, asyncio.Future[None]] = {}
         self._probes: dict[int, asyncio.Future[str | None]] = {}
+        self._writes: dict[int, asyncio.Future[bool | str]] = {}
         self._stopped: asyncio.Future[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._queued: list[AppendRequest] = []
@@ -339,6 +357,11 @@ class ProcessSqliteAppender:
                     answer = self._probes.pop(probe_id, None)
                     if answer is not None and not answer.done():
                         answer.set_result(problem)
+                elif kind == b"w":
+                    write_id, written = _unpack.decode(body)
+                    done = self._writes.pop(write_id, None)
+                    if done is not None and not done.done():
+                        done.set_result(written)
                 elif kind == b"s":
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -378,6 +401,10 @@ class ProcessSqliteAppender:
             if not answer.done():
                 answer.set_result("the event log's writer process is not running")
         self._probes.clear()
+        for done in self._writes.values():
+            if not done.done():
+                done.set_result("the event log's writer process stopped before answering")
+        self._writes.clear()
 
     def _refuse(self, requests: Sequence[AppendRequest], failure: LogUnavailable) -> None:
         if requests and self._on_commit is not None:
@@ -431,6 +458,20 @@ class ProcessSqliteAppender:
         self._probes[probe_id] = answer
         self._writer.write(_frame(b"Q", _json.encode(probe_id)))
         return await answer
+
+    async def write_guarded(self, write: GuardedWrite) -> bool:
+        """Run ``write`` in the child, between two of its transactions: False (nothing
+        written) if its guard did not read what it expected."""
+        if self._writer is None:
+            raise LogUnavailable("the event log's writer process is not running")
+        write_id = self._next_id()
+        done: asyncio.Future[bool | str] = asyncio.get_running_loop().create_future()
+        self._writes[write_id] = done
+        self._writer.write(_frame(b"W", _pack.encode([write_id, write])))
+        written = await done
+        if isinstance(written, str):
+            raise LogUnavailable(written)
+        return written
 
     async def close(self) -> None:
         """Commit every request sent so far, then stop the child."""

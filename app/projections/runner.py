@@ -12,7 +12,9 @@ The runner folds every projection that is behind in one transaction, and takes i
 step no sooner than ``coalesce_seconds`` after the previous one: under a stream of appends it
 folds many commits per step (one write lock and one fsync for all of them) instead of taking
 the database's write lock after every commit, which would stall the appenders. A reader
-waiting for a position (:meth:`ProjectionRunner.wait_for`) cuts that pause short.
+waiting for a position (:meth:`ProjectionRunner.wait_for`) cuts that pause short. On SQLite
+a step's writes are made by the log's own writer, between two appends
+(:mod:`app.projections.deferred`).
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.database import upsert, write_transaction
 from app.eventlog import EventStore
+from app.eventlog.appenders import GuardedWrite
 from app.eventlog.envelope import utc_now
 from app.eventlog.store import Page, read_page
 from app.projections.base import Projection, checkpoints
+from app.projections.deferred import DeferredWrites
 
 __all__ = ["ProjectionRunner", "UnknownProjection"]
 
@@ -173,43 +178,30 @@ class ProjectionRunner:
         """Fold the named projections up to ``until`` (or the head), one transaction per
         round for all of them; returns each one's checkpoint.
 
-        Each round reads the projections' next pages of events before it takes the write
-        lock: committed events never change, so only the projections' own reads and writes
-        need the lock. On SQLite that lock is the log's too, and every statement made while
-        holding it waits for a turn of a busy event loop, so this keeps appends from waiting
-        on the projections. Under the lock, a checkpoint that another process moved since
-        the page was read sends that projection back to reading its page under the lock.
-        Checkpoints are locked in the same order (by name) in every process. The write
-        transaction runs in the store's write turn (:meth:`EventStore.write_turn`): on SQLite
-        the appender waits for it between two commits, rather than both polling for the
-        lock, which the appender, taking it again the moment it commits, nearly always won."""
+        Each round reads the projections' next pages of events, and their checkpoints, before
+        it writes: committed events never change, so only the projections' own writes need
+        the write lock. On SQLite, where that lock is the log's too, a runner with a store
+        folds the round on that same read (at those checkpoints) and hands its writes to the
+        log's writer, which makes them between two appends, only if the checkpoints have not
+        moved (:meth:`_step_deferred`); appends never wait on the event loop for a step.
+        Otherwise, and when another process moved a checkpoint in between, the round is
+        taken under the lock (:meth:`_step_locked`): there a checkpoint that moved since the
+        page was read sends that projection back to reading its page. Checkpoints are locked
+        in the same order (by name) in every process.
+        """
         if not self._checkpoints_ready:  # a runner used without start() has made no rows yet
             await self._ensure_checkpoints()
         pending = [self.get(name) for name in names]
         reached: dict[str, int] = {}
         while pending:
+            stepped: list[tuple[Projection, int, bool]] | None = None
             async with self._engine.connect() as connection:
                 seen = await _read_checkpoints(connection, pending)
                 pages = await self._read_pages(connection, pending, seen)
-            # The connection first: a wait for one (a busy pool) must not hold the appends.
-            async with self._engine.connect() as connection, self._write_turn():
-                connection = await write_transaction(connection)
-                async with connection.begin():
-                    locked = await _read_checkpoints(connection, pending, for_update=True)
-                    stepped: list[tuple[Projection, int, bool]] = []
-                    moved: dict[str, int] = {}
-                    for projection in pending:
-                        position = locked[projection.name]
-                        page = pages[projection.name]
-                        if position != seen[projection.name]:
-                            page = await read_page(
-                                connection, position, projection.source_filter, self._batch_size
-                            )
-                        to, more = await _apply_page(connection, projection, position, page)
-                        if to != position:
-                            moved[projection.name] = to
-                        stepped.append((projection, to, more))
-                    await _move_checkpoints(connection, moved)
+                if self._store is not None and self._store.writes_between_appends:
+                    stepped = await self._step_deferred(connection, pending, seen, pages)
+            if stepped is None:
+                stepped = await self._step_locked(pending, seen, pages)
             pending = []
             for projection, position, more in stepped:
                 self._note(projection.name, position)
@@ -217,6 +209,69 @@ class ProjectionRunner:
                 if more and (until is None or position < until):
                     pending.append(projection)
         return reached
+
+    async def _step_deferred(
+        self,
+        connection: AsyncConnection,
+        projections: list[Projection],
+        seen: dict[str, int],
+        pages: dict[str, Page],
+    ) -> list[tuple[Projection, int, bool]] | None:
+        """One step folded on ``connection`` (reading at the checkpoints ``seen``), its writes
+        made by the log's appender between two of its transactions, guarded by those
+        checkpoints (see :mod:`app.projections.deferred`); None if another process moved one
+        of them meanwhile, and nothing was written."""
+        assert self._store is not None
+        deferred = DeferredWrites(connection)
+        # It stands in for a connection in what a step calls: see DeferredWrites.
+        writes = cast(AsyncConnection, deferred)
+        stepped: list[tuple[Projection, int, bool]] = []
+        moved: dict[str, int] = {}
+        for projection in projections:
+            position = seen[projection.name]
+            to, more = await _apply_page(writes, projection, position, pages[projection.name])
+            if to != position:
+                moved[projection.name] = to
+            stepped.append((projection, to, more))
+        if not moved:
+            return stepped
+        await _move_checkpoints(writes, moved)
+        names = sorted(seen)
+        guarded = GuardedWrite(
+            f"SELECT name, position FROM {checkpoints.name}"
+            f" WHERE name IN ({', '.join('?' * len(names))}) ORDER BY name",
+            names,
+            [[name, seen[name]] for name in names],
+            deferred.statements,
+        )
+        return stepped if await self._store.write_guarded(guarded) else None
+
+    async def _step_locked(
+        self, projections: list[Projection], seen: dict[str, int], pages: dict[str, Page]
+    ) -> list[tuple[Projection, int, bool]]:
+        """One step in a write transaction of its own, the checkpoints locked: a page read
+        at a checkpoint another process has moved since is read again under the lock. On
+        SQLite it runs in the store's write turn (:meth:`EventStore.write_turn`)."""
+        # The connection first: a wait for one (a busy pool) must not hold the appends.
+        async with self._engine.connect() as connection, self._write_turn():
+            connection = await write_transaction(connection)
+            async with connection.begin():
+                locked = await _read_checkpoints(connection, projections, for_update=True)
+                stepped: list[tuple[Projection, int, bool]] = []
+                moved: dict[str, int] = {}
+                for projection in projections:
+                    position = locked[projection.name]
+                    page = pages[projection.name]
+                    if position != seen[projection.name]:
+                        page = await read_page(
+                            connection, position, projection.source_filter, self._batch_size
+                        )
+                    to, more = await _apply_page(connection, projection, position, page)
+                    if to != position:
+                        moved[projection.name] = to
+                    stepped.append((projection, to, more))
+                await _move_checkpoints(connection, moved)
+        return stepped
 
     def _write_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
         """The store's appends wait while a step writes (see ``EventStore.write_turn``)."""

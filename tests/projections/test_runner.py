@@ -563,6 +563,79 @@ async def test_a_runner_that_keeps_up_takes_its_pages_from_the_feed(
         await assert_recorded_every_event(log, everything, others)
 
 
+@contextlib.contextmanager
+def step_writes(store: EventStore, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Counts the store's write turns (steps under the lock) and guarded writes (steps made
+    by the log's writer) while the block runs."""
+    counted = {"turns": 0, "guarded": 0}
+    write_turn, write_guarded = store.write_turn, store.write_guarded
+
+    def counted_turn() -> Any:
+        counted["turns"] += 1
+        return write_turn()
+
+    async def counted_write(write: Any) -> bool:
+        counted["guarded"] += 1
+        return await write_guarded(write)
+
+    monkeypatch.setattr(store, "write_turn", counted_turn)
+    monkeypatch.setattr(store, "write_guarded", counted_write)
+    yield counted
+
+
+async def test_on_sqlite_steps_are_written_by_the_log_writer_and_hold_no_appends(
+    log: Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, everything, others = three_projections(log, feed=True)
+    for seed in (21, 22, 23):
+        await append_events(log.store, 40, random.Random(seed))
+        with step_writes(log.store, monkeypatch) as counted:
+            await runner._catch_up_together(sorted(runner.projections))
+        if log.store.writes_between_appends:  # SQLite
+            assert counted == {"turns": 0, "guarded": 1}
+        else:  # PostgreSQL: appends take an advisory lock of their own, steps wait for none
+            assert counted == {"turns": 1, "guarded": 0}
+        await assert_recorded_every_event(log, everything, others)
+
+
+async def test_a_checkpoint_moved_before_the_writer_makes_the_step_sends_it_under_the_lock(
+    log: Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step folded at one checkpoint is written only if the checkpoint is still there;
+    another process moving it in between sends the step back, to be taken under the lock."""
+    if not log.store.writes_between_appends:
+        pytest.skip("only a SQLite log's writer makes steps; PostgreSQL steps take the lock")
+    await append_events(log.store, 60, random.Random(13))
+    head = await log.store.head()
+    other_engine = create_engine(log.url, pool_size=2)
+    try:
+        runner = ProjectionRunner(
+            log.engine, [CountingProjection()], store=log.store, batch_size=1000
+        )
+        other_runner = ProjectionRunner(
+            other_engine, [other := CountingProjection()], batch_size=20
+        )
+        write_guarded = log.store.write_guarded
+        answers: list[bool] = []
+
+        async def another_process_first(write: Any) -> bool:
+            if not answers:
+                assert 0 < await other_runner.catch_up(NAME, until=20) < head
+            answers.append(await write_guarded(write))
+            return answers[-1]
+
+        monkeypatch.setattr(log.store, "write_guarded", another_process_first)
+        with step_writes(log.store, monkeypatch) as counted:
+            assert await runner.catch_up(NAME) == head
+        assert answers == [False]  # refused, nothing written
+        assert counted == {"turns": 1, "guarded": 1}  # then taken under the lock
+        assert other.applied > 0
+        assert await checkpoint_of(log.engine) == head
+        assert await projected(log.engine) == await expected_now(log.engine)
+    finally:
+        await other_engine.dispose()
+
+
 async def test_catch_up_on_an_empty_log_is_at_zero(log: Log) -> None:
     runner = ProjectionRunner(log.engine, [CountingProjection()])
     assert await runner.catch_up(NAME) == 0

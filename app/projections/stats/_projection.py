@@ -114,13 +114,13 @@ async def _add(connection: AsyncConnection, deltas: dict[str, int]) -> None:
 
 
 async def _trim_recent(connection: AsyncConnection) -> None:
+    # One statement, reading what the same transaction wrote: a step's writes may be made
+    # later, together, by the log's writer (see app.projections.deferred).
     cutoff = (
-        await connection.execute(
-            select(stats_recent.c.position)
-            .order_by(stats_recent.c.position.desc())
-            .offset(RECENT_KEEP - 1)
-            .limit(1)
-        )
-    ).scalar_one_or_none()
-    if cutoff is not None:
-        await connection.execute(delete(stats_recent).where(stats_recent.c.position < cutoff))
+        select(stats_recent.c.position)
+        .order_by(stats_recent.c.position.desc())
+        .offset(RECENT_KEEP - 1)
+        .limit(1)
+        .scalar_subquery()
+    )
+    await connection.execute(delete(stats_recent).where(stats_recent.c.position < cutoff))

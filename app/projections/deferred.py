@@ -1,0 +1,71 @@
+"""A projection step's writes, kept to be made later in one transaction by the log's writer.
+
+On SQLite the log's appender and the projections share one write lock. A step that writes
+through a connection of its own holds that lock, and with it every append, for as long as
+its transaction lasts, and each statement it makes on the event loop first waits for the
+loop to come round to it: under load a step held appends for ~25 ms, ten times a second.
+:class:`DeferredWrites` stands in for the step's connection instead: its reads go to a
+connection already reading at the checkpoints the step started from, and its writes are
+compiled to SQL and rows of parameters and kept. The runner then hands them to the appender
+(:meth:`~app.eventlog.EventStore.write_guarded`), which makes them in one transaction
+between two of its own, guarded by the checkpoints: if another process moved one in the
+meantime, nothing is written and the step is taken again under the lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from sqlalchemy import Executable
+from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.dml import Insert
+
+__all__ = ["DeferredWrites", "compile_write"]
+
+
+def compile_write(
+    statement: ClauseElement,
+    parameters: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None,
+    dialect: Dialect,
+) -> tuple[str, list[list[Any]]]:
+    """``statement`` as SQL with positional parameters, and a row of values per set of
+    ``parameters`` (one row when there is one set, or none)."""
+    rows: Sequence[Mapping[str, Any]]
+    if parameters is None:
+        rows = [{}]
+    elif isinstance(parameters, Mapping):
+        rows = [parameters]
+    else:
+        rows = parameters
+    # An INSERT without values binds the columns its rows name (as execute() compiles it).
+    keys = list(rows[0]) if isinstance(statement, Insert) and rows[0] else None
+    compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=keys))
+    names = compiled.positiontup
+    if names is None or "__[POSTCOMPILE" in compiled.string:
+        raise TypeError(f"cannot keep this write to make later: {compiled.string}")
+    return compiled.string, [
+        [values[name] for name in names]
+        for values in (compiled.construct_params(dict(row)) for row in rows)
+    ]
+
+
+class DeferredWrites:
+    """The part of :class:`AsyncConnection` a projection step uses (``dialect`` and
+    ``execute``): reads go to ``reads``, writes are compiled and kept in ``statements``."""
+
+    def __init__(self, reads: AsyncConnection) -> None:
+        self._reads = reads
+        self.dialect = reads.dialect
+        self.statements: list[tuple[str, list[list[Any]]]] = []
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> Any:
+        if getattr(statement, "is_select", False):
+            return await self._reads.execute(statement, parameters)
+        self.statements.append(
+            compile_write(cast(ClauseElement, statement), parameters, self.dialect)
+        )
+        return None
