@@ -53,6 +53,9 @@ ALL = ("append", "http", "fanout", "replay", "idle", "growth", "servers")
 NAIVE = "naive (in-memory list, asyncio.Condition)"
 #: The service with its append endpoints routed through Litestar like every other route.
 ROUTED = "service, appends through the router (DIRECT_APPENDS=0)"
+#: The service with its SQLite appender on a thread of its own process, sharing the event
+#: loop's GIL (the default gives it a process of its own).
+THREAD = "service, appender on a thread (SQLITE_APPENDER=thread)"
 RAW_1000 = "raw sqlite3, batches of 1000, synchronous=FULL"
 RAW_100 = "raw sqlite3, batches of 100, synchronous=FULL"
 #: nchan replays a channel's buffer in time quadratic in its length (200,000 messages take
@@ -79,6 +82,10 @@ async def append_figures(quick: bool, rounds: int, scratch: Path) -> list[Figure
     for round_number in range(rounds):
         print(f"append: round {round_number + 1}/{rounds}", file=sys.stderr)
         figure.add(SERVICE, await service_append_rate(scratch / f"a-{round_number}.db", events))
+        figure.add(
+            THREAD,
+            await service_append_rate(scratch / f"t-{round_number}.db", events, appender="thread"),
+        )
         figure.add(
             RAW_1000,
             await asyncio.to_thread(
@@ -168,6 +175,7 @@ async def http_figures(quick: bool, rounds: int, servers: Servers) -> list[Figur
         batch.add(NAIVE, naive_rate)
         projected.add(NAIVE, naive_rate)
         batch.add(ROUTED, await servers.run_service(post_batch, env={"DIRECT_APPENDS": "0"}))
+        batch.add(THREAD, await servers.run_service(post_batch, env={"SQLITE_APPENDER": "thread"}))
     return [single, batch, projected, fresh_p99, stale]
 
 

@@ -33,17 +33,20 @@ def _payload(n: int) -> msgspec.Raw:
     )
 
 
-async def _open_store(path: Path) -> tuple[EventStore, object]:
+async def _open_store(path: Path, appender: str = "process") -> tuple[EventStore, object]:
     url = f"sqlite+aiosqlite:///{path}"
     await upgrade_database(url)
     engine = create_engine(url, pool_size=4)
-    store = await EventStore.open(engine)
+    store = await EventStore.open(engine, sqlite_appender=appender)
     return store, engine
 
 
-async def service_append_rate(path: Path, rows: int, producers: int = 100) -> float:
-    """Durable appends through the store: ``producers`` tasks, one event per call."""
-    store, engine = await _open_store(path)
+async def service_append_rate(
+    path: Path, rows: int, producers: int = 100, appender: str = "process"
+) -> float:
+    """Durable appends through the store: ``producers`` tasks, one event per call, written
+    by the SQLite ``appender`` (``process`` or ``thread``)."""
+    store, engine = await _open_store(path, appender)
     events = [
         NewEvent(
             stream="agent", source_id=f"bench-{n % 100}", event="progress", payload=_payload(n)
