@@ -44,9 +44,8 @@ def children(pid: int) -> list[int]:
     return [int(line) for line in found.stdout.split()]
 
 
-# The SQLite writer process is forked by multiprocessing's fork server, which starts a
-# resource tracker beside it: both are the service's children, neither serves HTTP.
-WRITER_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+# The SQLite log's writer process is the service's child too; it does not serve HTTP.
+WRITER = "app.eventlog.writer_process"
 
 
 def http_workers(pid: int) -> list[int]:
@@ -55,7 +54,7 @@ def http_workers(pid: int) -> list[int]:
     for child in children(pid):
         with contextlib.suppress(FileNotFoundError):
             command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if not any(helper in command for helper in WRITER_HELPERS):
+            if WRITER not in command:
                 found.append(child)
     return found
 
@@ -89,8 +88,8 @@ async def serving(server_name: str, tmp_path: Path, **env: str) -> AsyncIterator
         # Granian serves from worker processes under a supervisor; uvicorn, with one worker,
         # from the process itself.
         assert bool(http_workers(server.process.pid)) == (server_name == "granian")
-        if server_name == "uvicorn":  # the writer's helpers, started with the log
-            assert len(children(server.process.pid)) == len(WRITER_HELPERS)
+        if server_name == "uvicorn":  # the log's writer, started with the log
+            assert len(children(server.process.pid)) == 1
         yield server
     finally:
         await asyncio.to_thread(server.stop)
@@ -309,7 +308,7 @@ async def test_sigterm_ends_streams_with_the_shutdown_frame_at_once(
     async def all_gone() -> bool:
         return not [pid for pid in workers if alive(pid)]
 
-    # The writer's helpers see the service's end of their pipes close, and exit (~0.1 s).
+    # Every child, the log's writer included, is gone with the server.
     await wait_for(all_gone, 5, "every child gone with the server")
 
 

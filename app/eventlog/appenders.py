@@ -30,10 +30,10 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
-from app.database import SQLITE_PRAGMAS
 from app.eventlog.envelope import Event, NewEvent, utc_now
 from app.eventlog.errors import LogUnavailable
 from app.eventlog.plan import AppendResult, Plan, SourceKey, plan_batch, source_keys, supplied_ids
+from app.sqlite import SQLITE_PRAGMAS
 
 __all__ = [
     "APPEND_LOCK_KEY",

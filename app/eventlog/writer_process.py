@@ -31,13 +31,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
+import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +215,7 @@ class _Child:
 
 
 def serve(sock: socket.socket, path: str, busy_ms: int, max_batch: int, cache_kib: int) -> None:
-    """The child's main: connect, then append until told to stop or the service is gone."""
+    """The child's work: connect, then append until told to stop or the service is gone."""
     # Ctrl-C reaches the whole process group; the service stops this process itself, after
     # the appends it has already handed over are committed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -237,13 +239,23 @@ def serve(sock: socket.socket, path: str, busy_ms: int, max_batch: int, cache_ki
 # -- the service's side -----------------------------------------------------------------------
 
 
-def _context() -> Any:
-    # A fork of a server process started once, early and single-threaded, with this module
-    # loaded: no fork of the service's threads, and no fresh interpreter importing the app
-    # for every store that is opened.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
+def _command(fd: int, path: str, busy_ms: int, max_batch: int, cache_kib: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        __name__,
+        str(fd),
+        path,
+        str(busy_ms),
+        str(max_batch),
+        str(cache_kib),
+    ]
+
+
+def _environment() -> dict[str, str]:
+    # The same app as this process's, wherever it was imported from.
+    paths = [entry for entry in sys.path if entry]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 class ProcessSqliteAppender:
@@ -259,9 +271,8 @@ class ProcessSqliteAppender:
     ) -> None:
         self._args = (str(path), int(busy_timeout_seconds * 1000), max_batch_events, cache_kib)
         self._on_commit: OnCommit | None = None
-        self._process: Any = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._receiver: asyncio.Task[None] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._transport: asyncio.WriteTransport | None = None
         # Requests sent and not yet answered, in the order the child answers them.
         self._in_flight: deque[AppendRequest] = deque()
         self._ids = 0
@@ -282,36 +293,48 @@ class ProcessSqliteAppender:
         for end in (ours, theirs):
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUFFER_BYTES)
             end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER_BYTES)
+        # A fresh interpreter running this module (it imports no more than the writer needs,
+        # ~0.1 s): a fork of the service would copy its threads' locks mid-use, and
+        # multiprocessing's own start methods run the service's main script again in the
+        # child, which a script without a ``__main__`` guard does not survive.
         try:
-            process = _context().Process(
-                target=serve, args=(theirs, *self._args), name="sqlite-append", daemon=True
+            process = await asyncio.to_thread(
+                subprocess.Popen,
+                _command(theirs.fileno(), *self._args),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=_environment(),
             )
-            await asyncio.to_thread(process.start)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+        replies = _Replies(ready)
+        transport, _ = await loop.create_unix_connection(lambda: replies, sock=ours)
         try:
-            kind, body = await _read_frame(reader)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            writer.close()
-            await asyncio.to_thread(process.join)
+            kind, body = await ready
+        except ConnectionError as exc:
+            transport.close()
+            code = await asyncio.to_thread(process.wait)
             raise LogUnavailable(
-                f"the event log's writer process exited on start (exit code {process.exitcode})"
+                f"the event log's writer process exited on start (exit code {code})"
             ) from exc
         if kind != b"r":
-            writer.close()
-            await asyncio.to_thread(process.join)
+            transport.close()
+            await asyncio.to_thread(process.wait)
             raise LogUnavailable(body.decode(errors="replace"))
         self._process = process
-        self._writer = writer
-        self._stopped = asyncio.get_running_loop().create_future()
-        self._receiver = asyncio.create_task(self._receive(reader), name="sqlite-append-results")
+        self._transport = transport
+        self._stopped = loop.create_future()
+        replies.follow(
+            lambda kind, body: self._reply(transport, kind, body), lambda: self._gone(transport)
+        )
 
     def submit(self, requests: list[AppendRequest]) -> None:
-        if self._writer is None:
+        if self._transport is None:
             # Between a child that died and its successor: sent once the new one is ready.
             self._queued.extend(requests)
             self._restart()
@@ -319,9 +342,9 @@ class ProcessSqliteAppender:
         self._send(requests)
 
     def _send(self, requests: list[AppendRequest]) -> None:
-        assert self._writer is not None
+        assert self._transport is not None
         self._in_flight.extend(requests)
-        self._writer.write(_frame(b"A", _json.encode([request.events for request in requests])))
+        self._transport.write(_frame(b"A", _json.encode([request.events for request in requests])))
 
     def _restart(self) -> None:
         if self._starting is None and not self._closed:
@@ -329,6 +352,8 @@ class ProcessSqliteAppender:
 
     async def _respawn(self) -> None:
         try:
+            if self._process is not None:
+                await asyncio.to_thread(self._process.wait)  # gone: collect its exit status
             await self._spawn()
         except Exception as exc:
             failure = exc if isinstance(exc, LogUnavailable) else LogUnavailable(str(exc))
@@ -342,44 +367,39 @@ class ProcessSqliteAppender:
         finally:
             self._starting = None
 
-    async def _receive(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                kind, body = await _read_frame(reader)
-                if kind == b"C":
-                    self._committed(body)
-                elif kind == b"H":
-                    waiting = self._holding.pop(_unpack.decode(body), None)
-                    if waiting is not None and not waiting.done():
-                        waiting.set_result(None)
-                elif kind == b"q":
-                    probe_id, problem = _unpack.decode(body)
-                    answer = self._probes.pop(probe_id, None)
-                    if answer is not None and not answer.done():
-                        answer.set_result(problem)
-                elif kind == b"w":
-                    write_id, written = _unpack.decode(body)
-                    done = self._writes.pop(write_id, None)
-                    if done is not None and not done.done():
-                        done.set_result(written)
-                elif kind == b"s":
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._gone()
+    def _reply(self, transport: asyncio.BaseTransport, kind: bytes, body: bytes) -> None:
+        """One frame from the child (on the event loop, in the order it was sent)."""
+        if kind == b"C":
+            self._committed(body)
+        elif kind == b"H":
+            waiting = self._holding.pop(_unpack.decode(body), None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(None)
+        elif kind == b"q":
+            probe_id, problem = _unpack.decode(body)
+            answer = self._probes.pop(probe_id, None)
+            if answer is not None and not answer.done():
+                answer.set_result(problem)
+        elif kind == b"w":
+            write_id, written = _unpack.decode(body)
+            done = self._writes.pop(write_id, None)
+            if done is not None and not done.done():
+                done.set_result(written)
+        elif kind == b"s":
+            self._gone(transport)
 
-    def _gone(self) -> None:
+    def _gone(self, transport: asyncio.BaseTransport) -> None:
         """The child has stopped (as asked, or not): refuse whatever it left unanswered."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if transport is not self._transport:
+            return  # an earlier child, already let go
+        self._transport = None
+        transport.close()
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
         in_flight = list(self._in_flight)
         self._in_flight.clear()
         if in_flight or not self._closed:
-            code = None if self._process is None else self._process.exitcode
+            code = None if self._process is None else self._process.poll()
             logger.error(
                 "the event log's writer process stopped (exit code %s) with %d append(s) "
                 "unanswered; the next append starts a new one",
@@ -431,7 +451,7 @@ class ProcessSqliteAppender:
     async def turn(self) -> AsyncIterator[None]:
         """Hold appends between two transactions while the caller writes (as
         :meth:`SqliteAppender.turn`): the child stops until the turn is released."""
-        writer = self._writer
+        writer = self._transport
         if writer is None:  # closed or between two children: no appends to hold
             yield
             return
@@ -445,29 +465,29 @@ class ProcessSqliteAppender:
         finally:
             self._holding.pop(turn, None)
             # Also when the turn was given up before the child reached it: it then skips it.
-            if self._writer is writer:
+            if self._transport is writer:
                 writer.write(_frame(b"R", _json.encode(turn)))
 
     async def probe(self) -> str | None:
-        if self._writer is None:
+        if self._transport is None:
             if self._closed:
                 return "the event log is closed"
             return "the event log's writer process is not running (the next append starts it)"
         probe_id = self._next_id()
         answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._probes[probe_id] = answer
-        self._writer.write(_frame(b"Q", _json.encode(probe_id)))
+        self._transport.write(_frame(b"Q", _json.encode(probe_id)))
         return await answer
 
     async def write_guarded(self, write: GuardedWrite) -> bool:
         """Run ``write`` in the child, between two of its transactions: False (nothing
         written) if its guard did not read what it expected."""
-        if self._writer is None:
+        if self._transport is None:
             raise LogUnavailable("the event log's writer process is not running")
         write_id = self._next_id()
         done: asyncio.Future[bool | str] = asyncio.get_running_loop().create_future()
         self._writes[write_id] = done
-        self._writer.write(_frame(b"W", _pack.encode([write_id, write])))
+        self._transport.write(_frame(b"W", _pack.encode([write_id, write])))
         written = await done
         if isinstance(written, str):
             raise LogUnavailable(written)
@@ -480,18 +500,51 @@ class ProcessSqliteAppender:
         self._closed = True
         if self._starting is not None:
             await self._starting
-        if self._writer is not None:
-            self._writer.write(_frame(b"S"))
-        if self._receiver is not None:
-            await self._receiver
+        if self._transport is not None:
+            self._transport.write(_frame(b"S"))
+        if self._stopped is not None:
+            await self._stopped
         if self._process is not None:
-            await asyncio.to_thread(self._process.join)
+            await asyncio.to_thread(self._process.wait)
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    header = await reader.readexactly(_HEADER)
-    data = await reader.readexactly(int.from_bytes(header, "big"))
-    return data[:1], data[1:]
+class _Replies(asyncio.Protocol):
+    """The child's frames, cut from the socket's stream as they arrive: the first one answers
+    ``ready``, every later one goes to ``on_frame``, and ``on_lost`` hears of the end."""
+
+    def __init__(self, ready: asyncio.Future[tuple[bytes, bytes]]) -> None:
+        self._ready = ready
+        self._buffer = bytearray()
+        self._on_frame: Callable[[bytes, bytes], None] | None = None
+        self._on_lost: Callable[[], None] | None = None
+
+    def follow(self, on_frame: Callable[[bytes, bytes], None], on_lost: Callable[[], None]) -> None:
+        self._on_frame, self._on_lost = on_frame, on_lost
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= _HEADER:
+            end = start + _HEADER + int.from_bytes(buffer[start : start + _HEADER], "big")
+            if len(buffer) < end:
+                break
+            kind, body = (
+                bytes(buffer[start + _HEADER : start + _HEADER + 1]),
+                bytes(buffer[start + _HEADER + 1 : end]),
+            )
+            start = end
+            if not self._ready.done():
+                self._ready.set_result((kind, body))
+            elif self._on_frame is not None:
+                self._on_frame(kind, body)
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._ready.done():
+            self._ready.set_exception(ConnectionError("the writer process closed its socket"))
+        elif self._on_lost is not None:
+            self._on_lost()
 
 
 _make = tuple.__new__
@@ -535,3 +588,15 @@ def _decode_error(encoded: list[Any]) -> AppendError:
     if kind == _REUSED:
         return EventIdReused(*args)
     return AppendError(*args)
+
+
+def main(arguments: Sequence[str]) -> None:
+    """``python -m app.eventlog.writer_process FD PATH BUSY_MS MAX_BATCH CACHE_KIB``, as the
+    service starts it, FD being its end of the socket pair."""
+    fd, path, busy_ms, max_batch, cache_kib = arguments
+    with socket.socket(fileno=int(fd)) as sock:
+        serve(sock, path, int(busy_ms), int(max_batch), int(cache_kib))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

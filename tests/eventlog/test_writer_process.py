@@ -136,6 +136,35 @@ def test_the_writer_exits_when_the_service_is_killed(tmp_path: Path) -> None:
     assert gone(pid, 10), f"the writer process {pid} outlived the service"
 
 
+UNGUARDED_SCRIPT = """
+import asyncio, sys
+from app.database import create_engine, upgrade_database
+from app.eventlog import EventStore, NewEvent, canonical_payload
+
+async def main(url):
+    await upgrade_database(url)
+    store = await EventStore.open(create_engine(url))
+    result = await store.append_one(NewEvent("agents", "s", "progress", canonical_payload({})))
+    await store.close()
+    print("appended at", result.position)
+
+asyncio.run(main(sys.argv[1]))  # no `if __name__ == "__main__":` around it
+"""
+
+
+def test_a_script_without_a_main_guard_can_append(tmp_path: Path) -> None:
+    # The writer is a fresh interpreter running its own module: the script is not run again
+    # in it (as multiprocessing's start methods would, starting a writer in the writer).
+    script = tmp_path / "append.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    ran = subprocess.run(
+        [sys.executable, str(script), url], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "appended at 1"
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     ours, theirs = socket.socketpair()
