@@ -166,12 +166,19 @@ async def fan_out_latency(
 
 
 def _tree_cpu_seconds(pid: int) -> float:
-    """User and system CPU time used so far by ``pid`` and its children (granian's workers)."""
-    found = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
-    )
+    """User and system CPU time used so far by ``pid`` and every process under it (granian's
+    workers, and each one's SQLite writer process)."""
     ticks = 0
-    for process in [pid, *(int(child) for child in found.stdout.split())]:
+    pending = [pid]
+    while pending:
+        process = pending.pop()
+        found = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(process)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        pending.extend(int(child) for child in found.stdout.split())
         try:
             stat = Path(f"/proc/{process}/stat").read_text()
         except FileNotFoundError:
