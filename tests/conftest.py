@@ -96,3 +96,9 @@ async def services(settings: Settings) -> AsyncIterator[Services]:
 async def server(settings: Settings) -> AsyncIterator[InProcessServer]:
     async with running_server(settings) as running:
         yield running
+
+
+@pytest.fixture(params=["process", "thread"])
+def appender(request: pytest.FixtureRequest) -> str:
+    """Each SQLite appender: in a process of its own (the default), on a thread."""
+    return str(request.param)

@@ -19,8 +19,10 @@ from typing import Any
 import httpx
 import msgspec
 import uvicorn
+from sqlalchemy import MetaData
 
 from app.asgi import create_app
+from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent, canonical_payload
 from app.projections.agents import AGENT_STREAM
 from app.services import Services
@@ -37,6 +39,7 @@ __all__ = [
     "new_agent_event",
     "read_frames",
     "running_server",
+    "sqlite_store",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +50,34 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.asynccontextmanager
+async def sqlite_store(
+    tmp_path: Path,
+    appender: str,
+    *,
+    busy_timeout_seconds: float = 10.0,
+    tables: MetaData | None = None,
+) -> AsyncIterator[EventStore]:
+    """A store on a fresh SQLite log in ``tmp_path`` (``events.db``), written by ``appender``
+    (``process`` or ``thread``), with ``tables`` created beside the log's."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
+    await upgrade_database(url)
+    engine = create_engine(url)
+    try:
+        if tables is not None:
+            async with engine.begin() as connection:
+                await connection.run_sync(tables.create_all)
+        store = await EventStore.open(
+            engine, sqlite_appender=appender, busy_timeout_seconds=busy_timeout_seconds
+        )
+        try:
+            yield store
+        finally:
+            await store.close()
+    finally:
+        await engine.dispose()
 
 
 def make_settings(database_url: str, **env: str) -> Settings:

@@ -53,6 +53,15 @@ class Plan(NamedTuple):
     outcomes: list[list[AppendResult] | AppendError]
     # Every source's version once the plan commits (those it touched and those it was given).
     versions: dict[SourceKey, int] = {}
+    # The rows written, as events, where an appender had them so (the writer process's
+    # replies carry no rows: they are built from the requests); else made from ``rows``.
+    written: list[Event] | None = None
+
+    def events(self) -> list[Event]:
+        """What the plan wrote, as events, in position order."""
+        if self.written is not None:
+            return self.written
+        return [row.to_event() for row in self.rows]
 
 
 def source_keys(batch: Iterable[Sequence[NewEvent]]) -> set[SourceKey]:

@@ -332,7 +332,8 @@ class EventStore:
             return
         plan = outcome
         metrics.transactions += 1
-        metrics.events += len(plan.rows)
+        written = plan.events()
+        metrics.events += len(written)
         metrics.batch_events.observe(sum(len(request.events) for request in group))
         metrics.commit_seconds.observe(seconds)
         metrics.last_failure = None
@@ -350,8 +351,8 @@ class EventStore:
                 ok += 1
                 latency.observe(now - request.started)
         metrics.requests["ok"] += ok
-        if plan.rows:
-            self.feed.publish([row.to_event() for row in plan.rows])
+        if written:
+            self.feed.publish(written)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -46,9 +46,9 @@ from typing import Any
 import msgspec
 
 from app.eventlog.appenders import AppendRequest, GuardedWrite, OnCommit, SqliteWriter
-from app.eventlog.envelope import NewEvent
+from app.eventlog.envelope import Event, NewEvent
 from app.eventlog.errors import AppendError, EventIdReused, LogUnavailable, VersionConflict
-from app.eventlog.plan import AppendResult, Plan, Row
+from app.eventlog.plan import AppendResult, Plan
 
 __all__ = ["ProcessSqliteAppender", "serve"]
 
@@ -481,13 +481,19 @@ class ProcessSqliteAppender:
 
     async def write_guarded(self, write: GuardedWrite) -> bool:
         """Run ``write`` in the child, between two of its transactions: False (nothing
-        written) if its guard did not read what it expected."""
-        if self._transport is None:
+        written) if its guard did not read what it expected. Starts a new child if the last
+        one died (as an append does): projection steps must not wait for the next append."""
+        if self._transport is None and not self._closed:
+            self._restart()
+            if self._starting is not None:
+                await asyncio.shield(self._starting)
+        transport = self._transport
+        if transport is None:
             raise LogUnavailable("the event log's writer process is not running")
         write_id = self._next_id()
         done: asyncio.Future[bool | str] = asyncio.get_running_loop().create_future()
         self._writes[write_id] = done
-        self._transport.write(_frame(b"W", _pack.encode([write_id, write])))
+        transport.write(_frame(b"W", _pack.encode([write_id, write])))
         written = await done
         if isinstance(written, str):
             raise LogUnavailable(written)
@@ -551,8 +557,9 @@ _make = tuple.__new__
 
 
 def _decode_plan(group: list[AppendRequest], encoded: list[Any]) -> Plan:
-    """The plan the child committed, rebuilt from the requests it answers and its results."""
-    rows: list[Row] = []
+    """The plan the child committed, rebuilt from the requests it answers and its results:
+    the events it wrote straight from the requests' own (no rows, no payloads copied)."""
+    written: list[Event] = []
     outcomes: list[list[AppendResult] | AppendError] = []
     for request, result in zip(group, encoded, strict=True):
         if result and isinstance(result[0], str):
@@ -563,22 +570,19 @@ def _decode_plan(group: list[AppendRequest], encoded: list[Any]) -> Plan:
         for new, appended in zip(request.events, results, strict=True):
             if appended[4]:  # a retry of an event already in the log: nothing written
                 continue
-            rows.append(
-                _make(
-                    Row,
-                    (
-                        appended[0],
-                        new.stream,
-                        new.source_id,
-                        appended[1],
-                        new.event,
-                        appended[2],
-                        appended[3],
-                        str(new.payload, "utf-8"),
-                    ),
+            written.append(
+                Event(
+                    appended[0],
+                    new.stream,
+                    new.source_id,
+                    appended[1],
+                    new.event,
+                    appended[2],
+                    appended[3],
+                    new.payload,
                 )
             )
-    return Plan(rows, outcomes)
+    return Plan([], outcomes, {}, written)
 
 
 def _decode_error(encoded: list[Any]) -> AppendError:

@@ -7,7 +7,7 @@ import contextlib
 import re
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from app.eventlog.appenders import SqliteWriter, blocks_within, insert_rows
 from app.eventlog.store import page_query
 from app.services import Services
 from app.settings import Settings
+from tests.support import sqlite_store
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -453,29 +454,6 @@ def test_the_sqlite_writer_commits_durably(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(tmp_path / "events.db")) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert other.execute("SELECT position, source_id FROM events").fetchall() == [(1, "a1")]
-
-
-@pytest.fixture(params=["process", "thread"])
-def appender(request: pytest.FixtureRequest) -> str:
-    """Each SQLite appender: in a process of its own (the default), on a thread."""
-    return str(request.param)
-
-
-@contextlib.asynccontextmanager
-async def sqlite_store(
-    tmp_path: Path, appender: str, busy_timeout_seconds: float = 10.0
-) -> AsyncIterator[EventStore]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
-    await upgrade_database(url)
-    engine = create_engine(url)
-    store = await EventStore.open(
-        engine, sqlite_appender=appender, busy_timeout_seconds=busy_timeout_seconds
-    )
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
 
 
 @contextlib.contextmanager

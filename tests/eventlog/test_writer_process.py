@@ -4,40 +4,27 @@ service dies, and the framing between the two."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, LogUnavailable, NewEvent, canonical_payload
+from app.eventlog.appenders import GuardedWrite
 from app.eventlog.writer_process import _frame, _Frames
 from tests.eventlog.test_store import table_contents, write_lock_held_elsewhere
+from tests.support import sqlite_store
 
 
 def new(source_id: str, n: int = 0) -> NewEvent:
     return NewEvent("agents", source_id, "progress", canonical_payload({"n": n}))
-
-
-@contextlib.asynccontextmanager
-async def process_store(tmp_path: Path) -> AsyncIterator[EventStore]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
-    await upgrade_database(url)
-    engine = create_engine(url)
-    store = await EventStore.open(engine, sqlite_appender="process")
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
 
 
 def writer_pid(store: EventStore) -> int:
@@ -62,7 +49,7 @@ def gone(pid: int, timeout: float) -> bool:
 async def test_a_writer_that_dies_refuses_what_it_held_and_the_next_append_restarts_it(
     tmp_path: Path,
 ) -> None:
-    async with process_store(tmp_path) as store:
+    async with sqlite_store(tmp_path, "process") as store:
         await store.append([new("s", n) for n in range(3)])
         first = writer_pid(store)
         with write_lock_held_elsewhere(tmp_path / "events.db"):
@@ -87,7 +74,7 @@ async def test_a_writer_that_dies_refuses_what_it_held_and_the_next_append_resta
 
 
 async def test_a_turn_waiting_on_a_dead_writer_is_let_go(tmp_path: Path) -> None:
-    async with process_store(tmp_path) as store:
+    async with sqlite_store(tmp_path, "process") as store:
         entered = asyncio.Event()
 
         async def second_turn() -> None:
@@ -103,6 +90,18 @@ async def test_a_turn_waiting_on_a_dead_writer_is_let_go(tmp_path: Path) -> None
             await asyncio.wait_for(waiting, 5)
         assert entered.is_set()
         assert (await asyncio.wait_for(store.append_one(new("after")), 10)).position == 1
+
+
+async def test_a_guarded_write_after_the_writer_died_starts_a_new_one(tmp_path: Path) -> None:
+    # Projection steps write through the writer too, and must not wait for an append.
+    async with sqlite_store(tmp_path, "process") as store:
+        first = writer_pid(store)
+        os.kill(first, signal.SIGKILL)
+        assert gone(first, 5)
+        await asyncio.sleep(0.1)  # the service has seen its end of the socket close
+        write = GuardedWrite("SELECT count(*) FROM events", [], [[0]], [])
+        assert await asyncio.wait_for(store.write_guarded(write), 10) is True
+        assert writer_pid(store) != first
 
 
 SERVICE_THEN_CRASH = """

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,13 +25,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.database import create_engine, upgrade_database, upsert
-from app.eventlog import EventStore, LogUnavailable
+from app.database import create_engine, upsert
+from app.eventlog import LogUnavailable
 from app.eventlog.appenders import GuardedWrite
 from app.projections.deferred import DeferredWrites, compile_write
 from app.projections.stats import EVENTS_TOTAL, RECENT_KEEP, stats_counters, stats_recent
 from app.services import Services
-from tests.support import new_agent_event
+from tests.support import new_agent_event, sqlite_store
 
 metadata = MetaData()
 items = Table(
@@ -150,26 +149,6 @@ async def test_deferred_writes_read_through_and_keep_what_they_write(tmp_path: P
         await engine.dispose()
 
 
-@pytest.fixture(params=["process", "thread"])
-def appender(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@contextlib.asynccontextmanager
-async def sqlite_store(tmp_path: Path, appender: str) -> AsyncIterator[EventStore]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
-    await upgrade_database(url)
-    engine = create_engine(url)
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-    store = await EventStore.open(engine, sqlite_appender=appender)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
-
-
 def guarded(expected_value: int, statements: list[tuple[str, list[list[Any]]]]) -> GuardedWrite:
     return GuardedWrite(
         "SELECT name, value FROM test_items WHERE name = ?",
@@ -185,7 +164,7 @@ INSERT = "INSERT INTO test_items (name, value) VALUES (?, ?)"
 async def test_a_guarded_write_is_made_only_while_its_guard_holds(
     tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path, appender) as store:
+    async with sqlite_store(tmp_path, appender, tables=metadata) as store:
         assert store.writes_between_appends
         assert await store.write_guarded(guarded(0, [(INSERT, [["guard", 0]])])) is False
         rows = item_rows(tmp_path / "events.db")
@@ -209,7 +188,7 @@ async def test_a_guarded_write_is_made_only_while_its_guard_holds(
 async def test_a_guarded_write_that_fails_writes_nothing_and_says_why(
     tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path, appender) as store:
+    async with sqlite_store(tmp_path, appender, tables=metadata) as store:
         with contextlib.closing(sqlite3.connect(tmp_path / "events.db")) as other:
             other.execute(INSERT, ("guard", 1))
             other.commit()
