@@ -77,36 +77,46 @@ def _frame(kind: bytes, body: bytes = b"") -> bytes:
 # -- the child --------------------------------------------------------------------------------
 
 
+def _split(buffer: bytearray) -> list[tuple[bytes, bytes]]:
+    """The whole frames at the start of ``buffer``, as (kind, body), taken out of it: what
+    is left is the start of a frame still arriving. Both ends cut their stream with this."""
+    frames = []
+    start = 0
+    while len(buffer) - start >= _HEADER:
+        end = start + _HEADER + int.from_bytes(buffer[start : start + _HEADER], "big")
+        if len(buffer) < end:
+            break
+        frames.append(
+            (
+                bytes(buffer[start + _HEADER : start + _HEADER + 1]),
+                bytes(buffer[start + _HEADER + 1 : end]),
+            )
+        )
+        start = end
+    del buffer[:start]
+    return frames
+
+
 class _Frames:
     """Frames read from a blocking socket, with an optional wait for the next one."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._buffer = bytearray()
-        self._start = 0
+        self._ready: deque[tuple[bytes, bytes]] = deque()
 
     def next(self, timeout: float | None) -> tuple[bytes, bytes] | None:
         """The next frame; None if none arrived within ``timeout`` (None: wait for one).
         Raises EOFError when the service has closed its end."""
-        while True:
-            buffer, start = self._buffer, self._start
-            if len(buffer) - start >= _HEADER:
-                size = int.from_bytes(buffer[start : start + _HEADER], "big")
-                end = start + _HEADER + size
-                if len(buffer) >= end:
-                    kind = bytes(buffer[start + _HEADER : start + _HEADER + 1])
-                    body = bytes(buffer[start + _HEADER + 1 : end])
-                    self._start = end
-                    return kind, body
-            if start:
-                del buffer[:start]
-                self._start = 0
+        while not self._ready:
             if timeout is not None and not select.select([self._sock], [], [], timeout)[0]:
                 return None
             chunk = self._sock.recv(_BUFFER_BYTES)
             if not chunk:
                 raise EOFError
-            buffer += chunk
+            self._buffer += chunk
+            self._ready.extend(_split(self._buffer))
+        return self._ready.popleft()
 
 
 def _encode_outcome(count: int, seconds: float, outcome: Plan | Exception) -> bytes:
@@ -372,19 +382,11 @@ class ProcessSqliteAppender:
         if kind == b"C":
             self._committed(body)
         elif kind == b"H":
-            waiting = self._holding.pop(_unpack.decode(body), None)
-            if waiting is not None and not waiting.done():
-                waiting.set_result(None)
+            _answer(self._holding, _unpack.decode(body), None)
         elif kind == b"q":
-            probe_id, problem = _unpack.decode(body)
-            answer = self._probes.pop(probe_id, None)
-            if answer is not None and not answer.done():
-                answer.set_result(problem)
+            _answer(self._probes, *_unpack.decode(body))
         elif kind == b"w":
-            write_id, written = _unpack.decode(body)
-            done = self._writes.pop(write_id, None)
-            if done is not None and not done.done():
-                done.set_result(written)
+            _answer(self._writes, *_unpack.decode(body))
         elif kind == b"s":
             self._gone(transport)
 
@@ -413,18 +415,9 @@ class ProcessSqliteAppender:
                     "or may not have been written (a retry with the same event_id is safe)"
                 ),
             )
-        for waiting in self._holding.values():
-            if not waiting.done():
-                waiting.set_result(None)
-        self._holding.clear()
-        for answer in self._probes.values():
-            if not answer.done():
-                answer.set_result("the event log's writer process is not running")
-        self._probes.clear()
-        for done in self._writes.values():
-            if not done.done():
-                done.set_result("the event log's writer process stopped before answering")
-        self._writes.clear()
+        _answer_all(self._holding, None)
+        _answer_all(self._probes, "the event log's writer process is not running")
+        _answer_all(self._writes, "the event log's writer process stopped before answering")
 
     def _refuse(self, requests: Sequence[AppendRequest], failure: LogUnavailable) -> None:
         if requests and self._on_commit is not None:
@@ -528,29 +521,30 @@ class _Replies(asyncio.Protocol):
         self._on_frame, self._on_lost = on_frame, on_lost
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        while len(buffer) - start >= _HEADER:
-            end = start + _HEADER + int.from_bytes(buffer[start : start + _HEADER], "big")
-            if len(buffer) < end:
-                break
-            kind, body = (
-                bytes(buffer[start + _HEADER : start + _HEADER + 1]),
-                bytes(buffer[start + _HEADER + 1 : end]),
-            )
-            start = end
+        self._buffer += data
+        for kind, body in _split(self._buffer):
             if not self._ready.done():
                 self._ready.set_result((kind, body))
             elif self._on_frame is not None:
                 self._on_frame(kind, body)
-        del buffer[:start]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._ready.done():
             self._ready.set_exception(ConnectionError("the writer process closed its socket"))
         elif self._on_lost is not None:
             self._on_lost()
+
+
+def _answer(pending: dict[int, asyncio.Future[Any]], key: int, value: Any) -> None:
+    """Answer the caller waiting under ``key`` (gone if it stopped waiting)."""
+    waiting = pending.pop(key, None)
+    if waiting is not None and not waiting.done():
+        waiting.set_result(value)
+
+
+def _answer_all(pending: dict[int, asyncio.Future[Any]], value: Any) -> None:
+    for key in list(pending):
+        _answer(pending, key, value)
 
 
 _make = tuple.__new__
