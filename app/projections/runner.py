@@ -82,6 +82,25 @@ async def _apply_page(
     return page.scanned_to, page.scanned_to < page.head
 
 
+async def _apply_pages(
+    connection: AsyncConnection,
+    projections: Sequence[Projection],
+    positions: dict[str, int],
+    pages: dict[str, Page],
+) -> tuple[list[tuple[Projection, int, bool]], dict[str, int]]:
+    """Apply each projection's page, read after its position: for each, the position it
+    reaches and whether more events follow; and the positions that moved."""
+    stepped: list[tuple[Projection, int, bool]] = []
+    moved: dict[str, int] = {}
+    for projection in projections:
+        position = positions[projection.name]
+        to, more = await _apply_page(connection, projection, position, pages[projection.name])
+        if to != position:
+            moved[projection.name] = to
+        stepped.append((projection, to, more))
+    return stepped, moved
+
+
 class ProjectionRunner:
     def __init__(
         self,
@@ -225,14 +244,7 @@ class ProjectionRunner:
         deferred = DeferredWrites(connection)
         # It stands in for a connection in what a step calls: see DeferredWrites.
         writes = cast(AsyncConnection, deferred)
-        stepped: list[tuple[Projection, int, bool]] = []
-        moved: dict[str, int] = {}
-        for projection in projections:
-            position = seen[projection.name]
-            to, more = await _apply_page(writes, projection, position, pages[projection.name])
-            if to != position:
-                moved[projection.name] = to
-            stepped.append((projection, to, more))
+        stepped, moved = await _apply_pages(writes, projections, seen, pages)
         if not moved:
             return stepped
         await _move_checkpoints(writes, moved)
@@ -257,19 +269,14 @@ class ProjectionRunner:
             connection = await write_transaction(connection)
             async with connection.begin():
                 locked = await _read_checkpoints(connection, projections, for_update=True)
-                stepped: list[tuple[Projection, int, bool]] = []
-                moved: dict[str, int] = {}
+                pages = dict(pages)
                 for projection in projections:
                     position = locked[projection.name]
-                    page = pages[projection.name]
                     if position != seen[projection.name]:
-                        page = await read_page(
+                        pages[projection.name] = await read_page(
                             connection, position, projection.source_filter, self._batch_size
                         )
-                    to, more = await _apply_page(connection, projection, position, page)
-                    if to != position:
-                        moved[projection.name] = to
-                    stepped.append((projection, to, more))
+                stepped, moved = await _apply_pages(connection, projections, locked, pages)
                 await _move_checkpoints(connection, moved)
         return stepped
 
