@@ -67,6 +67,8 @@ SQLITE_APPENDERS: dict[str, type[ProcessSqliteAppender] | type[SqliteAppender]] 
     "process": ProcessSqliteAppender,
     "thread": SqliteAppender,
 }
+#: The appenders that make guarded writes (:meth:`EventStore.write_guarded`).
+_GUARDED_WRITERS = (ProcessSqliteAppender, SqliteAppender)
 
 
 class Page(NamedTuple):
@@ -282,7 +284,7 @@ class EventStore:
     @property
     def writes_between_appends(self) -> bool:
         """True when :meth:`write_guarded` is available (a SQLite log)."""
-        return isinstance(self._appender, (SqliteAppender, ProcessSqliteAppender))
+        return isinstance(self._appender, _GUARDED_WRITERS)
 
     async def write_guarded(self, write: GuardedWrite) -> bool:
         """Run ``write`` on the appender's own connection, between two of its transactions,
@@ -294,7 +296,7 @@ class EventStore:
         run back to back in the appender, which is never held.
         """
         appender = self._appender
-        if not isinstance(appender, (SqliteAppender, ProcessSqliteAppender)):
+        if not isinstance(appender, _GUARDED_WRITERS):
             raise TypeError("guarded writes go through a SQLite log's appender only")
         if self._closed:
             raise LogUnavailable("the event log is shutting down")
