@@ -33,6 +33,7 @@ __all__ = [
     "ServerProcess",
     "SseFrame",
     "agent_event",
+    "alive",
     "busy_log",
     "free_port",
     "make_settings",
@@ -43,6 +44,16 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for every purpose here.
+    status = Path(f"/proc/{pid}/stat")
+    return status.exists() and status.read_text().split(") ", 1)[1][0] != "Z"
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ROOT, ServerProcess, SseFrame, agent_event, free_port, read_frames
+from tests.support import ROOT, ServerProcess, SseFrame, agent_event, alive, free_port, read_frames
 from tests.test_cli import run_cli
 
 SERVERS = ["uvicorn", "granian"]
@@ -57,16 +57,6 @@ def http_workers(pid: int) -> list[int]:
             if WRITER not in command:
                 found.append(child)
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for every purpose here.
-    status = Path(f"/proc/{pid}/stat")
-    return status.exists() and status.read_text().split(") ", 1)[1][0] != "Z"
 
 
 @contextlib.asynccontextmanager

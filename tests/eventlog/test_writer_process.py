@@ -20,7 +20,7 @@ from app.eventlog import EventStore, LogUnavailable, NewEvent, canonical_payload
 from app.eventlog.appenders import GuardedWrite
 from app.eventlog.writer_process import _frame, _Frames
 from tests.eventlog.test_store import table_contents, write_lock_held_elsewhere
-from tests.support import sqlite_store
+from tests.support import alive, sqlite_store
 
 
 def new(source_id: str, n: int = 0) -> NewEvent:
@@ -35,15 +35,11 @@ def writer_pid(store: EventStore) -> int:
 def gone(pid: int, timeout: float) -> bool:
     """True once process ``pid`` has exited (or is a zombie nobody reaped yet)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state == "Z":
-            return True
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
-    return False
+    return True
 
 
 async def test_a_writer_that_dies_refuses_what_it_held_and_the_next_append_restarts_it(
