@@ -112,15 +112,10 @@ async def _head(connection: AsyncConnection) -> int:
 
 
 def _to_event(row: Sequence[Any]) -> Event:
+    # Positional, in _COLUMNS' order: a replay makes one per event, and keywords cost more.
+    position, stream, source_id, version, event, event_id, timestamp, payload = row
     return Event(
-        position=row[0],
-        stream=row[1],
-        source_id=row[2],
-        version=row[3],
-        event=row[4],
-        event_id=row[5],
-        timestamp=row[6],
-        payload=msgspec.Raw(row[7]),
+        position, stream, source_id, version, event, event_id, timestamp, msgspec.Raw(payload)
     )
 
 
