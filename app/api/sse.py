@@ -40,7 +40,7 @@ from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import HTTPResponseBodyEvent, Receive, ReceiveMessage, Send
 
 from app.eventlog import EventFilter, EventStore, LogEntry, replay_then_tail
-from app.eventlog.envelope import format_timestamp
+from app.eventlog.envelope import encode_event, format_timestamp
 
 __all__ = [
     "SSE_HEADERS",
@@ -81,8 +81,16 @@ def parse_last_event_id(header: str | None, query: str | None) -> int | None:
     return None
 
 
+_FRAME = b"id: %d\nevent: %s\ndata: %s\n\n"
+
+
 def envelope_frame(entry: LogEntry) -> bytes:
     """``id`` + ``event`` + the whole envelope as ``data``."""
+    if not entry.shared:
+        # A replayed page's entry (one reader, nothing cached): built here without the two
+        # calls through the cache, which cost a replay ~0.5 us per event.
+        event = entry.event
+        return _FRAME % (event.position, event.event.encode(), encode_event(event))
     return entry.frame("envelope", _build_envelope_frame)
 
 
@@ -93,20 +101,12 @@ def payload_frame(entry: LogEntry) -> bytes:
 
 def _build_envelope_frame(entry: LogEntry) -> bytes:
     event = entry.event
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
-        event.position,
-        event.event.encode(),
-        entry.envelope_json(),
-    )
+    return _FRAME % (event.position, event.event.encode(), entry.envelope_json())
 
 
 def _build_payload_frame(entry: LogEntry) -> bytes:
     event = entry.event
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
-        event.position,
-        event.event.encode(),
-        bytes(event.payload),
-    )
+    return _FRAME % (event.position, event.event.encode(), bytes(event.payload))
 
 
 def control_frame(event: str, data: dict[str, Any]) -> bytes:

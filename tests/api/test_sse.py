@@ -17,7 +17,8 @@ import httpx
 import msgspec
 import pytest
 
-from app.eventlog import NewEvent, canonical_payload
+from app.api.sse import envelope_frame, payload_frame
+from app.eventlog import Event, LogEntry, NewEvent, canonical_payload
 from tests.support import (
     InProcessServer,
     SseFrame,
@@ -716,3 +717,31 @@ async def test_a_subscriber_that_stops_reading_is_dropped_without_blocking_other
             with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
                 await normal
         await wait_until(lambda: feed.subscribers == 0, 10, "no subscribers")
+
+
+def test_a_replayed_entry_is_framed_byte_for_byte_as_a_live_one() -> None:
+    """Entries read from the table for one replay build their frames without the cache; a
+    client that resumes must get exactly the bytes a live subscriber got."""
+    event = Event(
+        position=42,
+        stream="agent",
+        source_id='odd "source" \\ é',
+        version=7,
+        event="progress",
+        event_id="01a243d5-4421-763c-8018-1e6ce5935993",
+        timestamp="2026-12-05T01:32:59.809Z",
+        payload=canonical_payload({"agent_name": "a", "message": "line\nbreak", "n": [1, 2]}),
+    )
+    live, replayed = LogEntry(event), LogEntry(event, shared=False)
+    for build in (envelope_frame, payload_frame):
+        assert build(replayed) == build(live)
+    frame = envelope_frame(replayed)
+    assert frame.startswith(b"id: 42\nevent: progress\ndata: ")
+    assert frame.endswith(b"}\n\n")
+    assert frame.count(b"\n") == 4
+    assert msgspec.json.decode(frame.split(b"data: ", 1)[1]) == msgspec.json.decode(
+        msgspec.json.encode(event)
+    )
+    # The live entry keeps its frame for every other subscriber; the replayed one keeps none.
+    assert envelope_frame(live) is envelope_frame(live)
+    assert envelope_frame(replayed) is not envelope_frame(replayed)
