@@ -92,11 +92,22 @@ def canonical_payload(payload: Any) -> msgspec.Raw:
             raise InvalidPayload(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise InvalidPayload(f"payload must be a JSON object, got {_json_type(payload)}")
-    _check_depth(payload, 1)
     try:
-        return msgspec.Raw(_encoder.encode(payload))
+        encoded = _encoder.encode(payload)
+    except RecursionError:
+        raise InvalidPayload(f"payload is nested deeper than {MAX_PAYLOAD_DEPTH} levels") from None
     except (TypeError, msgspec.EncodeError) as exc:
+        _check_depth(payload, 1)  # the clearer refusal, if it applies
         raise InvalidPayload(f"payload is not JSON-serialisable: {exc}") from exc
+    if b"[" in encoded or encoded.count(b"{") > 1:
+        _check_depth(payload, 1)
+    else:
+        # No bracket but the object's own: a flat object (the usual payload), checked here
+        # in C; only its keys are left to check (the encoder writes other keys as text).
+        for key in payload:
+            if type(key) is not str:
+                raise InvalidPayload("payload keys must be strings")
+    return msgspec.Raw(encoded)
 
 
 def _check_depth(value: Any, depth: int) -> None:

@@ -192,3 +192,21 @@ def test_lookalikes_of_numbers_are_refused(text: str) -> None:
 def test_nothing_given_means_from_the_start_or_live() -> None:
     assert parse_last_event_id(None, None) is None
     assert parse_last_event_id("  ", "") is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{1: "a"}, {"a": 1, 2.5: "b"}, {"a": {2: "b"}}, {"a": [{(1, 2): "b"}]}],
+    ids=["flat int key", "flat float key", "nested int key", "tuple key in a list"],
+)
+def test_a_payload_key_that_is_not_a_string_is_refused(payload: dict[Any, Any]) -> None:
+    # The encoder would write int and float keys as text: they are refused before that.
+    with pytest.raises(InvalidPayload, match="keys must be strings"):
+        canonical_payload(payload)
+
+
+def test_a_payload_that_contains_itself_is_refused() -> None:
+    payload: dict[str, Any] = {"a": 1}
+    payload["again"] = [payload]
+    with pytest.raises(InvalidPayload, match=f"deeper than {MAX_PAYLOAD_DEPTH} levels"):
+        canonical_payload(payload)
