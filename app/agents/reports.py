@@ -53,19 +53,31 @@ class AgentEventsIn(msgspec.Struct, forbid_unknown_fields=True):
     events: list[BatchEventIn]
 
 
-def check_source_id(source_id: str, field: str = "source_id") -> str:
+# Source ids already found valid: an agent reports under the same few ids again and again,
+# so most checks are one set lookup. Bounded.
+_valid_source_ids: set[str] = set()
+_VALID_CAPACITY = 10_000
+
+
+def check_source_id(source_id: str, field: str = "source_id", *, prefix: str = "") -> str:
+    if source_id in _valid_source_ids:
+        return source_id
     if not SOURCE_ID_PATTERN.fullmatch(source_id):
+        field = prefix + field
         raise InvalidReport(
             field,
             f"{field} must be 1-200 characters of letters, digits and ._:@+=- starting with a "
             f"letter or digit, got {source_id[:60]!r}",
         )
+    if len(_valid_source_ids) >= _VALID_CAPACITY:
+        _valid_source_ids.clear()
+    _valid_source_ids.add(source_id)
     return source_id
 
 
 def to_new_event(source_id: str, report: AgentEventIn, prefix: str = "") -> NewEvent:
     """Check one reported event against the contract and make it appendable."""
-    check_source_id(source_id, f"{prefix}source_id")
+    check_source_id(source_id, prefix=prefix)
     payload = report.payload
     agent_name = payload.get("agent_name")
     if not isinstance(agent_name, str) or not agent_name.strip() or len(agent_name) > 200:
