@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from sqlalchemy import Select, func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.database import is_sqlite, sqlite_path
@@ -130,8 +132,17 @@ async def _rows(connection: AsyncConnection, query: Select[Any]) -> Sequence[Seq
     parameters = [values[name] for name in compiled.positiontup or ()]
     driver = (await connection.get_raw_connection()).driver_connection
     assert driver is not None
-    async with driver.execute(compiled.string, parameters) as cursor:
-        rows = await cursor.fetchall()
+    try:
+        async with driver.execute(compiled.string, parameters) as cursor:
+            rows = await cursor.fetchall()
+    except sqlite3.Error as exc:
+        # Raised as SQLAlchemy raises it: callers tell a database that is away by DBAPIError
+        # (the API answers 503, a tail retries).
+        wrapped = DBAPIError.instance(
+            compiled.string, parameters, exc, sqlite3.Error, dialect=connection.dialect
+        )
+        assert isinstance(wrapped, DBAPIError)
+        raise wrapped from exc
     return rows
 
 

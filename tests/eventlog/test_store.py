@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import DBAPIError
 
 from app.database import create_engine, upgrade_database
 from app.eventlog import (
@@ -364,6 +365,21 @@ async def test_read_after_returns_exactly_the_matching_events(
     jobs = [e for e in mixed_log if e.stream == "jobs"]
     assert {e.source_id for e in jobs} == {"j1"}
     assert len(jobs) == 10
+
+
+async def test_a_page_that_cannot_be_read_fails_as_a_database_error(tmp_path: Path) -> None:
+    """Pages are fetched from SQLite's cursor directly; a failure there is raised as
+    SQLAlchemy raises every other (DBAPIError), which the API answers with 503 and a tail
+    retries, not as a bare sqlite3 error."""
+    async with sqlite_store(tmp_path, "thread") as store:
+        await store.append([new("a1"), new("a2")])
+        assert [e.source_id for e in (await store.read_after(0)).events] == ["a1", "a2"]
+        # Text that is not UTF-8 (a file written by something else) cannot be fetched.
+        with contextlib.closing(sqlite3.connect(tmp_path / "events.db")) as raw, raw:
+            raw.execute("UPDATE events SET source_id = CAST(X'FF' AS TEXT) WHERE position = 2")
+        with pytest.raises(DBAPIError, match="UTF-8"):
+            await store.read_after(0)
+        assert [e.source_id for e in (await store.read_after(0, limit=1)).events] == ["a1"]
 
 
 async def test_a_full_page_is_scanned_to_its_last_event_a_short_one_to_the_head(
