@@ -29,7 +29,7 @@ from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.database import upsert, write_transaction
-from app.eventlog import EventStore
+from app.eventlog import EventFilter, EventStore
 from app.eventlog.appenders import GuardedWrite
 from app.eventlog.envelope import utc_now
 from app.eventlog.store import Page, read_page
@@ -37,6 +37,13 @@ from app.projections.base import Projection, checkpoints
 from app.projections.deferred import DeferredWrites
 
 __all__ = ["ProjectionRunner", "UnknownProjection"]
+
+#: A table read's rows are sized from the previous read's events to hold about
+#: ``page_bytes``; before any read, events are taken to be this large (a first read of large
+#: events stays within the bound, one of small events is just shorter).
+_FIRST_GUESS_BYTES = 16 * 1024
+#: What an event holds beyond its payload, counted with it (its columns and objects).
+_EVENT_OVERHEAD_BYTES = 200
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +116,16 @@ class ProjectionRunner:
         *,
         store: EventStore | None = None,
         batch_size: int = 1000,
+        page_bytes: int = 8 * 1024 * 1024,
         poll_seconds: float = 1.0,
         coalesce_seconds: float = 0.1,
     ) -> None:
         self._engine = engine
+        # A runner that fell behind the feed reads the table: up to ``batch_size`` events a
+        # projection (times the projections sharing the read), and no more than about
+        # ``page_bytes`` of them, or a page of large events would hold hundreds of MB.
+        self._page_bytes = page_bytes
+        self._event_bytes = _FIRST_GUESS_BYTES
         self._coalesce_seconds = coalesce_seconds
         #: Set by a reader waiting for the projections: take the next step now.
         self._hurry = asyncio.Event()
@@ -273,7 +286,7 @@ class ProjectionRunner:
                 for projection in projections:
                     position = locked[projection.name]
                     if position != seen[projection.name]:
-                        pages[projection.name] = await read_page(
+                        pages[projection.name] = await self._read(
                             connection, position, projection.source_filter, self._batch_size
                         )
                 stepped, moved = await _apply_pages(connection, projections, locked, pages)
@@ -303,13 +316,14 @@ class ProjectionRunner:
             shared = self._recent(position)
             if shared is None and len(together) == 1:
                 (projection,) = together
-                pages[projection.name] = await read_page(
+                pages[projection.name] = await self._read(
                     connection, position, projection.source_filter, self._batch_size
                 )
                 continue
             if shared is None:
-                limit = self._batch_size * len(together)
-                shared = await read_page(connection, position, None, limit)
+                shared = await self._read(
+                    connection, position, EventFilter(), self._batch_size * len(together)
+                )
             for projection in together:
                 wanted = projection.source_filter
                 found = (
@@ -319,6 +333,17 @@ class ProjectionRunner:
                 )
                 pages[projection.name] = Page(found, shared.scanned_to, shared.head)
         return pages
+
+    async def _read(
+        self, connection: AsyncConnection, after: int, event_filter: EventFilter, rows: int
+    ) -> Page:
+        """Up to ``rows`` events from the table, fewer if they are large (``page_bytes``)."""
+        limit = max(1, min(rows, self._page_bytes // self._event_bytes))
+        page = await read_page(connection, after, event_filter, limit)
+        if page.events:
+            payloads = sum(len(event.payload) for event in page.events)
+            self._event_bytes = payloads // len(page.events) + _EVENT_OVERHEAD_BYTES
+        return page
 
     def _recent(self, position: int) -> Page | None:
         """The events after ``position`` from the store's feed, which holds the newest

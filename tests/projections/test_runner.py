@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.database import create_engine, upgrade_database
 from app.eventlog import Event, EventFilter, EventStore, NewEvent, canonical_payload
+from app.eventlog import store as store_module
 from app.eventlog.tables import events
 from app.projections import ProjectionRunner, UnknownProjection, checkpoints
 from app.services import Services
@@ -457,20 +458,24 @@ class RecordingProjection:
 
 
 @contextlib.contextmanager
-def page_reads(engine: AsyncEngine) -> Iterator[list[str]]:
-    """The pages of events read on ``engine`` meanwhile (a page is read between two
-    positions; the store's own tail reads only one bound)."""
+def page_reads() -> Iterator[list[str]]:
+    """The pages of events read meanwhile (a page is read between two positions; the store's
+    own tail reads only one bound), as the store fetches them: on SQLite its rows come from
+    the driver's cursor, which SQLAlchemy's statement events do not see."""
     reads: list[str] = []
+    fetch = store_module._rows
 
-    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    async def counted(connection: AsyncConnection, query: Any) -> Sequence[Sequence[Any]]:
+        statement = str(query)
         if "FROM events" in statement and "events.position <=" in statement:
             reads.append(statement)
+        return await fetch(connection, query)
 
-    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    store_module._rows = counted
     try:
         yield reads
     finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", count)
+        store_module._rows = fetch
 
 
 def three_projections(
@@ -507,7 +512,7 @@ async def test_projections_at_one_checkpoint_share_each_read_and_get_their_own_e
     await append_events(log.store, 120, random.Random(7))
     # "everything" goes ahead alone, so the next step starts from two checkpoints.
     assert await runner.catch_up("everything", until=35) >= 35
-    with page_reads(log.engine) as reads:
+    with page_reads() as reads:
         await runner._catch_up_together(sorted(runner.projections))
         head = await log.store.head()
         await assert_recorded_every_event(log, everything, others)
@@ -531,7 +536,7 @@ async def test_rebuilding_together_folds_every_projection_from_zero_with_shared_
     await runner.catch_up(NAME)
     async with log.engine.begin() as connection:  # a wrong row the rebuild must replace
         await connection.execute(counts.update().values(events=counts.c.events + 1000))
-    with page_reads(log.engine) as reads:
+    with page_reads() as reads:
         reached = await runner.rebuild_together([NAME, "everything", "others"])
     head = await log.store.head()
     assert reached == {NAME: head, "everything": head, "others": head}
@@ -541,6 +546,50 @@ async def test_rebuilding_together_folds_every_projection_from_zero_with_shared_
     assert await checkpoint_of(log.engine) == head
 
 
+async def test_a_runner_behind_reads_large_events_a_bounded_number_of_bytes_at_a_time(
+    log: Log, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages from the table hold about ``page_bytes`` of events, whatever their size: a
+    runner that fell behind the feed must not read hundreds of MB of large events at once."""
+    blob = "x" * 8_000
+    for first in range(0, 90, 15):
+        await log.store.append(
+            [
+                NewEvent(
+                    "other" if n % 3 == 0 else "agent",
+                    f"source-{n % 5}",
+                    "progress",
+                    canonical_payload({"agent_name": "big", "n": n, "blob": blob}),
+                )
+                for n in range(first, first + 15)
+            ]
+        )
+    everything = RecordingProjection("everything", EventFilter())
+    others = RecordingProjection("others", EventFilter(streams=("other",)))
+    # 30 events a projection, 90 a shared read: 720 KB a read without the byte bound.
+    runner = ProjectionRunner(
+        log.engine,
+        [CountingProjection(), everything, others],
+        batch_size=30,
+        page_bytes=64 * 1024,
+    )
+    read_bytes: list[int] = []
+    fetch = store_module._rows
+
+    async def measured(connection: AsyncConnection, query: Any) -> Sequence[Sequence[Any]]:
+        rows = await fetch(connection, query)
+        if "events.position <=" in str(query):
+            read_bytes.append(sum(len(row[-1]) for row in rows))
+        return rows
+
+    monkeypatch.setattr(store_module, "_rows", measured)
+    reached = await runner._catch_up_together(sorted(runner.projections))
+    assert set(reached.values()) == {90}
+    assert len(read_bytes) > 10, read_bytes
+    assert max(read_bytes) <= 64 * 1024, read_bytes
+    await assert_recorded_every_event(log, everything, others)
+
+
 @pytest.mark.parametrize("feed_capacity", [10_000, 20])
 async def test_a_runner_that_keeps_up_takes_its_pages_from_the_feed(
     database_url: str, feed_capacity: int
@@ -548,7 +597,7 @@ async def test_a_runner_that_keeps_up_takes_its_pages_from_the_feed(
     async with open_log(database_url, feed_capacity=feed_capacity) as log:
         runner, everything, others = three_projections(log, feed=True)
         await append_events(log.store, 95, random.Random(11))
-        with page_reads(log.engine) as reads:
+        with page_reads() as reads:
             await runner._catch_up_together(sorted(runner.projections))
         # The feed holds its newest events only: what it no longer holds comes from the
         # table, 30 events a read (75 of 95 with room for 20: 3 reads).
@@ -557,7 +606,7 @@ async def test_a_runner_that_keeps_up_takes_its_pages_from_the_feed(
 
         # Level now: new events come from the feed whatever its size.
         await append_events(log.store, 15, random.Random(12))
-        with page_reads(log.engine) as reads:
+        with page_reads() as reads:
             await runner._catch_up_together(sorted(runner.projections))
         assert reads == []
         await assert_recorded_every_event(log, everything, others)
