@@ -113,16 +113,25 @@ async def _head(connection: AsyncConnection) -> int:
     return int(result.scalar_one())
 
 
-async def _rows(connection: AsyncConnection, query: Select[Any]) -> Sequence[Sequence[Any]]:
-    """The rows of ``query`` as tuples of column values.
+#: Pages of fewer rows than this are fetched through SQLAlchemy's result: compiling the
+#: statement for the driver costs 0.3-0.5 ms (SQLAlchemy's own execution reuses a cached
+#: compilation), more than a short page's rows save.
+_RAW_MIN_ROWS = 500
 
-    On SQLite, fetched from aiosqlite's cursor directly: building SQLAlchemy's result rows
-    cost about 1.3 us per row, a third of a replay's time per event (bench/README.md,
-    replay). The query is compiled by SQLAlchemy all the same; the log's columns have no
-    result processing on SQLite, so the values are those SQLAlchemy would have given.
+
+async def _rows(
+    connection: AsyncConnection, query: Select[Any], limit: int
+) -> Sequence[Sequence[Any]]:
+    """The rows of ``query`` (at most ``limit``) as tuples of column values.
+
+    On SQLite, a long page is fetched from aiosqlite's cursor directly: building
+    SQLAlchemy's result rows cost about 1.3 us per row, a third of a replay's time per event
+    (bench/README.md, replay). The query is compiled by SQLAlchemy all the same; the log's
+    columns have no result processing on SQLite, so the values are those SQLAlchemy would
+    have given.
     """
     rows: Sequence[Sequence[Any]]
-    if connection.dialect.name != "sqlite":
+    if connection.dialect.name != "sqlite" or limit < _RAW_MIN_ROWS:
         rows = (await connection.execute(query)).all()
         return rows
     compiled = query.compile(
@@ -180,7 +189,7 @@ async def read_page(
     if after >= head:
         return Page([], after, head)
     query = page_query(after, head, event_filter, limit)
-    found = [_to_event(row) for row in await _rows(connection, query)]
+    found = [_to_event(row) for row in await _rows(connection, query, limit)]
     scanned_to = found[-1].position if len(found) == limit else head
     if event_filter.rechecked:
         found = [event for event in found if event_filter.matches(event)]
@@ -425,7 +434,7 @@ class EventStore:
                 .order_by(events.c.position)
                 .limit(limit)
             )
-            return [_to_event(row) for row in await _rows(connection, query)]
+            return [_to_event(row) for row in await _rows(connection, query, limit)]
 
     async def read_source(
         self, stream: str, source_id: str, *, until_position: int | None = None

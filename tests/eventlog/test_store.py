@@ -368,7 +368,7 @@ async def test_read_after_returns_exactly_the_matching_events(
 
 
 async def test_a_page_that_cannot_be_read_fails_as_a_database_error(tmp_path: Path) -> None:
-    """Pages are fetched from SQLite's cursor directly; a failure there is raised as
+    """Long pages are fetched from SQLite's cursor directly; a failure there is raised as
     SQLAlchemy raises every other (DBAPIError), which the API answers with 503 and a tail
     retries, not as a bare sqlite3 error."""
     async with sqlite_store(tmp_path, "thread") as store:
@@ -377,8 +377,9 @@ async def test_a_page_that_cannot_be_read_fails_as_a_database_error(tmp_path: Pa
         # Text that is not UTF-8 (a file written by something else) cannot be fetched.
         with contextlib.closing(sqlite3.connect(tmp_path / "events.db")) as raw, raw:
             raw.execute("UPDATE events SET source_id = CAST(X'FF' AS TEXT) WHERE position = 2")
-        with pytest.raises(DBAPIError, match="UTF-8"):
-            await store.read_after(0)
+        for limit in (1000, 10):  # a long page from the driver's cursor, a short one not
+            with pytest.raises(DBAPIError, match="UTF-8"):
+                await store.read_after(0, limit=limit)
         assert [e.source_id for e in (await store.read_after(0, limit=1)).events] == ["a1"]
 
 

@@ -465,11 +465,13 @@ def page_reads() -> Iterator[list[str]]:
     reads: list[str] = []
     fetch = store_module._rows
 
-    async def counted(connection: AsyncConnection, query: Any) -> Sequence[Sequence[Any]]:
+    async def counted(
+        connection: AsyncConnection, query: Any, limit: int
+    ) -> Sequence[Sequence[Any]]:
         statement = str(query)
         if "FROM events" in statement and "events.position <=" in statement:
             reads.append(statement)
-        return await fetch(connection, query)
+        return await fetch(connection, query, limit)
 
     store_module._rows = counted
     try:
@@ -576,8 +578,10 @@ async def test_a_runner_behind_reads_large_events_a_bounded_number_of_bytes_at_a
     read_bytes: list[int] = []
     fetch = store_module._rows
 
-    async def measured(connection: AsyncConnection, query: Any) -> Sequence[Sequence[Any]]:
-        rows = await fetch(connection, query)
+    async def measured(
+        connection: AsyncConnection, query: Any, limit: int
+    ) -> Sequence[Sequence[Any]]:
+        rows = await fetch(connection, query, limit)
         if "events.position <=" in str(query):
             read_bytes.append(sum(len(row[-1]) for row in rows))
         return rows
