@@ -45,7 +45,7 @@ from app.eventlog.plan import AppendResult, Plan
 from app.eventlog.tables import events
 from app.eventlog.writer_process import ProcessSqliteAppender
 
-__all__ = ["AppendResult", "EventStore", "Page", "check_names", "read_page"]
+__all__ = ["AppendResult", "EventStore", "Page", "check_names", "read_page", "rows_within"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,18 @@ class Page(NamedTuple):
     # Every position up to here has been looked at: the next page starts after it.
     scanned_to: int
     head: int
+
+
+#: What an event read from the table holds beyond its payload (its columns and objects).
+_EVENT_OVERHEAD_BYTES = 200
+
+
+def rows_within(budget: int, events: Sequence[Event]) -> int:
+    """How many events like ``events`` (their payloads, and what each holds besides) fit in
+    ``budget`` bytes, at least one: the next table read's rows, so that a page of large
+    events holds about ``budget`` and not thousands of them."""
+    size = sum(len(event.payload) for event in events) + _EVENT_OVERHEAD_BYTES * len(events)
+    return max(1, budget * len(events) // size)
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")

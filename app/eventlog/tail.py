@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from app.eventlog.filters import EventFilter
 from app.eventlog.notify import LogEntry
-from app.eventlog.store import EventStore, Page
+from app.eventlog.store import EventStore, Page, rows_within
 
 __all__ = ["replay_then_tail"]
 
@@ -76,8 +76,7 @@ async def replay_then_tail(
                 # Not held once written: an idle tail would keep its last page alive.
                 del page
                 if events:
-                    size = sum(len(event.payload) for event in events) + 200 * len(events)
-                    limit = max(1, min(chunk, PAGE_BYTES * len(events) // size))
+                    limit = min(chunk, rows_within(PAGE_BYTES, events))
                     if more:
                         ahead = asyncio.ensure_future(store.read_after(last, event_filter, limit))
                         ahead_after = last

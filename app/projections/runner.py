@@ -32,7 +32,7 @@ from app.database import upsert, write_transaction
 from app.eventlog import EventFilter, EventStore
 from app.eventlog.appenders import GuardedWrite
 from app.eventlog.envelope import utc_now
-from app.eventlog.store import Page, read_page
+from app.eventlog.store import Page, read_page, rows_within
 from app.projections.base import Projection, checkpoints
 from app.projections.deferred import DeferredWrites
 
@@ -42,8 +42,6 @@ __all__ = ["ProjectionRunner", "UnknownProjection"]
 #: ``page_bytes``; before any read, events are taken to be this large (a first read of large
 #: events stays within the bound, one of small events is just shorter).
 _FIRST_GUESS_BYTES = 16 * 1024
-#: What an event holds beyond its payload, counted with it (its columns and objects).
-_EVENT_OVERHEAD_BYTES = 200
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +123,7 @@ class ProjectionRunner:
         # projection (times the projections sharing the read), and no more than about
         # ``page_bytes`` of them, or a page of large events would hold hundreds of MB.
         self._page_bytes = page_bytes
-        self._event_bytes = _FIRST_GUESS_BYTES
+        self._page_rows = max(1, page_bytes // _FIRST_GUESS_BYTES)
         self._coalesce_seconds = coalesce_seconds
         #: Set by a reader waiting for the projections: take the next step now.
         self._hurry = asyncio.Event()
@@ -338,11 +336,9 @@ class ProjectionRunner:
         self, connection: AsyncConnection, after: int, event_filter: EventFilter, rows: int
     ) -> Page:
         """Up to ``rows`` events from the table, fewer if they are large (``page_bytes``)."""
-        limit = max(1, min(rows, self._page_bytes // self._event_bytes))
-        page = await read_page(connection, after, event_filter, limit)
+        page = await read_page(connection, after, event_filter, min(rows, self._page_rows))
         if page.events:
-            payloads = sum(len(event.payload) for event in page.events)
-            self._event_bytes = payloads // len(page.events) + _EVENT_OVERHEAD_BYTES
+            self._page_rows = rows_within(self._page_bytes, page.events)
         return page
 
     def _recent(self, position: int) -> Page | None:
