@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from sqlalchemy import (
@@ -457,21 +457,28 @@ class RecordingProjection:
         self.positions.extend(item.position for item in batch)
 
 
+class PageRead(NamedTuple):
+    statement: str
+    #: The payloads' bytes the read returned.
+    payload_bytes: int
+
+
 @contextlib.contextmanager
-def page_reads() -> Iterator[list[str]]:
+def page_reads() -> Iterator[list[PageRead]]:
     """The pages of events read meanwhile (a page is read between two positions; the store's
     own tail reads only one bound), as the store fetches them: on SQLite its rows come from
     the driver's cursor, which SQLAlchemy's statement events do not see."""
-    reads: list[str] = []
+    reads: list[PageRead] = []
     fetch = store_module._rows
 
     async def counted(
         connection: AsyncConnection, query: Any, limit: int
     ) -> Sequence[Sequence[Any]]:
+        rows = await fetch(connection, query, limit)
         statement = str(query)
         if "FROM events" in statement and "events.position <=" in statement:
-            reads.append(statement)
-        return await fetch(connection, query, limit)
+            reads.append(PageRead(statement, sum(len(row[-1]) for row in rows)))
+        return rows
 
     store_module._rows = counted
     try:
@@ -549,7 +556,7 @@ async def test_rebuilding_together_folds_every_projection_from_zero_with_shared_
 
 
 async def test_a_runner_behind_reads_large_events_a_bounded_number_of_bytes_at_a_time(
-    log: Log, monkeypatch: pytest.MonkeyPatch
+    log: Log,
 ) -> None:
     """Pages from the table hold about ``page_bytes`` of events, whatever their size: a
     runner that fell behind the feed must not read hundreds of MB of large events at once."""
@@ -575,19 +582,9 @@ async def test_a_runner_behind_reads_large_events_a_bounded_number_of_bytes_at_a
         batch_size=30,
         page_bytes=64 * 1024,
     )
-    read_bytes: list[int] = []
-    fetch = store_module._rows
-
-    async def measured(
-        connection: AsyncConnection, query: Any, limit: int
-    ) -> Sequence[Sequence[Any]]:
-        rows = await fetch(connection, query, limit)
-        if "events.position <=" in str(query):
-            read_bytes.append(sum(len(row[-1]) for row in rows))
-        return rows
-
-    monkeypatch.setattr(store_module, "_rows", measured)
-    reached = await runner._catch_up_together(sorted(runner.projections))
+    with page_reads() as reads:
+        reached = await runner._catch_up_together(sorted(runner.projections))
+    read_bytes = [read.payload_bytes for read in reads]
     assert set(reached.values()) == {90}
     assert len(read_bytes) > 10, read_bytes
     assert max(read_bytes) <= 64 * 1024, read_bytes
