@@ -38,11 +38,15 @@ from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import HTTPResponseBodyEvent, Receive, ReceiveMessage, Send
+from sqlalchemy import ColumnElement, String, func, literal
 
 from app.eventlog import EventFilter, EventStore, LogEntry, replay_then_tail
 from app.eventlog.envelope import encode_event, format_timestamp
+from app.eventlog.store import FramePage
+from app.eventlog.tables import events
 
 __all__ = [
+    "SQL_FRAMES",
     "SSE_HEADERS",
     "EventStreamResponse",
     "FrameBuilder",
@@ -84,6 +88,38 @@ def parse_last_event_id(header: str | None, query: str | None) -> int | None:
 _FRAME = b"id: %d\nevent: %s\ndata: %s\n\n"
 
 
+def _sql_frame(data: str, *values: ColumnElement[Any]) -> ColumnElement[str]:
+    """:data:`_FRAME` built by SQLite's ``printf`` from a row of the events table, ``data``
+    being a ``printf`` format of ``values``."""
+    frame = _FRAME.decode().replace("data: %s", f"data: {data}")
+    return func.printf(
+        literal(frame, String), events.c.position, events.c.event, *values, type_=String
+    )
+
+
+# The frames below, built by SQLite for the pages a replay reads from the table (see
+# EventStore.read_frames_after). The envelope's fields are in Event's order. The source id
+# and event id are quoted by SQLite's json_quote, which escapes text exactly as msgspec does
+# (the store checks it when it opens, and has SQLite build frames only then); stream and
+# event names are checked when appended (check_names: they go into the event line as they
+# are) and timestamps are the appender's, so neither has anything to escape. Tests compare
+# these frames with the service's byte for byte, over HTTP after a restart
+# (tests/api/test_sse.py) and for every filter (tests/eventlog/test_tail.py).
+_SQL_ENVELOPE_FRAME = _sql_frame(
+    '{"position":%d,"stream":"%s","source_id":%s,"version":%d,"event":"%s","event_id":%s,'
+    '"timestamp":"%s","payload":%s}',
+    events.c.position,
+    events.c.stream,
+    func.json_quote(events.c.source_id),
+    events.c.version,
+    events.c.event,
+    func.json_quote(events.c.event_id),
+    events.c.timestamp,
+    events.c.payload,
+)
+_SQL_PAYLOAD_FRAME = _sql_frame("%s", events.c.payload)
+
+
 def envelope_frame(entry: LogEntry) -> bytes:
     """``id`` + ``event`` + the whole envelope as ``data``."""
     if not entry.shared:
@@ -107,6 +143,13 @@ def _build_envelope_frame(entry: LogEntry) -> bytes:
 def _build_payload_frame(entry: LogEntry) -> bytes:
     event = entry.event
     return _FRAME % (event.position, event.event.encode(), bytes(event.payload))
+
+
+#: A frame builder's frames as SQLite builds them.
+SQL_FRAMES: dict[FrameBuilder, ColumnElement[str]] = {
+    envelope_frame: _SQL_ENVELOPE_FRAME,
+    payload_frame: _SQL_PAYLOAD_FRAME,
+}
 
 
 def control_frame(event: str, data: dict[str, Any]) -> bytes:
@@ -135,9 +178,24 @@ async def event_stream(
         if after > head:
             yield control_frame("reset", {"head": head})
             start = head
-    async for entries in replay_then_tail(
-        store, start, event_filter, idle_timeout=heartbeat_seconds
-    ):
+    # A page read from the table comes as frames SQLite built, when the stream does not look
+    # at its entries (a stop) and the frames are known to SQL.
+    frame = SQL_FRAMES.get(build) if stop is None else None
+    stream = (
+        replay_then_tail(store, start, event_filter, idle_timeout=heartbeat_seconds)
+        if frame is None
+        else replay_then_tail(
+            store, start, event_filter, idle_timeout=heartbeat_seconds, frame=frame
+        )
+    )
+    async for entries in stream:
+        if isinstance(entries, FramePage):
+            frames = entries.frames
+            del entries
+            for offset in range(0, len(frames), MAX_WRITE_BYTES):
+                yield frames[offset : offset + MAX_WRITE_BYTES]
+            del frames
+            continue
         if not entries:
             yield _heartbeats.frame(store.feed.head)
             continue

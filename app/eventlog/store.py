@@ -22,7 +22,7 @@ from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, String, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -45,7 +45,15 @@ from app.eventlog.plan import AppendResult, Plan
 from app.eventlog.tables import events
 from app.eventlog.writer_process import ProcessSqliteAppender
 
-__all__ = ["AppendResult", "EventStore", "Page", "check_names", "read_page", "rows_within"]
+__all__ = [
+    "AppendResult",
+    "EventStore",
+    "FramePage",
+    "Page",
+    "check_names",
+    "read_page",
+    "rows_within",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +84,17 @@ _GUARDED_WRITERS = (ProcessSqliteAppender, SqliteAppender)
 class Page(NamedTuple):
     events: list[Event]
     # Every position up to here has been looked at: the next page starts after it.
+    scanned_to: int
+    head: int
+
+
+class FramePage(NamedTuple):
+    """A page of matching events as their frames, one after the other, built by the database
+    from the rows (see :meth:`EventStore.read_frames_after`)."""
+
+    frames: bytes
+    frame_count: int
+    # As in Page.
     scanned_to: int
     head: int
 
@@ -175,11 +194,17 @@ def _to_event(row: Sequence[Any]) -> Event:
     )
 
 
-def page_query(after: int, head: int, event_filter: EventFilter, limit: int) -> Select[Any]:
+def page_query(
+    after: int,
+    head: int,
+    event_filter: EventFilter,
+    limit: int,
+    columns: Sequence[ColumnElement[Any]] = _COLUMNS,
+) -> Select[Any]:
     """The table read behind every page, replay and catch-up: matching rows in
     ``(after, head]``, in position order."""
     return (
-        select(*_COLUMNS)
+        select(*columns)
         .where(events.c.position > after, events.c.position <= head)
         .where(*event_filter.clauses())
         .order_by(events.c.position)
@@ -208,6 +233,42 @@ async def read_page(
     return Page(found, scanned_to, head)
 
 
+async def read_frame_page(
+    connection: AsyncConnection,
+    after: int,
+    event_filter: EventFilter,
+    limit: int,
+    frame: ColumnElement[str],
+) -> FramePage:
+    """As :func:`read_page`, but each matching row's ``frame`` (a SQL expression over the
+    events table's columns) and not its event. The filter must need no check on the rows
+    (not :attr:`EventFilter.rechecked`)."""
+    assert not event_filter.rechecked, "a frame page cannot be checked in Python"
+    head = await _head(connection)
+    if after >= head:
+        return FramePage(b"", 0, after, head)
+    query = page_query(after, head, event_filter, limit, (events.c.position, frame))
+    rows = await _rows(connection, query, limit)
+    scanned_to = rows[-1][0] if len(rows) == limit else head
+    # Read as text, as every column is, so a row that is not UTF-8 fails the read here too.
+    return FramePage("".join([row[1] for row in rows]).encode(), len(rows), scanned_to, head)
+
+
+#: Text of every kind a column can hold: the first 2,048 code points (controls, quotes, the
+#: backslash, DEL, C1 controls, accents), separators, a BOM, and characters beyond the BMP.
+_QUOTING_SAMPLE = "".join(map(chr, range(2048))) + "\u2028\u2029\ufeff\uffff\U0001f600\U0010ffff"
+
+
+async def _quotes_as_msgspec(connection: AsyncConnection) -> bool:
+    """Whether this SQLite's ``json_quote`` escapes text exactly as msgspec does, so that
+    frames it builds are those the service builds (false, too, for a SQLite without it)."""
+    try:
+        result = await connection.execute(select(func.json_quote(_QUOTING_SAMPLE, type_=String)))
+    except DBAPIError:
+        return False
+    return bool(result.scalar_one() == msgspec.json.encode(_QUOTING_SAMPLE).decode())
+
+
 class EventStore:
     """Append, read and follow the log. Create with :meth:`open`, release with :meth:`close`."""
 
@@ -220,6 +281,8 @@ class EventStore:
         self._listener: PostgresListener | None = None
         self._closed = False
         self._reads: set[asyncio.Task[Any]] = set()
+        #: Whether SQLite builds frames (see frames_from_rows), checked when opened.
+        self._frames_in_sql = False
         self.feed: LogFeed
         self.metrics = AppendMetrics()
 
@@ -257,6 +320,8 @@ class EventStore:
         else:
             appender = PostgresAppender(url, max_batch_events=max_batch_events)
         store = cls(engine, appender)
+        if is_sqlite(url):
+            store._frames_in_sql = await store._read_to_the_end(_quotes_as_msgspec)
         await appender.start(store._committed)
         store.feed = LogFeed(
             store._read_for_feed,
@@ -436,6 +501,24 @@ class EventStore:
         """Up to ``limit`` matching events with a position above ``after``, in order."""
         return await self._read_to_the_end(
             partial(read_page, after=after, event_filter=event_filter, limit=limit)
+        )
+
+    def frames_from_rows(self, event_filter: EventFilter) -> bool:
+        """Whether :meth:`read_frames_after` can read pages for ``event_filter``: on SQLite,
+        for filters the query applies whole."""
+        return self._frames_in_sql and not event_filter.rechecked
+
+    async def read_frames_after(
+        self, after: int, event_filter: EventFilter, limit: int, frame: ColumnElement[str]
+    ) -> FramePage:
+        """Up to ``limit`` matching events above ``after`` as their ``frame``, built by SQLite
+        (see :meth:`frames_from_rows`). A replay's page then costs the event loop one string
+        per event and no event objects; SQLite builds the frames in C on its own thread,
+        outside the GIL the event loop needs (bench/README.md, replay)."""
+        return await self._read_to_the_end(
+            partial(
+                read_frame_page, after=after, event_filter=event_filter, limit=limit, frame=frame
+            )
         )
 
     async def _read_for_feed(self, after: int, limit: int) -> list[Event]:

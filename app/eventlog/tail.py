@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import overload
 
+from sqlalchemy import ColumnElement
 from sqlalchemy.exc import DBAPIError
 
 from app.eventlog.filters import EventFilter
 from app.eventlog.notify import LogEntry
-from app.eventlog.store import EventStore, Page, rows_within
+from app.eventlog.store import EventStore, FramePage, Page, rows_within
 
 __all__ = ["replay_then_tail"]
 
@@ -20,6 +22,30 @@ PAGE_BYTES = 1024 * 1024
 FIRST_PAGE = 100
 
 
+@overload
+def replay_then_tail(
+    store: EventStore,
+    after: int,
+    event_filter: EventFilter | None = None,
+    *,
+    idle_timeout: float | None = None,
+    chunk: int = 4000,
+    frame: None = None,
+) -> AsyncIterator[list[LogEntry]]: ...
+
+
+@overload
+def replay_then_tail(
+    store: EventStore,
+    after: int,
+    event_filter: EventFilter | None = None,
+    *,
+    idle_timeout: float | None = None,
+    chunk: int = 4000,
+    frame: ColumnElement[str],
+) -> AsyncIterator[list[LogEntry] | FramePage]: ...
+
+
 async def replay_then_tail(
     store: EventStore,
     after: int,
@@ -27,16 +53,32 @@ async def replay_then_tail(
     *,
     idle_timeout: float | None = None,
     chunk: int = 4000,
-) -> AsyncIterator[list[LogEntry]]:
+    frame: ColumnElement[str] | None = None,
+) -> AsyncIterator[list[LogEntry] | FramePage]:
     """Yield lists of matching entries with positions above ``after``, in position order.
 
     Reads the table until caught up with the feed's window, then takes entries from the
     window as the head advances. A reader that falls behind the window (slow, or just
     resumed far back) reads the table again; nobody waits for it. When nothing arrives for
     ``idle_timeout`` seconds an empty list is yielded, so the caller can send a heartbeat.
+
+    Given ``frame`` (a SQL expression for an event's frame), the pages read from the table
+    come as :class:`FramePage` where the store can build them (:meth:`EventStore.
+    frames_from_rows`), in place of lists of entries.
     """
     event_filter = event_filter or EventFilter()
     unfiltered = event_filter.is_empty
+    read: Callable[[int, int], Awaitable[Page | FramePage]]
+    if frame is not None and store.frames_from_rows(event_filter):
+        framed = frame
+
+        def read(after: int, limit: int) -> Awaitable[Page | FramePage]:
+            return store.read_frames_after(after, event_filter, limit, framed)
+    else:
+
+        def read(after: int, limit: int) -> Awaitable[Page | FramePage]:
+            return store.read_after(after, event_filter, limit)
+
     feed = store.feed
     subscription = feed.subscribe(after)
     # Rows per table read, sized so that a page holds about PAGE_BYTES: a subscriber that is
@@ -46,7 +88,7 @@ async def replay_then_tail(
     limit = min(chunk, FIRST_PAGE)
     # While a page is written to the subscriber, the next one is read (the query runs on the
     # database's side, or SQLite's thread, alongside): a replay does not wait for each read.
-    ahead: asyncio.Future[Page] | None = None
+    ahead: asyncio.Future[Page | FramePage] | None = None
     ahead_after = -1
     try:
         last = after
@@ -59,7 +101,7 @@ async def replay_then_tail(
                     if ahead is not None and ahead_after == last:
                         page = await ahead
                     else:
-                        page = await store.read_after(last, event_filter, limit)
+                        page = await read(last, limit)
                 except (DBAPIError, OSError) as exc:
                     # The database is away (a restart): keep the subscriber and its place, tick
                     # so heartbeats still flow, and read again shortly.
@@ -71,14 +113,25 @@ async def replay_then_tail(
                     _dropped(ahead)
                     ahead = None
                 last = max(last, page.scanned_to)
-                events = page.events
                 more = page.scanned_to < page.head
+                if isinstance(page, FramePage):
+                    if page.frame_count:
+                        limit = min(
+                            chunk, max(1, PAGE_BYTES * page.frame_count // len(page.frames))
+                        )
+                        if more:
+                            ahead = asyncio.ensure_future(read(last, limit))
+                            ahead_after = last
+                        yield page
+                    del page
+                    continue
+                events = page.events
                 # Not held once written: an idle tail would keep its last page alive.
                 del page
                 if events:
                     limit = min(chunk, rows_within(PAGE_BYTES, events))
                     if more:
-                        ahead = asyncio.ensure_future(store.read_after(last, event_filter, limit))
+                        ahead = asyncio.ensure_future(read(last, limit))
                         ahead_after = last
                     yield [LogEntry(event, shared=False) for event in events]
                 del events
@@ -99,7 +152,7 @@ async def replay_then_tail(
         feed.unsubscribe(subscription)
 
 
-def _dropped(ahead: asyncio.Future[Page] | None) -> None:
+def _dropped(ahead: asyncio.Future[Page | FramePage] | None) -> None:
     """Let go of a read ahead (finished, or no longer wanted)."""
     if ahead is None:
         return

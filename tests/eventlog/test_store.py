@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
@@ -29,6 +31,7 @@ from app.eventlog import (
 )
 from app.eventlog.appenders import SqliteWriter, blocks_within, insert_rows
 from app.eventlog.store import page_query
+from app.eventlog.tables import events as events_table
 from app.services import Services
 from app.settings import Settings
 from tests.support import sqlite_store
@@ -380,7 +383,42 @@ async def test_a_page_that_cannot_be_read_fails_as_a_database_error(tmp_path: Pa
         for limit in (1000, 10):  # a long page from the driver's cursor, a short one not
             with pytest.raises(DBAPIError, match="UTF-8"):
                 await store.read_after(0, limit=limit)
+            # Nor can frames built from it: they are read as text too.
+            with pytest.raises(DBAPIError, match="UTF-8"):
+                await store.read_frames_after(0, EventFilter(), limit, events_table.c.source_id)
         assert [e.source_id for e in (await store.read_after(0, limit=1)).events] == ["a1"]
+
+
+def test_sqlite_quotes_every_character_as_msgspec_does() -> None:
+    """Frames SQLite builds quote text with its json_quote: the same bytes as msgspec's for
+    every character (the store checks a sample when it opens, this checks them all)."""
+    every = "".join(chr(code) for code in range(0x110000) if not 0xD800 <= code <= 0xDFFF)
+    with contextlib.closing(sqlite3.connect(":memory:")) as connection:
+        (quoted,) = connection.execute("SELECT json_quote(?)", (every,)).fetchone()
+    assert quoted == msgspec.json.encode(every).decode()
+
+
+async def test_frames_are_built_by_sqlite_only_where_it_quotes_text_as_msgspec(
+    tmp_path: Path,
+) -> None:
+    async with sqlite_store(tmp_path, "thread") as store:
+        assert store.frames_from_rows(EventFilter(streams=("agents",)))
+        # A filter the query does not apply whole: the rows are checked as events.
+        assert not store.frames_from_rows(EventFilter(agent_names=("tagger",)))
+    # A SQLite whose json_quote escapes otherwise (here, one registered over the built-in on
+    # every connection, that escapes nothing) does not build frames.
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}")
+
+    @sqlalchemy_event.listens_for(engine.sync_engine, "connect")
+    def _quote_nothing(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function("json_quote", 1, lambda text: f'"{text}"')
+
+    store = await EventStore.open(engine, sqlite_appender="thread")
+    try:
+        assert not store.frames_from_rows(EventFilter())
+    finally:
+        await store.close()
+        await engine.dispose()
 
 
 async def test_a_full_page_is_scanned_to_its_last_event_a_short_one_to_the_head(
