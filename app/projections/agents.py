@@ -85,51 +85,73 @@ class ActivityRow(msgspec.Struct, frozen=True):
 _COLUMNS = [column.name for column in agent_activities.columns]
 
 
-def _fold(state: dict[str, Any] | None, event: Event) -> dict[str, Any]:
-    payload = event.payload_dict()
-    row: dict[str, Any] = (
-        dict(state)
-        if state is not None
-        else {
-            "source_id": event.source_id,
-            "agent_name": "",
-            "status": "running",
-            "message": "",
-            "progress": None,
-            "started_at": None,
-            "completed_at": None,
-            "result": None,
-        }
-    )
-    if isinstance(payload.get("agent_name"), str):
-        row["agent_name"] = payload["agent_name"]
-    if isinstance(payload.get("message"), str):
-        row["message"] = payload["message"]
-    progress = payload.get("progress")
-    if isinstance(progress, (int, float)) and not isinstance(progress, bool):
+class _Report(msgspec.Struct):
+    """What the fold reads of an agent event's payload; the rest is not decoded, and
+    ``result`` and ``error`` are kept as the JSON text they are in the payload."""
+
+    agent_name: Any = msgspec.UNSET
+    message: Any = msgspec.UNSET
+    progress: Any = msgspec.UNSET
+    status: Any = msgspec.UNSET
+    result: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    error: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+_reports = msgspec.json.Decoder(list[_Report])
+_NULL = b"null"
+
+
+def _new_row(source_id: str) -> dict[str, Any]:
+    return {
+        "source_id": source_id,
+        "agent_name": "",
+        "status": "running",
+        "message": "",
+        "progress": None,
+        "started_at": None,
+        "completed_at": None,
+        "result": None,
+    }
+
+
+def _fold(row: dict[str, Any], event: Event, report: _Report) -> None:
+    """Fold ``event`` (its payload read as ``report``) into its activity's ``row``."""
+    agent_name = report.agent_name
+    if type(agent_name) is str:
+        row["agent_name"] = agent_name
+    message = report.message
+    if type(message) is str:
+        row["message"] = message
+    progress = report.progress
+    if type(progress) is float or type(progress) is int:
         row["progress"] = float(progress)
-    status = payload.get("status") if isinstance(payload.get("status"), str) else None
+    status = report.status if type(report.status) is str else None
     kind = event.event
-    if kind == "started":
+    if kind == "progress" or (kind == "heartbeat" and row["status"] == "stalled"):
+        row["status"] = status or "running"
+    elif kind == "started":
         row["status"] = status or "running"
         row["started_at"] = event.timestamp
         row["completed_at"] = None
         row["result"] = None
-    elif kind == "progress" or (kind == "heartbeat" and row["status"] == "stalled"):
-        row["status"] = status or "running"
     elif kind == "heartbeat" and status:
         row["status"] = status
     elif kind == "complete":
         row["status"] = "completed"
         row["completed_at"] = event.timestamp
-        if "progress" not in payload:
+        if progress is msgspec.UNSET:
             row["progress"] = 1.0
-        row["result"] = _json_text(payload.get("result"))
+        row["result"] = _json_text(report.result)
     elif kind == "failed":
         row["status"] = "failed"
         row["completed_at"] = event.timestamp
-        error = payload.get("error", payload.get("message"))
-        row["result"] = _json_text(payload.get("result", {"error": error}))
+        if report.result is not msgspec.UNSET:
+            row["result"] = _json_text(report.result)
+        else:
+            error = report.error
+            if error is msgspec.UNSET:
+                error = msgspec.Raw(_NULL if message is msgspec.UNSET else _encode(message))
+            row["result"] = f'{{"error":{bytes(error).decode()}}}'
     elif kind == "stalled":
         row["status"] = "stalled"
     if row["started_at"] is None:
@@ -138,11 +160,17 @@ def _fold(state: dict[str, Any] | None, event: Event) -> dict[str, Any]:
     row["last_seen"] = event.timestamp
     row["position"] = event.position
     row["version"] = event.version
-    return row
 
 
-def _json_text(value: Any) -> str | None:
-    return None if value is None else msgspec.json.encode(value).decode()
+def _json_text(value: msgspec.Raw | msgspec.UnsetType) -> str | None:
+    """A payload value's JSON text, None for a missing or null one."""
+    if value is msgspec.UNSET:
+        return None
+    text = bytes(value)
+    return None if text == _NULL else text.decode()
+
+
+_encode = msgspec.json.encode
 
 
 class AgentProjection:
@@ -159,8 +187,13 @@ class AgentProjection:
                 select(agent_activities).where(agent_activities.c.source_id.in_(chunk))
             )
             states.update({row.source_id: dict(row._mapping) for row in result})
-        for event in events:
-            states[event.source_id] = _fold(states.get(event.source_id), event)
+        # Every payload in one decode (the fold reads a few fields of each).
+        reports = _reports.decode(b"[%s]" % b",".join([event.payload for event in events]))
+        for event, report in zip(events, reports, strict=True):
+            row = states.get(event.source_id)
+            if row is None:
+                row = states[event.source_id] = _new_row(event.source_id)
+            _fold(row, event, report)
         await upsert(
             connection,
             agent_activities,

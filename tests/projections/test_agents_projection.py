@@ -249,6 +249,41 @@ async def test_failed_records_the_error_as_result(services: Services) -> None:
     assert by_result.result == {"code": 137}
 
 
+async def test_fields_of_another_json_type_are_passed_over_or_kept_as_sent(
+    services: Services,
+) -> None:
+    """The fold reads a field only as the type it means (text, a number); a result or error
+    is kept as whatever JSON was sent, null for none."""
+    store = services.store
+    await report(store, "odd", "started", message="starting", progress=0.25)
+    # A number message, a true progress, a list status: none of them is taken.
+    await report(store, "odd", "progress", agent_name=7, message=5, progress=True, status=[1])
+    row = await activity(services, "odd")
+    assert (row.agent_name, row.message, row.progress, row.status) == (
+        "tagger",
+        "starting",
+        0.25,
+        "running",
+    )
+    # An integer progress is taken, as a float.
+    await report(store, "odd", "progress", progress=1)
+    assert (await activity(services, "odd")).progress == 1.0
+    # A progress sent as null keeps complete from setting it to 1.0; a null result is none.
+    await report(store, "null-progress", "started", progress=0.5)
+    await report(store, "null-progress", "complete", progress=None, result=None)
+    row = await activity(services, "null-progress")
+    assert (row.status, row.progress, row.result) == ("completed", 0.5, None)
+    # A failure's error of any JSON type, null included, or else its message of any type.
+    await report(store, "null-error", "failed", error=None, message="ignored")
+    await report(store, "number-message", "failed", message=5)
+    await report(store, "nested-error", "failed", error={"code": [1, 2.5, "x\n"]})
+    await report(store, "no-error", "failed")
+    assert (await activity(services, "null-error")).result == {"error": None}
+    assert (await activity(services, "number-message")).result == {"error": 5}
+    assert (await activity(services, "nested-error")).result == {"error": {"code": [1, 2.5, "x\n"]}}
+    assert (await activity(services, "no-error")).result == {"error": None}
+
+
 async def test_started_again_reopens_a_finished_activity(services: Services) -> None:
     store = services.store
     await report(store, "job-r", "started")

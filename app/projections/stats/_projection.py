@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,10 @@ stats_recent = Table(
 )
 
 
+#: The events that can finish something (see _finished): the others are passed over.
+_FINISHING = frozenset(("complete", "failed"))
+
+
 def _finished(event: Event) -> dict[str, Any] | None:
     """The ``recent`` row an event makes, if it finishes an ingest or an agent activity."""
     if event.stream == INGEST_STREAM and event.event == "complete":
@@ -82,13 +87,14 @@ class StatsProjection:
 
     async def apply(self, connection: AsyncConnection, events: Sequence[Event]) -> None:
         deltas: dict[str, int] = {EVENTS_TOTAL: len(events)}
+        for stream, count in Counter([event.stream for event in events]).items():
+            deltas[STREAM_PREFIX + stream] = count
         finished: dict[tuple[str, str], dict[str, Any]] = {}
         for event in events:
-            name = STREAM_PREFIX + event.stream
-            deltas[name] = deltas.get(name, 0) + 1
-            row = _finished(event)
-            if row is not None:
-                finished[(row["kind"], row["source_id"])] = row
+            if event.event in _FINISHING:
+                row = _finished(event)
+                if row is not None:
+                    finished[(row["kind"], row["source_id"])] = row
         await _add(connection, deltas)
         if finished:
             await upsert(
