@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from app.eventlog import NewEvent, canonical_payload, parse_event_id
+from app.eventlog import NewEvent, canonical_decoded, parse_event_id
 from app.projections.agents import AGENT_STREAM
 
 __all__ = [
@@ -76,7 +76,8 @@ def check_source_id(source_id: str, field: str = "source_id", *, prefix: str = "
 
 
 def to_new_event(source_id: str, report: AgentEventIn, prefix: str = "") -> NewEvent:
-    """Check one reported event against the contract and make it appendable."""
+    """Check one reported event (decoded from a request's JSON, so its payload's keys are
+    text) against the contract and make it appendable."""
     check_source_id(source_id, prefix=prefix)
     payload = report.payload
     agent_name = payload.get("agent_name")
@@ -108,14 +109,8 @@ def to_new_event(source_id: str, report: AgentEventIn, prefix: str = "") -> NewE
         except ValueError as exc:
             raise InvalidReport(f"{prefix}event_id", str(exc)) from None
     try:
-        raw = canonical_payload(payload)
+        raw = canonical_decoded(payload)
     except ValueError as exc:
         raise InvalidReport(f"{prefix}payload", str(exc)) from None
-    return NewEvent(
-        stream=AGENT_STREAM,
-        source_id=source_id,
-        event=report.event,
-        payload=raw,
-        event_id=event_id,
-        expected_version=report.expected_version,
-    )
+    # Positional, in NewEvent's order: one is made per reported event.
+    return NewEvent(AGENT_STREAM, source_id, report.event, raw, event_id, report.expected_version)

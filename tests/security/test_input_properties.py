@@ -17,6 +17,7 @@ from app.eventlog.envelope import (
     MAX_PAYLOAD_DEPTH,
     Event,
     InvalidPayload,
+    canonical_decoded,
     canonical_payload,
     decode_event,
     encode_event,
@@ -122,6 +123,26 @@ def test_the_depth_limit_is_exact() -> None:
     canonical_payload(nest(MAX_PAYLOAD_DEPTH))
     with pytest.raises(InvalidPayload, match=f"deeper than {MAX_PAYLOAD_DEPTH} levels"):
         canonical_payload(nest(MAX_PAYLOAD_DEPTH + 1))
+
+
+@given(payload=payloads)
+def test_a_payload_decoded_from_json_is_made_canonical_as_any_other(
+    payload: dict[str, Any],
+) -> None:
+    """Reported events' payloads, decoded from the request, take the shorter check."""
+    decoded = msgspec.json.decode(msgspec.json.encode(payload))
+    if depth(payload) <= MAX_PAYLOAD_DEPTH:
+        assert bytes(canonical_decoded(decoded)) == bytes(canonical_payload(payload))
+    else:
+        with pytest.raises(InvalidPayload, match=f"deeper than {MAX_PAYLOAD_DEPTH} levels"):
+            canonical_decoded(decoded)
+
+
+def test_the_depth_limit_is_exact_for_decoded_payloads_too() -> None:
+    canonical_decoded(nest(MAX_PAYLOAD_DEPTH))
+    for deeper in (nest(MAX_PAYLOAD_DEPTH + 1), {"a": [nest(MAX_PAYLOAD_DEPTH)]}):
+        with pytest.raises(InvalidPayload, match=f"deeper than {MAX_PAYLOAD_DEPTH} levels"):
+            canonical_decoded(deeper)
 
 
 @given(value=json_values.filter(lambda v: not isinstance(v, dict)))
