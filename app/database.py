@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, Table, event
+from sqlalchemy import ColumnElement, MetaData, String, Table, Text, cast, event, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -112,6 +112,15 @@ async def upsert(
     else:
         statement = insert.on_conflict_do_nothing(index_elements=list(key))
     await connection.execute(statement, list(rows))
+
+
+def json_quoted(dialect: str, text: ColumnElement[str]) -> ColumnElement[str]:
+    """``text`` as a JSON string, quoted by the database (SQLite's ``json_quote``,
+    PostgreSQL's ``to_json``): for frames the database builds (``app.api.sse.SQL_FRAMES``),
+    used where the log checked that it escapes as msgspec does (``EventStore.open``)."""
+    if dialect == "sqlite":
+        return func.json_quote(text, type_=String)
+    return cast(func.to_json(text), Text)
 
 
 def _alembic_config(url: str) -> Any:

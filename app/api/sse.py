@@ -40,6 +40,7 @@ from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import HTTPResponseBodyEvent, Receive, ReceiveMessage, Send
 from sqlalchemy import ColumnElement, String, func, literal
 
+from app.database import json_quoted
 from app.eventlog import EventFilter, EventStore, LogEntry, replay_then_tail
 from app.eventlog.envelope import encode_event, format_timestamp
 from app.eventlog.store import FramePage
@@ -88,36 +89,50 @@ def parse_last_event_id(header: str | None, query: str | None) -> int | None:
 _FRAME = b"id: %d\nevent: %s\ndata: %s\n\n"
 
 
-def _sql_frame(data: str, *values: ColumnElement[Any]) -> ColumnElement[str]:
-    """:data:`_FRAME` built by SQLite's ``printf`` from a row of the events table, ``data``
-    being a ``printf`` format of ``values``."""
+def _sql_frame(dialect: str, data: str, *values: ColumnElement[Any]) -> ColumnElement[str]:
+    """:data:`_FRAME` built by the database from a row of the events table, ``data`` being a
+    format of ``values``: SQLite's ``printf``, PostgreSQL's ``format`` (whose only
+    conversion for these is ``%s``)."""
     frame = _FRAME.decode().replace("data: %s", f"data: {data}")
-    return func.printf(
-        literal(frame, String), events.c.position, events.c.event, *values, type_=String
-    )
+    if dialect == "sqlite":
+        build, form = func.printf, frame
+    else:
+        build, form = func.format, frame.replace("%d", "%s")
+    return build(literal(form, String), events.c.position, events.c.event, *values, type_=String)
 
 
-# The frames below, built by SQLite for the pages a replay reads from the table (see
-# EventStore.read_frames_after). The envelope's fields are in Event's order. The source id
-# and event id are quoted by SQLite's json_quote, which escapes text exactly as msgspec does
-# (the store checks it when it opens, and has SQLite build frames only then); stream and
-# event names are checked when appended (check_names: they go into the event line as they
-# are) and timestamps are the appender's, so neither has anything to escape. Tests compare
-# these frames with the service's byte for byte, over HTTP after a restart
-# (tests/api/test_sse.py) and for every filter (tests/eventlog/test_tail.py).
-_SQL_ENVELOPE_FRAME = _sql_frame(
+# The envelope's format: its fields in Event's order.
+_ENVELOPE = (
     '{"position":%d,"stream":"%s","source_id":%s,"version":%d,"event":"%s","event_id":%s,'
-    '"timestamp":"%s","payload":%s}',
-    events.c.position,
-    events.c.stream,
-    func.json_quote(events.c.source_id),
-    events.c.version,
-    events.c.event,
-    func.json_quote(events.c.event_id),
-    events.c.timestamp,
-    events.c.payload,
+    '"timestamp":"%s","payload":%s}'
 )
-_SQL_PAYLOAD_FRAME = _sql_frame("%s", events.c.payload)
+
+
+def _sql_frames(dialect: str) -> dict[FrameBuilder, ColumnElement[str]]:
+    """The frames of :func:`envelope_frame` and :func:`payload_frame`, built by the database
+    for the pages a replay reads from the table (see EventStore.read_frames_after).
+
+    The source id and event id are quoted by the database (:func:`~app.database.
+    json_quoted`), which escapes text exactly as msgspec does: the store checks it when it
+    opens, and has the database build frames only then. Stream and event names are checked
+    when appended (check_names: they go into the event line as they are) and timestamps are
+    the appender's, so neither has anything to escape. Tests compare these frames with the
+    service's byte for byte, over HTTP after a restart (tests/api/test_sse.py) and for every
+    filter (tests/eventlog/test_tail.py), on both databases.
+    """
+    envelope = _sql_frame(
+        dialect,
+        _ENVELOPE,
+        events.c.position,
+        events.c.stream,
+        json_quoted(dialect, events.c.source_id),
+        events.c.version,
+        events.c.event,
+        json_quoted(dialect, events.c.event_id),
+        events.c.timestamp,
+        events.c.payload,
+    )
+    return {envelope_frame: envelope, payload_frame: _sql_frame(dialect, "%s", events.c.payload)}
 
 
 def envelope_frame(entry: LogEntry) -> bytes:
@@ -145,11 +160,8 @@ def _build_payload_frame(entry: LogEntry) -> bytes:
     return _FRAME % (event.position, event.event.encode(), bytes(event.payload))
 
 
-#: A frame builder's frames as SQLite builds them.
-SQL_FRAMES: dict[FrameBuilder, ColumnElement[str]] = {
-    envelope_frame: _SQL_ENVELOPE_FRAME,
-    payload_frame: _SQL_PAYLOAD_FRAME,
-}
+#: A frame builder's frames as each database builds them, by dialect name.
+SQL_FRAMES = {dialect: _sql_frames(dialect) for dialect in ("sqlite", "postgresql")}
 
 
 def control_frame(event: str, data: dict[str, Any]) -> bytes:
@@ -178,9 +190,9 @@ async def event_stream(
         if after > head:
             yield control_frame("reset", {"head": head})
             start = head
-    # A page read from the table comes as frames SQLite built, when the stream does not look
-    # at its entries (a stop) and the frames are known to SQL.
-    frame = SQL_FRAMES.get(build) if stop is None else None
+    # A page read from the table comes as frames the database built, when the stream does not
+    # look at its entries (a stop) and the frames are known to SQL.
+    frame = SQL_FRAMES.get(store.dialect, {}).get(build) if stop is None else None
     stream = (
         replay_then_tail(store, start, event_filter, idle_timeout=heartbeat_seconds)
         if frame is None

@@ -22,11 +22,11 @@ from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
-from sqlalchemy import ColumnElement, Select, String, func, select
+from sqlalchemy import ColumnElement, Select, String, func, literal, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.database import is_sqlite, sqlite_path
+from app.database import is_sqlite, json_quoted, sqlite_path
 from app.eventlog.appenders import (
     NOTIFY_CHANNEL,
     Appender,
@@ -254,16 +254,19 @@ async def read_frame_page(
     return FramePage("".join([row[1] for row in rows]).encode(), len(rows), scanned_to, head)
 
 
-#: Text of every kind a column can hold: the first 2,048 code points (controls, quotes, the
-#: backslash, DEL, C1 controls, accents), separators, a BOM, and characters beyond the BMP.
-_QUOTING_SAMPLE = "".join(map(chr, range(2048))) + "\u2028\u2029\ufeff\uffff\U0001f600\U0010ffff"
+#: Text of every kind a column can hold: the first 2,048 code points but NUL (which neither
+#: database keeps in text; controls, quotes, the backslash, DEL, C1 controls, accents),
+#: separators, a BOM, and characters beyond the BMP.
+_QUOTING_SAMPLE = "".join(map(chr, range(1, 2048))) + "\u2028\u2029\ufeff\uffff\U0001f600\U0010ffff"
 
 
 async def _quotes_as_msgspec(connection: AsyncConnection) -> bool:
-    """Whether this SQLite's ``json_quote`` escapes text exactly as msgspec does, so that
-    frames it builds are those the service builds (false, too, for a SQLite without it)."""
+    """Whether this database quotes text as JSON (:func:`~app.database.json_quoted`) exactly
+    as msgspec does, so that frames it builds are those the service builds (false, too,
+    for one without the function)."""
+    quoted = json_quoted(connection.dialect.name, literal(_QUOTING_SAMPLE, String))
     try:
-        result = await connection.execute(select(func.json_quote(_QUOTING_SAMPLE, type_=String)))
+        result = await connection.execute(select(quoted))
     except DBAPIError:
         return False
     return bool(result.scalar_one() == msgspec.json.encode(_QUOTING_SAMPLE).decode())
@@ -281,8 +284,10 @@ class EventStore:
         self._listener: PostgresListener | None = None
         self._closed = False
         self._reads: set[asyncio.Task[Any]] = set()
-        #: Whether SQLite builds frames (see frames_from_rows), checked when opened.
+        #: Whether the database builds frames (see frames_from_rows), checked when opened.
         self._frames_in_sql = False
+        #: The database's dialect name (``sqlite``, ``postgresql``).
+        self.dialect: str = engine.dialect.name
         self.feed: LogFeed
         self.metrics = AppendMetrics()
 
@@ -320,8 +325,7 @@ class EventStore:
         else:
             appender = PostgresAppender(url, max_batch_events=max_batch_events)
         store = cls(engine, appender)
-        if is_sqlite(url):
-            store._frames_in_sql = await store._read_to_the_end(_quotes_as_msgspec)
+        store._frames_in_sql = await store._read_to_the_end(_quotes_as_msgspec)
         await appender.start(store._committed)
         store.feed = LogFeed(
             store._read_for_feed,
@@ -504,17 +508,19 @@ class EventStore:
         )
 
     def frames_from_rows(self, event_filter: EventFilter) -> bool:
-        """Whether :meth:`read_frames_after` can read pages for ``event_filter``: on SQLite,
-        for filters the query applies whole."""
+        """Whether :meth:`read_frames_after` can read pages for ``event_filter``: where the
+        database quotes text as msgspec does (checked when the store opened), for filters
+        the query applies whole."""
         return self._frames_in_sql and not event_filter.rechecked
 
     async def read_frames_after(
         self, after: int, event_filter: EventFilter, limit: int, frame: ColumnElement[str]
     ) -> FramePage:
-        """Up to ``limit`` matching events above ``after`` as their ``frame``, built by SQLite
-        (see :meth:`frames_from_rows`). A replay's page then costs the event loop one string
-        per event and no event objects; SQLite builds the frames in C on its own thread,
-        outside the GIL the event loop needs (bench/README.md, replay)."""
+        """Up to ``limit`` matching events above ``after`` as their ``frame``, built by the
+        database (see :meth:`frames_from_rows`). A replay's page then costs the event loop
+        one string per event and no event objects: SQLite builds the frames in C on its own
+        thread, outside the GIL the event loop needs, PostgreSQL in its own process
+        (bench/README.md, replay)."""
         return await self._read_to_the_end(
             partial(
                 read_frame_page, after=after, event_filter=event_filter, limit=limit, frame=frame

@@ -384,11 +384,11 @@ def odd(n: int) -> NewEvent:
     ids=["all", "stream", "sources", "events", "agent-name"],
 )
 async def test_pages_framed_by_the_database_hold_the_bytes_entries_frame_to(
-    backend: str, migrated_url: str, event_filter: EventFilter, build: FrameBuilder
+    migrated_url: str, event_filter: EventFilter, build: FrameBuilder
 ) -> None:
     """A tail given a frame expression gets the pages it reads from the table as frames
-    built by the database (SQLite, for filters the query applies whole), byte for byte the
-    frames entries make; otherwise as entries."""
+    built by the database (for filters the query applies whole), byte for byte the frames
+    entries make; otherwise as entries."""
     async with open_store(migrated_url, feed_capacity=20) as store:
         await store.append([odd(n) for n in range(300)])
         expected = b"".join(
@@ -399,7 +399,12 @@ async def test_pages_framed_by_the_database_hold_the_bytes_entries_frame_to(
         got = b""
         framed_pages = 0
         tail = replay_then_tail(
-            store, 0, event_filter, idle_timeout=0.5, chunk=64, frame=SQL_FRAMES[build]
+            store,
+            0,
+            event_filter,
+            idle_timeout=0.5,
+            chunk=64,
+            frame=SQL_FRAMES[store.dialect][build],
         )
         async with contextlib.aclosing(cast(AsyncGenerator[Any, None], tail)) as entries_lists:
             async with asyncio.timeout(DEADLINE):
@@ -414,7 +419,7 @@ async def test_pages_framed_by_the_database_hold_the_bytes_entries_frame_to(
                         got += b"".join(build(entry) for entry in entries)
         assert got == expected
         # The replay read pages of at most 64 rows from the table (the feed holds the last 20).
-        if backend == "sqlite" and not event_filter.rechecked:
+        if not event_filter.rechecked:
             assert framed_pages >= len(expected.split(b"\n\n")) // 64
         else:
             assert framed_pages == 0
