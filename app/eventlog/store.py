@@ -326,6 +326,11 @@ class EventStore:
             appender = PostgresAppender(url, max_batch_events=max_batch_events)
         store = cls(engine, appender)
         store._frames_in_sql = await store._read_to_the_end(_quotes_as_msgspec)
+        if not store._frames_in_sql:
+            logger.warning(
+                "the database does not quote JSON text as the service does: SSE replays "
+                "read events and build their frames in Python (slower)"
+            )
         await appender.start(store._committed)
         store.feed = LogFeed(
             store._read_for_feed,

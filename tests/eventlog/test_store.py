@@ -399,10 +399,11 @@ def test_sqlite_quotes_every_character_as_msgspec_does() -> None:
 
 
 async def test_frames_are_built_by_sqlite_only_where_it_quotes_text_as_msgspec(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with sqlite_store(tmp_path, "thread") as store:
         assert store.frames_from_rows(EventFilter(streams=("agents",)))
+        assert "quote JSON text" not in caplog.text
         # A filter the query does not apply whole: the rows are checked as events.
         assert not store.frames_from_rows(EventFilter(agent_names=("tagger",)))
     # A SQLite whose json_quote escapes otherwise (here, one registered over the built-in on
@@ -416,6 +417,7 @@ async def test_frames_are_built_by_sqlite_only_where_it_quotes_text_as_msgspec(
     store = await EventStore.open(engine, sqlite_appender="thread")
     try:
         assert not store.frames_from_rows(EventFilter())
+        assert "does not quote JSON text as the service does" in caplog.text
     finally:
         await store.close()
         await engine.dispose()
