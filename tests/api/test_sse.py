@@ -749,8 +749,8 @@ def test_a_replayed_entry_is_framed_byte_for_byte_as_a_live_one() -> None:
 
 # --- replays framed by the database ---------------------------------------------------------
 
-# Streams whose replays read pages SQLite frames (the whole log, a stream, a source, event
-# names), and one whose pages are checked in Python (an agent name).
+# Streams whose replays read pages the database frames (the whole log, a stream, a source,
+# event names), and one whose pages are checked in Python (an agent name).
 REPLAYED = [
     ("/events/stream", {}),
     ("/events/stream", {"stream": "ingest"}),
@@ -793,8 +793,8 @@ def streamed(envelope: dict[str, Any], path: str, params: dict[str, str]) -> boo
 async def test_a_replay_after_a_restart_is_byte_for_byte_what_the_feed_gave(
     settings: Any,
 ) -> None:
-    """After a restart, replays read the table (on SQLite, as frames SQLite builds from the
-    rows): each client gets exactly the bytes the running service sent from its feed."""
+    """After a restart, replays read the table (as frames the database builds from the rows):
+    each client gets exactly the bytes the running service sent from its feed."""
     odd = ['odd "source" \\ é', "\x85 sep\u2028", "😀 \U0010ffff", "plain"]
     async with (
         running_server(settings) as first,
