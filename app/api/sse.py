@@ -193,14 +193,9 @@ async def event_stream(
     # A page read from the table comes as frames the database built, when the stream does not
     # look at its entries (a stop) and the frames are known to SQL.
     frame = SQL_FRAMES.get(store.dialect, {}).get(build) if stop is None else None
-    stream = (
-        replay_then_tail(store, start, event_filter, idle_timeout=heartbeat_seconds)
-        if frame is None
-        else replay_then_tail(
-            store, start, event_filter, idle_timeout=heartbeat_seconds, frame=frame
-        )
-    )
-    async for entries in stream:
+    async for entries in replay_then_tail(
+        store, start, event_filter, idle_timeout=heartbeat_seconds, frame=frame
+    ):
         if isinstance(entries, FramePage):
             frames = entries.frames
             del entries

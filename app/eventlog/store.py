@@ -103,12 +103,17 @@ class FramePage(NamedTuple):
 _EVENT_OVERHEAD_BYTES = 200
 
 
-def rows_within(budget: int, events: Sequence[Event]) -> int:
-    """How many events like ``events`` (their payloads, and what each holds besides) fit in
-    ``budget`` bytes, at least one: the next table read's rows, so that a page of large
-    events holds about ``budget`` and not thousands of them."""
-    size = sum(len(event.payload) for event in events) + _EVENT_OVERHEAD_BYTES * len(events)
-    return max(1, budget * len(events) // size)
+def rows_within(budget: int, page: Page | FramePage) -> int:
+    """How many events like those of ``page`` (a page of frames: their frames; of events:
+    their payloads, and what each holds besides) fit in ``budget`` bytes, at least one: the
+    next table read's rows, so that a page of large events holds about ``budget`` and not
+    thousands of them. ``page`` holds at least one event."""
+    if isinstance(page, FramePage):
+        count, size = page.frame_count, len(page.frames)
+    else:
+        count = len(page.events)
+        size = sum(len(event.payload) for event in page.events) + _EVENT_OVERHEAD_BYTES * count
+    return max(1, budget * count // size)
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")

@@ -42,7 +42,7 @@ def replay_then_tail(
     *,
     idle_timeout: float | None = None,
     chunk: int = 4000,
-    frame: ColumnElement[str],
+    frame: ColumnElement[str] | None,
 ) -> AsyncIterator[list[LogEntry] | FramePage]: ...
 
 
@@ -114,27 +114,19 @@ async def replay_then_tail(
                     ahead = None
                 last = max(last, page.scanned_to)
                 more = page.scanned_to < page.head
-                if isinstance(page, FramePage):
-                    if page.frame_count:
-                        limit = min(
-                            chunk, max(1, PAGE_BYTES * page.frame_count // len(page.frames))
-                        )
-                        if more:
-                            ahead = asyncio.ensure_future(read(last, limit))
-                            ahead_after = last
-                        yield page
-                    del page
-                    continue
-                events = page.events
-                # Not held once written: an idle tail would keep its last page alive.
-                del page
-                if events:
-                    limit = min(chunk, rows_within(PAGE_BYTES, events))
+                count = page.frame_count if isinstance(page, FramePage) else len(page.events)
+                if count:
+                    limit = min(chunk, rows_within(PAGE_BYTES, page))
                     if more:
                         ahead = asyncio.ensure_future(read(last, limit))
                         ahead_after = last
-                    yield [LogEntry(event, shared=False) for event in events]
-                del events
+                    yield (
+                        page
+                        if isinstance(page, FramePage)
+                        else [LogEntry(event, shared=False) for event in page.events]
+                    )
+                # Not held once written: an idle tail would keep its last page alive.
+                del page
                 continue
             if entries:
                 last = entries[-1].position

@@ -338,7 +338,7 @@ class ProjectionRunner:
         """Up to ``rows`` events from the table, fewer if they are large (``page_bytes``)."""
         page = await read_page(connection, after, event_filter, min(rows, self._page_rows))
         if page.events:
-            self._page_rows = rows_within(self._page_bytes, page.events)
+            self._page_rows = rows_within(self._page_bytes, page)
         return page
 
     def _recent(self, position: int) -> Page | None:
