@@ -126,7 +126,23 @@ def _encode_outcome(count: int, seconds: float, outcome: Plan | Exception) -> by
         body = [kind, str(outcome)]
     else:
         body = [_encode_result(result) for result in outcome.outcomes]
-    return _frame(b"C", _pack.encode([count, seconds, body]))
+    try:
+        return _frame(b"C", _pack.encode([count, seconds, body]))
+    except (OverflowError, TypeError, msgspec.EncodeError):
+        # The transaction has committed: whatever one request's outcome holds that msgpack
+        # cannot carry (an integer past 64 bits in a conflict), the others' outcomes must
+        # still reach their callers, or their committed events would be reported as failed.
+        return _frame(b"C", _pack.encode([count, seconds, [_encodable(item) for item in body]]))
+
+
+def _encodable(encoded: Any) -> Any:
+    """``encoded`` if msgpack can carry it, else a failure that answers its request alone."""
+    try:
+        _pack.encode(encoded)
+    except (OverflowError, TypeError, msgspec.EncodeError) as exc:
+        logger.error("the outcome of an append could not be sent back: %s", exc)
+        return [_FAILED, f"the outcome of this append could not be reported: {exc}"]
+    return encoded
 
 
 def _encode_result(result: list[AppendResult] | AppendError) -> Any:
