@@ -13,6 +13,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
 from app.api import AgentsController, EventsController, exception_handlers, health
+from app.api.bodies import JsonRequest
 from app.api.dashboard import dashboard_routes
 from app.api.deps import provide_services
 from app.api.direct import DirectAppends
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=exception_handlers,
+        request_class=JsonRequest,
         middleware=[
             DefineMiddleware(require_access, policy=access),
             DefineMiddleware(limit_sse_connections, connections=sse_connections),

@@ -66,6 +66,14 @@ class ServerSettings(msgspec.Struct, frozen=True):
     http_server: Literal["uvicorn", "granian"] = "uvicorn"
     # Answer the append endpoints in front of the router (app/api/direct.py); off: routed.
     direct_appends: bool = True
+    # A connection must send a complete request head within this long of opening (or of
+    # its previous response), or it is closed.
+    header_timeout_seconds: float = 10.0
+    # A keep-alive connection idle this long after a response is closed.
+    keepalive_timeout_seconds: float = 5.0
+    # Open connections per process; None: the descriptor limit less a reserve
+    # (app/server/connections.py says what happens at the ceiling).
+    max_connections: int | None = None
 
 
 class SecuritySettings(msgspec.Struct, frozen=True):
@@ -151,6 +159,9 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "LOG_FORMAT": ("server", "log_format"),
     "HTTP_SERVER": ("server", "http_server"),
     "DIRECT_APPENDS": ("server", "direct_appends"),
+    "REQUEST_HEADER_TIMEOUT_SECONDS": ("server", "header_timeout_seconds"),
+    "KEEPALIVE_TIMEOUT_SECONDS": ("server", "keepalive_timeout_seconds"),
+    "MAX_CONNECTIONS": ("server", "max_connections"),
     "INGEST_CONCURRENCY": ("ingest", "concurrency"),
     "INGEST_ALLOW_PRIVATE_URLS": ("ingest", "allow_private_urls"),
     "YOUTUBE_PROXY_URL": ("ingest", "youtube_proxy_url"),
@@ -174,13 +185,21 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "API_TOKENS": ("security", "api_tokens"),
     "READ_TOKENS": ("security", "read_tokens"),
     "CORS_ORIGINS": ("security", "cors_origins"),
+    # The contract's name for it; when both are set, this one wins.
+    "CORS_ALLOW_ORIGINS": ("security", "cors_origins"),
     "REQUEST_MAX_BODY_BYTES": ("limits", "max_body_bytes"),
     "EVENT_MAX_PAYLOAD_BYTES": ("limits", "max_payload_bytes"),
     "SSE_MAX_CONNECTIONS": ("limits", "sse_max_connections"),
 }
 
 # Comma-separated variables, read as tuples.
-_LIST_FIELDS = {"TRANSCRIPT_LANGUAGES", "API_TOKENS", "READ_TOKENS", "CORS_ORIGINS"}
+_LIST_FIELDS = {
+    "TRANSCRIPT_LANGUAGES",
+    "API_TOKENS",
+    "READ_TOKENS",
+    "CORS_ORIGINS",
+    "CORS_ALLOW_ORIGINS",
+}
 
 # A token travels in an Authorization header or a query string: printable ASCII, no blanks.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
@@ -259,9 +278,13 @@ def _check(settings: Settings) -> None:
         ("HEARTBEAT_SECONDS", server.heartbeat_seconds),
         ("SSE_WRITE_TIMEOUT_SECONDS", server.write_timeout_seconds),
         ("TAIL_POLL_SECONDS", server.poll_seconds),
+        ("REQUEST_HEADER_TIMEOUT_SECONDS", server.header_timeout_seconds),
+        ("KEEPALIVE_TIMEOUT_SECONDS", server.keepalive_timeout_seconds),
     ):
         if not (math.isfinite(seconds) and seconds > 0):
             raise SettingsError(f"{name} must be a number of seconds greater than 0, got {seconds}")
+    if server.max_connections is not None and server.max_connections < 1:
+        raise SettingsError(f"MAX_CONNECTIONS must be at least 1, got {server.max_connections}")
     if server.retry_ms < 0:
         raise SettingsError(f"SSE_RETRY_MS must be 0 or more, got {server.retry_ms}")
     if settings.database.pool_size < 1:

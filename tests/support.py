@@ -25,6 +25,7 @@ from app.asgi import create_app
 from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent, canonical_payload
 from app.projections.agents import AGENT_STREAM
+from app.server.connections import uvicorn_options
 from app.services import Services
 from app.settings import Settings, load_settings
 
@@ -158,8 +159,14 @@ async def running_server(settings: Settings) -> AsyncIterator[InProcessServer]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # The connection bounds `serve` gives uvicorn (app/server/connections.py).
     config = uvicorn.Config(
-        app, lifespan="on", log_level="warning", timeout_graceful_shutdown=1, ws="none"
+        app,
+        lifespan="on",
+        log_level="warning",
+        timeout_graceful_shutdown=1,
+        ws="none",
+        **uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from app.eventlog import NewEvent, canonical_decoded, parse_event_id
+from app.eventlog.tables import MAX_VERSION
 from app.projections.agents import AGENT_STREAM
 
 __all__ = [
@@ -24,6 +25,9 @@ MAX_BATCH_EVENTS = 1000
 SOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,199}")
 
 AgentEventName = Literal["started", "progress", "heartbeat", "complete", "failed"]
+#: A version the log can hold: larger ones are refused while the request is decoded (400
+#: naming the field), so no request carries a number the writer cannot represent.
+ExpectedVersion = Annotated[int, msgspec.Meta(ge=0, le=MAX_VERSION)]
 
 
 class InvalidReport(ValueError):
@@ -40,7 +44,7 @@ class AgentEventIn(msgspec.Struct, forbid_unknown_fields=True):
     event: AgentEventName
     payload: dict[str, Any]
     event_id: str | None = None
-    expected_version: int | None = None
+    expected_version: ExpectedVersion | None = None
 
 
 class BatchEventIn(AgentEventIn, forbid_unknown_fields=True):
@@ -100,8 +104,6 @@ def to_new_event(source_id: str, report: AgentEventIn, prefix: str = "") -> NewE
                 f"{prefix}payload.progress",
                 f"payload.progress must be a number from 0 to 1, got {progress!r}",
             )
-    if report.expected_version is not None and report.expected_version < 0:
-        raise InvalidReport(f"{prefix}expected_version", "expected_version must be 0 or more")
     event_id = None
     if report.event_id is not None:
         try:

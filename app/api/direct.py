@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import msgspec
 from litestar import Litestar
@@ -32,7 +31,7 @@ from app.agents.reports import AgentEventIn, AgentEventsIn, InvalidReport
 from app.api.agents import appended, batch_appended, prepare_batch, prepare_event
 from app.api.errors import append_refusal, error_body
 from app.api.security import AccessPolicy
-from app.eventlog import EventIdReused, LogUnavailable, VersionConflict
+from app.eventlog import EventIdReused, LogUnavailable, NewEvent, VersionConflict
 from app.services import Services
 from app.settings import Settings
 
@@ -101,7 +100,11 @@ class DirectAppends:
             elif name == b"content-length":
                 if not value.isdigit() or int(value) > self._max_body:
                     return False
-            elif name == b"origin" and self._cors:
+            elif name == b"origin" and (
+                # A page's request: the router adds the CORS headers, and refuses the pages
+                # that may not write.
+                self._cors or self._policy.write_refusal(scope) is not None
+            ):
                 return False
         return json and self._policy.permits(scope, "write")
 
@@ -112,16 +115,17 @@ class DirectAppends:
         if services is None:
             raise _NotMine
         body = await self._read_body(receive, received)
-        response: Any
+        batch: list[NewEvent]
         try:
             if source_id is None:
                 batch = prepare_batch(_batch.decode(body), self._max_payload)
-                response = batch_appended(await services.store.append(batch))
             else:
-                event = prepare_event(source_id, _single.decode(body), self._max_payload)
-                response = appended(await services.store.append_one(event))
-        except (msgspec.DecodeError, InvalidReport, ClientException):
+                batch = [prepare_event(source_id, _single.decode(body), self._max_payload)]
+        except (msgspec.DecodeError, RecursionError, InvalidReport, ClientException):
+            # Refused before the append: the router refuses it in its own words.
             raise _NotMine from None
+        try:
+            results = await services.store.append(batch)
         except (VersionConflict, EventIdReused, LogUnavailable) as exc:
             status, detail, extra, headers = append_refusal(exc)
             await _respond(send, status, _encode(error_body(status, detail, extra)), headers)
@@ -130,6 +134,7 @@ class DirectAppends:
             logger.exception("append failed")
             await _respond(send, 500, _encode(error_body(500, "Internal Server Error")), {})
             return
+        response = batch_appended(results) if source_id is None else appended(results[0])
         await _respond(send, 201, _encode(response), {})
 
     async def _read_body(self, receive: Receive, received: list[ReceiveMessage]) -> bytes:

@@ -31,13 +31,30 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+#: The longest text an error document carries in one string: refusals quote what they refuse,
+#: and a refused value can be as large as the body limit.
+MAX_ERROR_TEXT = 1000
+
+
 def error_body(status_code: int, detail: str, extra: Any = None) -> dict[str, Any]:
-    """The contract's error document."""
+    """The contract's error document, every string in it cut to :data:`MAX_ERROR_TEXT`."""
     return {
         "status_code": status_code,
-        "detail": detail,
-        "extra": extra if extra is not None else {},
+        "detail": _capped(detail),
+        "extra": _capped(extra) if extra is not None else {},
     }
+
+
+def _capped(value: Any) -> Any:
+    if isinstance(value, str):
+        if len(value) <= MAX_ERROR_TEXT:
+            return value
+        return f"{value[:MAX_ERROR_TEXT]}… ({len(value)} characters in all)"
+    if isinstance(value, dict):
+        return {key: _capped(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_capped(item) for item in value]
+    return value
 
 
 def error_response(status_code: int, detail: str, extra: Any = None) -> Response[Any]:

@@ -19,6 +19,7 @@ from litestar.exceptions import ClientException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.eventlog import NewEvent
+from app.eventlog.tables import MAX_POSITION
 
 __all__ = [
     "MAX_POSITION",
@@ -27,9 +28,6 @@ __all__ = [
     "check_payload_sizes",
     "limit_sse_connections",
 ]
-
-#: Positions (and cursors made of them) are signed 64-bit integers in the database.
-MAX_POSITION = 2**63 - 1
 
 #: How long a client refused for the connection cap is asked to wait, in seconds.
 RETRY_AFTER_SECONDS = 5

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.datastructures import State
 from sqlalchemy import func, select
 
@@ -21,7 +22,11 @@ from app.api.limits import SseConnections
 from app.observability import Histogram
 from app.projections.agents import agent_activities
 from app.projections.ingests import ingests
+from app.server import CONNECTION_EXTENSION
 from app.services import Services
+
+if TYPE_CHECKING:
+    from app.server.connections import ConnectionGuard
 
 __all__ = ["metrics"]
 
@@ -98,7 +103,9 @@ async def _count_by_status(services: Services) -> tuple[dict[str, int], dict[str
     tags=["service"],
     media_type=CONTENT_TYPE,
 )
-async def metrics(services: ServicesDep, state: State) -> Response[bytes]:
+async def metrics(
+    services: ServicesDep, state: State, request: Request[Any, Any, Any]
+) -> Response[bytes]:
     store, feed = services.store, services.store.feed
     appends = store.metrics
     out = _Exposition()
@@ -158,6 +165,33 @@ async def metrics(services: ServicesDep, state: State) -> Response[bytes]:
             "counter",
             "SSE requests refused with 503 at the connection limit.",
             [({}, connections.refused)],
+        )
+    extensions: dict[str, Any] = request.scope.get("extensions") or {}
+    guard: ConnectionGuard | None = (extensions.get(CONNECTION_EXTENSION) or {}).get("guard")
+    if guard is not None:
+        out.family(
+            "activity_http_connections",
+            "gauge",
+            "Open HTTP connections of this process.",
+            [({}, guard.open)],
+        )
+        out.family(
+            "activity_http_connections_limit",
+            "gauge",
+            "The most HTTP connections this process holds (MAX_CONNECTIONS).",
+            [({}, guard.max_connections)],
+        )
+        out.family(
+            "activity_http_connections_closed_total",
+            "counter",
+            "Connections the server closed: a request head that did not arrive within "
+            "REQUEST_HEADER_TIMEOUT_SECONDS, the oldest waiting one closed for a new one at "
+            "the ceiling, a new one refused with 503 (every open one being answered).",
+            [
+                ({"reason": "header_timeout"}, guard.timed_out),
+                ({"reason": "evicted"}, guard.evicted),
+                ({"reason": "refused"}, guard.refused),
+            ],
         )
     direct: DirectAppends | None = state.get("direct_appends")
     if direct is not None:

@@ -10,6 +10,14 @@ the routes in :func:`access_for`'s public list stay open: the dashboard page and
 (the page must load to ask for a token; its data calls carry it), ``/health`` (a load balancer
 must reach it; with read tokens set it says no more than its status without one) and the
 OpenAPI document (it describes the API and holds no data).
+
+The same check refuses what a web page on another origin could make a browser send: a
+browser posts text/plain, form and multipart bodies to any origin without asking first (no
+CORS preflight), so a page the user merely visits could append events or start ingests on a
+service listening on their machine. Every unsafe method therefore takes JSON bodies only
+(415: a JSON body needs a preflight, which other origins fail), and a request whose
+``Origin`` is neither the service's own nor allowed by ``CORS_ORIGINS`` is refused (403),
+with tokens or without. Clients that are not browsers send no ``Origin`` and are unaffected.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from urllib.parse import parse_qsl
 
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.settings import SecuritySettings
@@ -42,6 +50,9 @@ Access = Literal["public", "read", "write"]
 ACCESS_TOKEN_PARAMETER = "access_token"
 
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_JSON = b"application/json"
+#: Ports an origin or a Host header may leave out.
+_DEFAULT_PORTS = (":80", ":443")
 _PUBLIC_PATHS = frozenset({"/", "/health", "/schema"})
 _PUBLIC_PREFIXES = ("/web/", "/schema/")
 
@@ -84,14 +95,78 @@ def _bearer(scope: Scope) -> tuple[str | None, bool]:
     return None, False
 
 
+def _host_port(authority: str) -> str:
+    """``host[:port]`` lowercased, without a default port, for comparing an origin's
+    authority with a Host header whatever scheme a proxy in front terminated."""
+    authority = authority.strip().lower()
+    return authority.removesuffix(_DEFAULT_PORTS[0]).removesuffix(_DEFAULT_PORTS[1])
+
+
+class _UnsupportedBody(HTTPException):
+    status_code = 415
+
+
 class AccessPolicy:
-    """The configured tokens, and the guard that checks requests against them."""
+    """The configured tokens and origins, and the guard that checks requests against them."""
 
     def __init__(self, settings: SecuritySettings) -> None:
         self._write = [_digest(token) for token in settings.api_tokens]
         self._read = self._write + [_digest(token) for token in settings.read_tokens]
         self.writes_guarded = bool(settings.api_tokens)
         self.reads_guarded = bool(settings.read_tokens)
+        self._any_origin = "*" in settings.cors_origins
+        self._origins = frozenset(
+            origin.lower().encode() for origin in settings.cors_origins if origin != "*"
+        )
+
+    def write_refusal(self, scope: Scope) -> HTTPException | None:
+        """Why a request with an unsafe method may not write (None: it may): a body that
+        is not JSON (415), an ``Origin`` of a page that is not this service's nor allowed
+        (403). See the module's docstring."""
+        content_type: bytes | None = None
+        has_body = False
+        origin: bytes | None = None
+        host = b""
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                has_body = value.strip() not in (b"", b"0")
+            elif name == b"transfer-encoding":
+                has_body = True
+            elif name == b"origin":
+                origin = value
+            elif name == b"host":
+                host = value
+        if origin is not None and not self._origin_allowed(origin, host):
+            shown = origin.decode("latin-1")[:100]
+            return PermissionDeniedException(
+                detail=f"a write from the web page at {shown!r} is refused: only this "
+                "service's own pages and the origins in CORS_ORIGINS may write",
+                extra={"field": "Origin", "origin": shown},
+            )
+        if content_type is not None or has_body:
+            media_type = (content_type or b"").partition(b";")[0].strip().lower()
+            if media_type != _JSON:
+                shown = (content_type or b"").decode("latin-1")[:100]
+                return _UnsupportedBody(
+                    detail="a request body must be JSON: send Content-Type: application/json, "
+                    f"got {shown or 'none'!r}",
+                    extra={"field": "Content-Type", "content_type": shown},
+                )
+        return None
+
+    def _origin_allowed(self, origin: bytes, host: bytes) -> bool:
+        if self._any_origin or origin.lower() in self._origins:
+            return True
+        # Same origin: the page was served by this service, under the name it was asked by
+        # (``null``, a sandboxed or file page, never matches).
+        _, separator, authority = origin.decode("latin-1").partition("://")
+        return (
+            bool(separator)
+            and bool(host)
+            and (_host_port(authority) == _host_port(host.decode("latin-1")))
+        )
 
     def needs_token(self, access: Access) -> bool:
         if access == "public":
@@ -121,11 +196,14 @@ class AccessPolicy:
         return self.accepts(token, "read")
 
     def check(self, scope: Scope) -> None:
-        """Raise NotAuthorizedException (401, with its challenge) unless the request's token
+        """Raise the refusal of a write a web page may not make (:meth:`write_refusal`: 403,
+        415), or NotAuthorizedException (401, with its challenge) unless the request's token
         grants what its route needs."""
         method = str(scope.get("method", "GET"))
         path_template = str(scope.get("path_template", ""))
         access = access_for(method, path_template)
+        if access == "write" and (refusal := self.write_refusal(scope)) is not None:
+            raise refusal
         if self.permits(scope, access):
             return
         token, malformed = _bearer(scope)

@@ -37,14 +37,15 @@ from litestar.exceptions import ClientException
 from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
-from litestar.types import HTTPResponseBodyEvent, Receive, ReceiveMessage, Send
+from litestar.types import HTTPResponseBodyEvent, Receive, ReceiveMessage, Scope, Send
 from sqlalchemy import ColumnElement, String, func, literal
 
 from app.database import json_quoted
 from app.eventlog import EventFilter, EventStore, LogEntry, replay_then_tail
 from app.eventlog.envelope import encode_event, format_timestamp
 from app.eventlog.store import FramePage
-from app.eventlog.tables import events
+from app.eventlog.tables import MAX_POSITION, events
+from app.server import CONNECTION_EXTENSION
 
 __all__ = [
     "SQL_FRAMES",
@@ -60,7 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_MAX_ID_DIGITS = 19  # a position is a signed 64-bit integer
+_MAX_ID = str(MAX_POSITION)
 # A backlog is written in pieces of about this size: a subscriber whose peer stops reading
 # holds one piece (and the socket's buffers) at most, however far behind it is.
 MAX_WRITE_BYTES = 256 * 1024
@@ -76,10 +77,16 @@ def parse_last_event_id(header: str | None, query: str | None) -> int | None:
         if value is None or not value.strip():
             continue
         text = value.strip()
-        if not text.isascii() or not text.isdigit() or len(text) > _MAX_ID_DIGITS:
+        # Compared as text first: int() of a long digit string is itself work to refuse.
+        if (
+            not text.isascii()
+            or not text.isdigit()
+            or len(text) > len(_MAX_ID)
+            or int(text) > MAX_POSITION
+        ):
             raise ClientException(
-                detail=f"{name} must be a non-negative integer (an event position), "
-                f"got {value[:40]!r}",
+                detail=f"{name} must be a non-negative integer (an event position, at most "
+                f"{MAX_POSITION}), got {value[:40]!r}",
                 extra={"field": name.split()[0]},
             )
         return int(text)
@@ -475,12 +482,19 @@ class _SubscriberResponse(ASGIStreamingResponse):
     (see :class:`_StreamEnd`); the shutdown signal is watched by one task per application.
     """
 
-    __slots__ = ("draining", "retry_ms", "write_timeout")
+    __slots__ = ("abort", "draining", "retry_ms", "write_timeout")
 
     write_timeout: float
     #: Set when the process is shutting down: the stream ends with :func:`shutdown_frame`.
     draining: asyncio.Event | None
     retry_ms: int
+    #: Closes the connection at once, unsent bytes dropped (where the server offers it).
+    abort: Callable[[], None] | None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        extensions: dict[str, Any] = scope.get("extensions") or {}
+        self.abort = (extensions.get(CONNECTION_EXTENSION) or {}).get("abort")
+        await super().__call__(scope, receive, send)
 
     async def start_response(self, send: Send) -> None:
         await super().start_response(send)
@@ -532,10 +546,17 @@ class _SubscriberResponse(ASGIStreamingResponse):
                 )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
-            logger.info(
-                "closing an SSE stream after %.0fs: the subscriber stopped reading",
+            # Expected of subscribers that vanish (a closed laptop, a dropped network): the
+            # client resumes from its Last-Event-ID. The connection goes at once, with the
+            # bytes it could not take.
+            logger.warning(
+                "closing an SSE stream after %.0f s: the subscriber took no data for %g s "
+                "(SSE_WRITE_TIMEOUT_SECONDS)",
                 time.monotonic() - started,
+                self.write_timeout,
             )
+            if self.abort is not None:
+                self.abort()
         finally:
             if drain is not None:
                 drain.discard(end)

@@ -38,13 +38,19 @@ def _serve(args: argparse.Namespace) -> int:
     if server == "granian":
         _serve_granian(args, settings)
     else:
-        _serve_uvicorn(args)
+        _serve_uvicorn(args, settings)
     return 0
 
 
-def _serve_uvicorn(args: argparse.Namespace) -> None:
+def _serve_uvicorn(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
+    from app.server.connections import uvicorn_options
+
+    try:
+        bounds = uvicorn_options(settings)
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
     uvicorn.run(
         "app.asgi:create_app",
         factory=True,
@@ -52,8 +58,8 @@ def _serve_uvicorn(args: argparse.Namespace) -> None:
         port=args.port,
         workers=args.workers,
         loop="uvloop",
-        http="httptools",
         log_level=args.log_level,
+        **bounds,
         # Request lines come from app.access (app.observability), at this level.
         access_log=False,
         timeout_graceful_shutdown=args.graceful_timeout,
@@ -64,6 +70,7 @@ def _serve_uvicorn(args: argparse.Namespace) -> None:
 def _serve_granian(args: argparse.Namespace, settings: Settings) -> None:
     try:
         from granian.constants import HTTPModes, Interfaces, Loops
+        from granian.http import HTTP1Settings
         from granian.log import LogLevels
         from granian.server import Server
     except ImportError:
@@ -81,6 +88,9 @@ def _serve_granian(args: argparse.Namespace, settings: Settings) -> None:
         # connection would multiplex streams the per-connection limits do not see.
         http=HTTPModes.http1,
         websockets=False,
+        http1_settings=HTTP1Settings(
+            header_read_timeout=math.ceil(settings.server.header_timeout_seconds * 1000)
+        ),
         backlog=2048,
         # Granian holds further requests once this many are in flight in a worker (default:
         # 1024): every SSE subscriber is one, so the cap must sit above the SSE limit, which

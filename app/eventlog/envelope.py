@@ -185,8 +185,9 @@ def parse_event_id(value: str) -> str:
     """Normalise a client-supplied event id to the canonical lowercase UUID form."""
     try:
         return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ValueError(f"event_id must be a UUID, got {value!r}") from exc
+    except (ValueError, AttributeError, TypeError):
+        shown = value[:40] if isinstance(value, str) else value
+        raise ValueError(f"event_id must be a UUID, got {shown!r}") from None
 
 
 def format_timestamp(moment: datetime) -> str:

@@ -421,8 +421,11 @@ MALFORMED = [
         json=agent_event("exploded")),
     Bad("non-UUID event_id", "POST", "/agents/x1/events", 422, ("event_id",),
         json={**_OK, "event_id": "not-a-uuid"}),
-    Bad("negative expected_version", "POST", "/agents/x1/events", 422, ("expected_version",),
+    # Out of range where it is parsed, as a float is: the same 400 for every integer bound.
+    Bad("negative expected_version", "POST", "/agents/x1/events", 400, ("expected_version",),
         json={**_OK, "expected_version": -1}),
+    Bad("expected_version past the log's", "POST", "/agents/x1/events", 400,
+        ("expected_version",), json={**_OK, "expected_version": 2**64}),
     Bad("expected_version a float", "POST", "/agents/x1/events", 400, ("expected_version",),
         json={**_OK, "expected_version": 1.5}),
     Bad("source_id with spaces", "POST", "/agents/has%20space/events", 422, ("source_id",),

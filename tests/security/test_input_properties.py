@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from litestar.exceptions import ClientException
 
+from app.api.limits import MAX_POSITION
 from app.api.sse import parse_last_event_id
 from app.eventlog.envelope import (
     MAX_PAYLOAD_DEPTH,
@@ -154,7 +155,7 @@ def test_a_payload_that_is_not_an_object_is_refused(value: Any) -> None:
 # --- Last-Event-ID ----------------------------------------------------------------------------
 
 blanks = st.text(alphabet=" \t", max_size=3)
-positions = st.integers(min_value=0, max_value=10**19 - 1)
+positions = st.integers(min_value=0, max_value=MAX_POSITION)
 
 
 def refused(header: str | None, query: str | None) -> ClientException:
@@ -166,7 +167,7 @@ def refused(header: str | None, query: str | None) -> ClientException:
 
 
 @given(position=positions, before=blanks, after=blanks, zeros=st.integers(0, 3))
-def test_every_non_negative_integer_up_to_19_digits_is_accepted(
+def test_every_position_the_log_can_hold_is_accepted(
     position: int, before: str, after: str, zeros: int
 ) -> None:
     digits = "0" * zeros + str(position)
@@ -177,6 +178,14 @@ def test_every_non_negative_integer_up_to_19_digits_is_accepted(
     assert parse_last_event_id(None, text) == int(digits)
     assert parse_last_event_id("", text) == int(digits)
     assert parse_last_event_id(" ", text) == int(digits)
+
+
+@given(position=st.integers(min_value=MAX_POSITION + 1, max_value=10**19 - 1))
+def test_19_digit_numbers_past_the_largest_position_are_refused(position: int) -> None:
+    # A position is a signed 64-bit integer: 2**63 and up can name no event, and used to be
+    # answered with a reset instead of the contract's 400.
+    assert refused(str(position), None).extra == {"field": "Last-Event-ID"}
+    assert refused(None, str(position)).extra == {"field": "last_event_id"}
 
 
 @given(header=positions, query=st.one_of(positions.map(str), st.text()))
