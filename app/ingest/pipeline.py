@@ -15,7 +15,7 @@ from app.content import Archive, ContentStore, article_key
 from app.eventlog.envelope import utc_now
 from app.ingest.articles import fetch_article
 from app.ingest.channels import list_channel
-from app.ingest.model import ChannelLimit, IngestFailure
+from app.ingest.model import ChannelLimit, IngestFailure, IngestType
 from app.ingest.service import IngestRun, IngestService, child_ingest_id
 from app.ingest.urls import detect_url
 from app.ingest.youtube import fetch_metadata, fetch_transcript
@@ -151,8 +151,8 @@ class IngestPipeline:
         )
         await run.progress("archived", "Transcript archived", {"path": str(path)})
 
-        await run.progress("storing", "Storing in database...")
-        await self.content.put(
+        return await self._store(
+            run,
             "video",
             video_id,
             {
@@ -160,23 +160,15 @@ class IngestPipeline:
                 "transcript": text,
                 "transcript_length": len(text),
                 "archive_path": str(path),
-                "ingest_id": run.ingest_id,
-                "ingested_at": utc_now(),
             },
-        )
-        await run.progress("stored", "Stored in database", {"record": f"video:{video_id}"})
-        return _complete(
-            "video",
-            "success",
-            f"Ingested {record['title'] or video_id}",
-            {
+            message=f"Ingested {record['title'] or video_id}",
+            details={
                 "video_id": video_id,
                 "title": record["title"],
                 "channel": record["channel"],
                 "transcript_length": len(text),
                 "language": transcript.language_code,
                 "archive_path": str(path),
-                "record": f"video:{video_id}",
             },
         )
 
@@ -217,8 +209,8 @@ class IngestPipeline:
             {"path": str(html_path), "text_path": str(text_path)},
         )
 
-        await run.progress("storing", "Storing in database...")
-        await self.content.put(
+        return await self._store(
+            run,
             "article",
             key,
             {
@@ -232,16 +224,9 @@ class IngestPipeline:
                 "text_length": len(article.text),
                 "archive_path": str(html_path),
                 "text_path": str(text_path),
-                "ingest_id": run.ingest_id,
-                "ingested_at": utc_now(),
             },
-        )
-        await run.progress("stored", "Stored in database", {"record": f"article:{key}"})
-        return _complete(
-            "article",
-            "success",
-            f"Ingested {article.title or article.url}",
-            {
+            message=f"Ingested {article.title or article.url}",
+            details={
                 "url": url,
                 "title": article.title,
                 "author": article.author,
@@ -249,7 +234,6 @@ class IngestPipeline:
                 "language": article.language,
                 "text_length": len(article.text),
                 "archive_path": str(html_path),
-                "record": f"article:{key}",
             },
         )
 
@@ -280,8 +264,8 @@ class IngestPipeline:
             )
             ingest_ids.append(child)
         await run.progress("queued_videos", f"Queued {count:,} videos", {"ingest_ids": ingest_ids})
-        await run.progress("storing", "Storing in database...")
-        await self.content.put(
+        return await self._store(
+            run,
             "channel",
             listing.channel_id,
             {
@@ -293,23 +277,35 @@ class IngestPipeline:
                     {"video_id": v.video_id, "title": v.title, "published": v.published}
                     for v in listing.videos
                 ],
-                "ingest_id": run.ingest_id,
-                "ingested_at": utc_now(),
             },
-        )
-        await run.progress(
-            "stored", "Stored in database", {"record": f"channel:{listing.channel_id}"}
-        )
-        return _complete(
-            "channel",
-            "queued",
-            f"Queued {count:,} videos from {listing.channel_name}",
-            {
+            status="queued",
+            message=f"Queued {count:,} videos from {listing.channel_name}",
+            details={
                 "channel_id": listing.channel_id,
                 "channel_name": listing.channel_name,
                 "video_count": count,
                 "ingest_ids": ingest_ids,
                 "source": listing.source,
-                "record": f"channel:{listing.channel_id}",
             },
         )
+
+    async def _store(
+        self,
+        run: IngestRun,
+        kind: IngestType,
+        key: str,
+        record: dict[str, Any],
+        *,
+        status: str = "success",
+        message: str,
+        details: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The last steps of every type: store ``record`` as ``kind:key``, then the ``complete``
+        payload, whose details name the stored record."""
+        await run.progress("storing", "Storing in database...")
+        await self.content.put(
+            kind, key, {**record, "ingest_id": run.ingest_id, "ingested_at": utc_now()}
+        )
+        stored = f"{kind}:{key}"
+        await run.progress("stored", "Stored in database", {"record": stored})
+        return _complete(kind, status, message, {**details, "record": stored})
