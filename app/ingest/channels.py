@@ -46,6 +46,7 @@ import msgspec
 import requests
 import yt_dlp
 
+from app.ingest.failures import describe_failure, proxy_hint
 from app.ingest.model import ChannelLimit, IngestFailure, Progress
 from app.settings import IngestSettings
 
@@ -159,7 +160,8 @@ async def list_channel(
 
     ``today`` (default: the UTC date) anchors the ``month``/``year`` windows. Raises
     :class:`IngestFailure`: ``unsupported_url``, ``channel_not_found`` (permanent),
-    ``blocked`` and ``request_failed`` (retryable). A channel without videos is not an error.
+    ``blocked``, ``request_failed`` and ``timeout`` (retryable). A channel without videos is
+    not an error.
     """
     target = _parse_channel_url(url)
     today = today or datetime.datetime.now(datetime.UTC).date()
@@ -228,7 +230,9 @@ def _parse_channel_url(url: str) -> _Target:
     try:
         parts = urlsplit(url.strip())
     except ValueError as exc:
-        raise _unsupported(url, str(exc)) from None
+        failure = _unsupported(url, "it cannot be parsed")
+        failure.details["error"] = f"{type(exc).__name__}: {exc}"
+        raise failure from None
     host = (parts.hostname or "").rstrip(".").lower()
     if parts.scheme.lower() not in ("http", "https") or host not in _YOUTUBE_HOSTS:
         raise _unsupported(url, "not a youtube.com address")
@@ -247,7 +251,7 @@ def _parse_channel_url(url: str) -> _Target:
 def _unsupported(url: str, why: str) -> IngestFailure:
     return IngestFailure(
         "unsupported_url",
-        f"Not a YouTube channel URL ({why}): {url}",
+        f"{url!r} is not a YouTube channel URL ({why}).",
         retryable=False,
         details={"url": url},
     )
@@ -377,12 +381,9 @@ async def _read_feed_with_deadline(
         return await asyncio.wait_for(
             asyncio.to_thread(_read_feed, target, channel_id, settings), deadline
         )
-    except TimeoutError:
-        raise IngestFailure(
-            "request_failed",
-            f"Reading the RSS feed of {target.page_url} took longer than {deadline:g} s",
-            retryable=True,
-            details={"url": target.page_url},
+    except TimeoutError as exc:
+        raise describe_failure(
+            exc, "channel", settings, {"url": target.page_url}, timeout_seconds=deadline
         ) from None
 
 
@@ -397,31 +398,26 @@ def _read_feed(target: _Target, channel_id: str | None, settings: IngestSettings
                 "http": settings.youtube_proxy_url,
                 "https": settings.youtube_proxy_url,
             }
-        timeout = settings.http_timeout_seconds
         if channel_id is None:
-            page = _get(session, target.page_url, timeout)
+            page = _get(session, target.page_url, settings)
             channel_id = _channel_id_from_page(page.text)
             if channel_id is None:
                 raise IngestFailure(
                     "channel_not_found",
-                    f"No channel id found on {target.page_url}",
+                    f"The page {target.page_url} does not say which channel it is.",
                     retryable=False,
                     details={"url": target.page_url},
                 )
-        feed = _get(session, channel_feed_url(channel_id), timeout)
-        return _parse_feed(feed.content, channel_id)
+        feed = _get(session, channel_feed_url(channel_id), settings)
+        return _parse_feed(feed.content, channel_id, settings)
 
 
-def _get(session: requests.Session, url: str, timeout: float) -> requests.Response:
+def _get(session: requests.Session, url: str, settings: IngestSettings) -> requests.Response:
+    timeout = settings.http_timeout_seconds
     try:
         response = session.get(url, timeout=(timeout, timeout))
     except requests.RequestException as exc:
-        raise IngestFailure(
-            "request_failed",
-            f"Fetching {url} failed: {_describe(exc)}",
-            retryable=True,
-            details={"url": url},
-        ) from None
+        raise describe_failure(exc, "channel", settings, {"url": url}) from None
     status = response.status_code
     if status < 400:
         return response
@@ -429,20 +425,20 @@ def _get(session: requests.Session, url: str, timeout: float) -> requests.Respon
     if status in (404, 410):
         raise IngestFailure(
             "channel_not_found",
-            f"YouTube has no channel at {url}",
+            f"YouTube has no channel at {url!r} (HTTP {status}).",
             retryable=False,
             details=details,
         )
     if status in (403, 429):
         raise IngestFailure(
             "blocked",
-            f"YouTube refused the request (HTTP {status}): {url}",
+            f"YouTube refused the request (HTTP {status}). {proxy_hint(settings)}",
             retryable=True,
             details=details,
         )
     raise IngestFailure(
         "request_failed",
-        f"YouTube answered HTTP {status}: {url}",
+        f"A request to YouTube failed: YouTube answered HTTP {status}.",
         retryable=status >= 500,
         details=details,
     )
@@ -456,17 +452,12 @@ def _channel_id_from_page(html: str) -> str | None:
     return None
 
 
-def _parse_feed(content: bytes, channel_id: str) -> _Draft:
+def _parse_feed(content: bytes, channel_id: str, settings: IngestSettings) -> _Draft:
     try:
         # YouTube's own feed; expat refuses entity-expansion bombs by itself.
         root = ElementTree.fromstring(content)
     except ElementTree.ParseError as exc:
-        raise IngestFailure(
-            "request_failed",
-            f"The RSS feed of channel {channel_id} is not readable XML: {exc}",
-            retryable=True,
-            details={"channel_id": channel_id},
-        ) from None
+        raise describe_failure(exc, "channel", settings, {"channel_id": channel_id}) from None
     name = root.findtext("atom:title", namespaces=_ATOM) or root.findtext(
         "atom:author/atom:name", namespaces=_ATOM
     )
@@ -518,7 +509,7 @@ def _listing(
     if channel_id is None:
         raise IngestFailure(
             "channel_not_found",
-            f"Could not tell which channel {target.page_url} is",
+            f"Could not tell which channel {target.page_url} is.",
             retryable=False,
             details={"url": target.page_url},
         )
