@@ -28,7 +28,7 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Final, Protocol
 
 import httpcore
@@ -37,8 +37,8 @@ import msgspec
 import trafilatura
 from trafilatura.settings import Document
 
-from app.ingest.failures import describe_failure
-from app.ingest.model import IngestFailure, Progress
+from app.ingest.failures import describe_failure, with_retries
+from app.ingest.model import IngestFailure, Progress, RetryNotice
 from app.settings import IngestSettings
 
 __all__ = [
@@ -273,6 +273,8 @@ async def fetch_article(
     progress: Progress | None = None,
     resolver: Resolver | None = None,
     trusted_addresses: Iterable[str] = (),
+    on_retry: RetryNotice | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Article:
     """Fetch ``url`` (following up to 5 redirects) and extract the article in it.
 
@@ -280,8 +282,9 @@ async def fetch_article(
     private-address check; both exist so that tests can serve pages from 127.0.0.1 while the
     check stays on for every other address. Production passes neither.
     Raises :class:`IngestFailure`: ``unsupported_url``, ``blocked_address``,
-    ``too_many_redirects``, ``http_error``, ``request_failed``, ``timeout``, ``not_html``,
-    ``too_large``, ``no_content``, ``extraction_failed``.
+    ``too_many_redirects``, ``http_error``, ``not_html``, ``too_large``, ``no_content``,
+    ``extraction_failed`` (permanent); ``request_failed``, ``timeout`` and ``http_error`` 408,
+    429 and 5xx (retryable), the fetch tried again by the retry policy first.
     """
     backend = _CheckedBackend(
         allow_private=settings.allow_private_urls,
@@ -289,13 +292,17 @@ async def fetch_article(
         trusted=frozenset(ipaddress.ip_address(address) for address in trusted_addresses),
     )
     deadline = settings.article_timeout_seconds
-    try:
-        async with asyncio.timeout(deadline):
-            page = await _fetch_page(url, settings, backend, progress)
-    except TimeoutError as exc:
-        raise describe_failure(
-            exc, "article", settings, {"url": url}, timeout_seconds=deadline
-        ) from None
+
+    async def fetch_once() -> _Page:
+        try:
+            async with asyncio.timeout(deadline):
+                return await _fetch_page(url, settings, backend, progress)
+        except TimeoutError as exc:
+            raise describe_failure(
+                exc, "article", settings, {"url": url}, timeout_seconds=deadline
+            ) from None
+
+    page = await with_retries(fetch_once, settings, on_retry=on_retry, sleep=sleep)
     try:
         extracted = await asyncio.wait_for(asyncio.to_thread(_extract, page), deadline)
     except TimeoutError:

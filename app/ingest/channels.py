@@ -26,7 +26,9 @@ left out: they have nothing to transcribe yet.
 
 All HTTP (yt-dlp's and the feed's) goes through ``requests`` with the configured proxy and
 timeouts, in a worker thread. A listing that outlives ``channel_timeout_seconds`` is abandoned
-(the thread ends on its own, bounded by the socket timeouts).
+(the thread ends on its own, bounded by the socket timeouts). A listing that fails in a
+retryable way (YouTube unreachable, slow or blocking) is tried again, yt-dlp first, by the
+retry policy of :mod:`app.ingest.failures`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import logging
 import re
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, Literal
 from urllib.parse import quote, unquote, urlsplit
 
@@ -46,8 +48,8 @@ import msgspec
 import requests
 import yt_dlp
 
-from app.ingest.failures import describe_failure, proxy_hint
-from app.ingest.model import ChannelLimit, IngestFailure, Progress
+from app.ingest.failures import describe_failure, proxy_hint, with_retries
+from app.ingest.model import ChannelLimit, IngestFailure, Progress, RetryNotice
 from app.settings import IngestSettings
 
 __all__ = [
@@ -155,16 +157,33 @@ async def list_channel(
     *,
     today: datetime.date | None = None,
     progress: Progress | None = None,
+    on_retry: RetryNotice | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> ChannelListing:
     """List the videos of the channel at ``url``, newest first, as ``limit`` says.
 
     ``today`` (default: the UTC date) anchors the ``month``/``year`` windows. Raises
-    :class:`IngestFailure`: ``unsupported_url``, ``channel_not_found`` (permanent),
-    ``blocked``, ``request_failed`` and ``timeout`` (retryable). A channel without videos is
-    not an error.
+    :class:`IngestFailure`: ``unsupported_url``, ``channel_not_found`` (permanent);
+    ``blocked``, ``request_failed`` and ``timeout`` (retryable) after
+    ``settings.retry_attempts`` attempts in all. A channel without videos is not an error.
     """
     target = _parse_channel_url(url)
-    today = today or datetime.datetime.now(datetime.UTC).date()
+    day = today or datetime.datetime.now(datetime.UTC).date()
+    return await with_retries(
+        lambda: _list_once(target, limit, settings, day, progress),
+        settings,
+        on_retry=on_retry,
+        sleep=sleep,
+    )
+
+
+async def _list_once(
+    target: _Target,
+    limit: ChannelLimit,
+    settings: IngestSettings,
+    today: datetime.date,
+    progress: Progress | None,
+) -> ChannelListing:
     deadline = settings.channel_timeout_seconds
 
     draft: _Draft | None = None

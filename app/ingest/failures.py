@@ -7,15 +7,19 @@ requests, httpx, the resolver, asyncio's deadlines) into an :class:`IngestFailur
 for a person; the library's own text, which names hosts, pools and causes, goes to
 ``details["error"]`` for whoever debugs it. A rule without a message for a source does not
 apply to that source, so one exception class can mean different things to different sources.
+
+:func:`with_retries` is the one retry policy: a retryable failure is tried again, up to
+``retry_attempts`` attempts in all, waiting ``retry_base_seconds`` doubled after each attempt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import socket
-from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Literal, TypeVar
 from xml.etree.ElementTree import ParseError
 
 import httpx
@@ -35,7 +39,7 @@ from youtube_transcript_api import (
     YouTubeRequestFailed,
 )
 
-from app.ingest.model import IngestFailure
+from app.ingest.model import IngestFailure, RetryNotice
 from app.settings import IngestSettings
 
 __all__ = [
@@ -43,10 +47,13 @@ __all__ = [
     "describe_failure",
     "proxy_hint",
     "redact",
+    "with_retries",
 ]
 
 #: Where a failure came from: a video's transcript, a channel listing, an article page.
 Source = Literal["video", "channel", "article"]
+
+_T = TypeVar("_T")
 
 _HTTP_STATUS: Final = re.compile(r"\b([1-5]\d\d)\b")
 # The library's text is for debugging; a page of it would only bloat the log.
@@ -326,3 +333,34 @@ def _library_text(exc: BaseException) -> str:
     if len(described) <= _MAX_ERROR_CHARS:
         return described
     return described[: _MAX_ERROR_CHARS - 1] + "…"
+
+
+async def with_retries(
+    attempt: Callable[[], Awaitable[_T]],
+    settings: IngestSettings,
+    *,
+    on_retry: RetryNotice | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> _T:
+    """``await attempt()``, tried again after a retryable :class:`IngestFailure`.
+
+    At most ``settings.retry_attempts`` attempts in all; the n-th wait is
+    ``retry_base_seconds * 2 ** (n - 1)``. ``on_retry`` hears of each retry before its wait,
+    so the user reads "retrying in N s" while it waits. A permanent failure is raised at once;
+    the last retryable one is raised with ``details["attempts"]``.
+    """
+    attempts = max(1, settings.retry_attempts)
+    for number in range(1, attempts + 1):
+        try:
+            return await attempt()
+        except IngestFailure as failure:
+            if not failure.retryable:
+                raise
+            if number == attempts:
+                failure.details["attempts"] = attempts
+                raise
+            delay = settings.retry_base_seconds * 2 ** (number - 1)
+            if on_retry is not None:
+                await on_retry(number + 1, attempts, delay, failure)
+            await sleep(delay)
+    raise AssertionError("unreachable: the last attempt returns or raises")

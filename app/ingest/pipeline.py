@@ -15,7 +15,7 @@ from app.content import Archive, ContentStore, article_key
 from app.eventlog.envelope import utc_now
 from app.ingest.articles import fetch_article
 from app.ingest.channels import list_channel
-from app.ingest.model import ChannelLimit, IngestFailure, IngestType
+from app.ingest.model import ChannelLimit, IngestFailure, IngestType, RetryNotice
 from app.ingest.service import IngestRun, IngestService, child_ingest_id
 from app.ingest.urls import detect_url
 from app.ingest.youtube import fetch_metadata, fetch_transcript
@@ -63,6 +63,28 @@ def _complete(kind: str, status: str, message: str, details: dict[str, Any]) -> 
     return {"type": kind, "status": status, "message": message, "details": details}
 
 
+def _announce_retries(run: IngestRun, step: str) -> RetryNotice:
+    """A retry notice that reports each retry of ``step`` as a ``progress`` event of it."""
+
+    async def announce(attempt: int, attempts: int, delay: float, failure: IngestFailure) -> None:
+        said = failure.message.rstrip()
+        if not said.endswith((".", "!", "?", "…")):
+            said += "."
+        await run.progress(
+            step,
+            f"{said} Retrying in {delay:g} s (attempt {attempt}/{attempts}).",
+            {
+                "retrying": True,
+                "attempt": attempt,
+                "attempts": attempts,
+                "delay_seconds": delay,
+                "error_kind": failure.kind,
+            },
+        )
+
+    return announce
+
+
 @dataclass(frozen=True)
 class IngestPipeline:
     settings: IngestSettings
@@ -82,7 +104,7 @@ class IngestPipeline:
         await run.progress("extracting_id", "Extracting video ID...")
         video_id = detect_url(run.state["url"]).video_id
         if video_id is None:
-            raise IngestFailure("invalid_video_id", "No video ID in the URL", retryable=False)
+            raise IngestFailure("invalid_video_id", "No video ID in the URL.", retryable=False)
         await run.progress("extracted_id", f"Video ID: {video_id}", {"video_id": video_id})
 
         await run.progress("checking_cache", "Checking if already processed...")
@@ -97,24 +119,10 @@ class IngestPipeline:
 
         await run.progress("fetching_transcript", "Fetching transcript...")
         metadata = asyncio.create_task(fetch_metadata(video_id, self.settings))
-
-        async def on_retry(
-            attempt: int, attempts: int, delay: float, failure: IngestFailure
-        ) -> None:
-            await run.progress(
-                "fetching_transcript",
-                f"{failure.message}; retrying in {delay:.0f} s, attempt {attempt}/{attempts}",
-                {
-                    "retrying": True,
-                    "attempt": attempt,
-                    "attempts": attempts,
-                    "delay_seconds": delay,
-                    "error_kind": failure.kind,
-                },
-            )
-
         try:
-            transcript = await fetch_transcript(video_id, self.settings, on_retry=on_retry)
+            transcript = await fetch_transcript(
+                video_id, self.settings, on_retry=_announce_retries(run, "fetching_transcript")
+            )
         except BaseException:
             metadata.cancel()
             raise
@@ -186,7 +194,12 @@ class IngestPipeline:
             )
 
         await run.progress("fetching", f"Fetching {url}...")
-        article = await fetch_article(url, self.settings, progress=run.progress)
+        article = await fetch_article(
+            url,
+            self.settings,
+            progress=run.progress,
+            on_retry=_announce_retries(run, "fetching"),
+        )
         await run.progress(
             "fetched",
             f"Fetched {len(article.html):,} chars of HTML",
@@ -242,7 +255,9 @@ class IngestPipeline:
         limit: ChannelLimit = run.state.get("channel_limit") or "all"
         await run.progress("resolving_channel", f"Resolving channel {url}...")
         await run.progress("listing_videos", f"Listing videos (limit: {limit})...")
-        listing = await list_channel(url, limit, self.settings)
+        listing = await list_channel(
+            url, limit, self.settings, on_retry=_announce_retries(run, "listing_videos")
+        )
         count = len(listing.videos)
         await run.progress(
             "listed_videos",

@@ -3,7 +3,7 @@
 The library is blocking and sets no timeouts of its own, so every call runs in a thread, on a
 session that puts a timeout on each request, under an overall timeout per attempt. Its
 exceptions become :class:`IngestFailure` through the table in :mod:`app.ingest.failures`; the
-retryable ones (blocked, failed request, timeout) are retried with exponential backoff.
+retryable ones (blocked, failed request, timeout) are retried by its retry policy.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import requests
 from youtube_transcript_api import Transcript as TranscriptTrack
 from youtube_transcript_api import YouTubeTranscriptApi
 
-from app.ingest.failures import describe_failure
-from app.ingest.model import IngestFailure, Snippet
+from app.ingest.failures import describe_failure, with_retries
+from app.ingest.model import IngestFailure, RetryNotice, Snippet
 from app.settings import IngestSettings
 
 __all__ = [
-    "RetryNotice",
     "Transcript",
     "VideoMeta",
     "build_session",
@@ -42,9 +41,6 @@ USER_AGENT = (
 ACCEPT_LANGUAGE = "en-US,en;q=0.9"
 
 _VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{11}")
-
-#: ``await on_retry(next_attempt, attempts, delay_seconds, failure)``, called before the wait.
-RetryNotice = Callable[[int, int, float, IngestFailure], Awaitable[None]]
 
 
 class Transcript(msgspec.Struct, frozen=True):
@@ -155,21 +151,12 @@ async def fetch_transcript(
             retryable=False,
             details={"video_id": video_id},
         )
-    attempts = max(1, settings.retry_attempts)
-    for attempt in range(1, attempts + 1):
-        try:
-            return await _fetch_once(video_id, settings, session)
-        except IngestFailure as failure:
-            if not failure.retryable:
-                raise
-            if attempt == attempts:
-                failure.details["attempts"] = attempts
-                raise
-            delay = settings.retry_base_seconds * 2 ** (attempt - 1)
-            if on_retry is not None:
-                await on_retry(attempt + 1, attempts, delay, failure)
-            await sleep(delay)
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    return await with_retries(
+        lambda: _fetch_once(video_id, settings, session),
+        settings,
+        on_retry=on_retry,
+        sleep=sleep,
+    )
 
 
 async def _fetch_once(

@@ -127,6 +127,8 @@ def settings(
         http_timeout_seconds=http_timeout,
         article_timeout_seconds=article_timeout,
         max_article_bytes=max_bytes,
+        retry_attempts=3,
+        retry_base_seconds=0.01,
     )
 
 
@@ -298,6 +300,8 @@ async def test_maps_http_errors(server: PageServer, status: int, retryable: bool
     assert failure.retryable is retryable
     assert failure.details["status"] == status
     assert f"HTTP {status}" in failure.message
+    # A status that may pass is asked again, as often as the settings allow.
+    assert len(server.requests) == (3 if retryable else 1)
 
 
 async def test_a_server_that_is_gone_is_a_retryable_request_failure(server: PageServer) -> None:
@@ -319,7 +323,18 @@ async def test_a_site_that_cannot_be_reached_is_named_in_a_sentence(server: Page
     assert failure.message == "Could not connect to 127.0.0.1 (network error)."
     # httpx's own words are kept for whoever debugs it, not shown as the message.
     assert failure.details["error"].startswith("ConnectError: ")
+    assert failure.details["attempts"] == 3
     assert failure.as_details()["retryable"] is True
+
+
+async def test_a_connection_that_breaks_is_tried_again(server: PageServer) -> None:
+    server.routes["/fog"] = Route(body=ARTICLE_HTML)
+    server.troubles["/fog"] = ["hang up"]
+
+    article = await fetch_article(server.url("/fog"), settings())
+
+    assert article.title == "How Lighthouse Keepers Listened to the Fog"
+    assert [target for target, _ in server.requests] == ["/fog", "/fog"]
 
 
 @pytest.mark.parametrize(
@@ -331,11 +346,11 @@ async def test_a_site_that_cannot_be_reached_is_named_in_a_sentence(server: Page
         (5.0, 0.2, "Fetching {url} took longer than 0.2 s."),
     ],
 )
-async def test_a_fetch_that_times_out_is_a_timeout(
+async def test_a_fetch_that_times_out_is_a_timeout_and_tried_again(
     server: PageServer, http_timeout: float, article_timeout: float, message: str
 ) -> None:
     server.routes["/fog"] = Route(body=ARTICLE_HTML)
-    server.troubles["/fog"] = [0.6]
+    server.troubles["/fog"] = [0.6, 0.6, 0.6]
     url = server.url("/fog")
 
     failure = await failure_of(
@@ -344,6 +359,8 @@ async def test_a_fetch_that_times_out_is_a_timeout(
 
     assert (failure.kind, failure.retryable) == ("timeout", True)
     assert failure.message == message.format(url=url)
+    assert failure.details["attempts"] == 3
+    assert len(server.requests) == 3
 
 
 @pytest.mark.parametrize(

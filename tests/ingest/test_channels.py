@@ -70,7 +70,13 @@ def youtube() -> Iterator[responses.RequestsMock]:
 
 def settings(**overrides: Any) -> IngestSettings:
     return IngestSettings(
-        **{"http_timeout_seconds": 5.0, "channel_timeout_seconds": 30.0, **overrides}
+        **{
+            "http_timeout_seconds": 5.0,
+            "channel_timeout_seconds": 30.0,
+            "retry_attempts": 3,
+            "retry_base_seconds": 0.01,
+            **overrides,
+        }
     )
 
 
@@ -496,12 +502,28 @@ def unreachable(request: Any) -> Any:
 
 
 def youtube_unreachable_for_ytdlp(youtube: responses.RequestsMock) -> None:
-    """yt-dlp cannot reach the videos tab: the listing ends in the feed."""
+    """yt-dlp cannot reach the videos tab, on every attempt: each listing ends in the feed."""
     youtube.add_callback(responses.GET, VIDEOS_URL, callback=unreachable)
     youtube.add_callback(responses.POST, RESOLVE_URL, callback=unreachable)
 
 
-async def test_youtube_unreachable_fails_in_a_sentence(
+async def test_a_listing_that_cannot_reach_youtube_is_tried_again(
+    youtube: responses.RequestsMock,
+) -> None:
+    youtube_unreachable_for_ytdlp(youtube)
+    # The channel page (for the feed's channel id) fails the first time only.
+    youtube.get(CHANNEL_PAGE, body=requests.ConnectionError(UNREACHABLE))
+    youtube.get(CHANNEL_PAGE, body=PAGE, content_type=HTML)
+    youtube.get(FEED_URL, body=FEED, content_type="application/atom+xml; charset=UTF-8")
+
+    listing = await list_channel(CHANNEL_PAGE, "all", settings(), today=TODAY)
+
+    assert listing.source == "rss"
+    assert ids(listing) == NEWEST_FIRST
+    assert requested(youtube).count(CHANNEL_PAGE) == 2
+
+
+async def test_youtube_unreachable_on_every_attempt_fails_in_a_sentence(
     youtube: responses.RequestsMock,
 ) -> None:
     youtube_unreachable_for_ytdlp(youtube)
@@ -513,6 +535,8 @@ async def test_youtube_unreachable_fails_in_a_sentence(
     assert failure.message == "Could not connect to YouTube (network error)."
     # requests' own words are kept for whoever debugs it, not shown as the message.
     assert UNREACHABLE in failure.details["error"]
+    assert failure.details["attempts"] == 3
+    assert requested(youtube).count(CHANNEL_PAGE) == 3
 
 
 @pytest.mark.parametrize(
@@ -522,7 +546,7 @@ async def test_youtube_unreachable_fails_in_a_sentence(
         ("deadline", "Reading the channel's RSS feed took longer than 0.5 s."),
     ],
 )
-async def test_a_feed_that_times_out_is_a_timeout(
+async def test_a_feed_that_times_out_is_a_timeout_and_tried_again(
     youtube: responses.RequestsMock, how: str, message: str
 ) -> None:
     break_ytdlp(youtube)
@@ -550,4 +574,5 @@ async def test_a_feed_that_times_out_is_a_timeout(
 
     assert (failure.kind, failure.retryable) == ("timeout", True)
     assert failure.message == message
-    assert asked == [FEED_URL]
+    assert failure.details["attempts"] == 3
+    assert asked == [FEED_URL] * 3
