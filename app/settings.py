@@ -107,7 +107,8 @@ class IngestSettings(msgspec.Struct, frozen=True):
     # A whole transcript fetch, retries excluded.
     transcript_timeout_seconds: float = 60.0
     max_article_bytes: int = 10 * 1024 * 1024
-    # Attempts for a retryable YouTube failure (blocked, request failed), with backoff.
+    # Attempts at a transcript, channel listing or article whose failure is retryable
+    # (blocked, request failed, timeout), with exponential backoff.
     retry_attempts: int = 3
     retry_base_seconds: float = 2.0
     # A job's claim expires this long after its last renewal; another instance may then take

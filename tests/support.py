@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import msgspec
@@ -291,8 +291,10 @@ class LocalSite:
     """A small HTTP server on 127.0.0.1 in a thread, standing in for the web at its edge.
 
     ``routes`` maps a path to (status, content type, body); ``delays`` holds seconds to wait
-    before answering a path (a slow site, to catch an ingest mid-step). Works for servers in
-    other processes too, since it listens on a real socket.
+    before answering a path (a slow site, to catch an ingest mid-step); ``troubles`` holds,
+    per path, what its next requests meet, one entry each: ``"hang up"`` closes the connection
+    unanswered (a network error to the client), a number of seconds stalls that request alone.
+    Works for servers in other processes too, since it listens on a real socket.
     """
 
     def __init__(self, routes: dict[str, tuple[int, str, bytes]] | None = None) -> None:
@@ -301,6 +303,7 @@ class LocalSite:
 
         self.routes: dict[str, tuple[int, str, bytes]] = dict(routes or {})
         self.delays: dict[str, float] = {}
+        self.troubles: dict[str, list[Literal["hang up"] | float]] = {}
         self.hits: dict[str, int] = {}
         site = self
 
@@ -308,7 +311,12 @@ class LocalSite:
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 site.hits[path] = site.hits.get(path, 0) + 1
-                delay = site.delays.get(path, 0.0)
+                troubles = site.troubles.get(path)
+                trouble = troubles.pop(0) if troubles else 0.0
+                if isinstance(trouble, str):  # "hang up"
+                    self.close_connection = True
+                    return
+                delay = site.delays.get(path, 0.0) + trouble
                 if delay:
                     time.sleep(delay)
                 status, content_type, body = site.routes.get(

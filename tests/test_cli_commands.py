@@ -166,7 +166,7 @@ async def test_ingest_in_process_shows_each_step_and_exits_by_outcome(
 
     missing = await run_cli("ingest", f"{site.base_url}/gone", env=env)
     assert missing.code == 1
-    assert missing.stderr.strip() == f"error: {site.base_url}/gone answered HTTP 404 Not Found"
+    assert missing.stderr.strip() == f"error: {site.base_url}/gone answered HTTP 404 Not Found."
     assert "Traceback" not in missing.stderr
 
     invalid = await run_cli("ingest", "ftp://example.com/file", env=env)

@@ -28,7 +28,7 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Final, Protocol
 
 import httpcore
@@ -37,7 +37,8 @@ import msgspec
 import trafilatura
 from trafilatura.settings import Document
 
-from app.ingest.model import IngestFailure, Progress
+from app.ingest.failures import describe_failure, with_retries
+from app.ingest.model import IngestFailure, Progress, RetryNotice
 from app.settings import IngestSettings
 
 __all__ = [
@@ -108,12 +109,7 @@ def resolve_host(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise IngestFailure(
-            "request_failed",
-            f"Cannot resolve {host}: {exc}",
-            retryable=True,
-            details={"host": host},
-        ) from None
+        raise describe_failure(exc, "article", None, {"host": host}, site=host) from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
@@ -136,7 +132,10 @@ def _checked_addresses(
     addresses = list(resolver(host, port))
     if not addresses:
         raise IngestFailure(
-            "request_failed", f"{host} has no addresses", retryable=True, details={"host": host}
+            "request_failed",
+            f"Could not look up the address of {host}: it has none.",
+            retryable=True,
+            details={"host": host},
         )
     if allow_private:
         return addresses
@@ -150,8 +149,8 @@ def _checked_addresses(
         if reason is not None:
             raise IngestFailure(
                 "blocked_address",
-                f"Refusing to fetch {host}: it resolves to {address} ({reason}); "
-                "set INGEST_ALLOW_PRIVATE_URLS to allow private addresses",
+                f"Refusing to fetch {host}: it resolves to {address} ({reason}). "
+                "Set INGEST_ALLOW_PRIVATE_URLS to allow private addresses.",
                 retryable=False,
                 details={"host": host, "address": address},
             )
@@ -274,6 +273,8 @@ async def fetch_article(
     progress: Progress | None = None,
     resolver: Resolver | None = None,
     trusted_addresses: Iterable[str] = (),
+    on_retry: RetryNotice | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Article:
     """Fetch ``url`` (following up to 5 redirects) and extract the article in it.
 
@@ -281,8 +282,9 @@ async def fetch_article(
     private-address check; both exist so that tests can serve pages from 127.0.0.1 while the
     check stays on for every other address. Production passes neither.
     Raises :class:`IngestFailure`: ``unsupported_url``, ``blocked_address``,
-    ``too_many_redirects``, ``http_error``, ``request_failed``, ``not_html``, ``too_large``,
-    ``no_content``, ``extraction_failed``.
+    ``too_many_redirects``, ``http_error``, ``not_html``, ``too_large``, ``no_content``,
+    ``extraction_failed`` (permanent); ``request_failed``, ``timeout`` and ``http_error`` 408,
+    429 and 5xx (retryable), the fetch tried again by the retry policy first.
     """
     backend = _CheckedBackend(
         allow_private=settings.allow_private_urls,
@@ -290,22 +292,24 @@ async def fetch_article(
         trusted=frozenset(ipaddress.ip_address(address) for address in trusted_addresses),
     )
     deadline = settings.article_timeout_seconds
-    try:
-        async with asyncio.timeout(deadline):
-            page = await _fetch_page(url, settings, backend, progress)
-    except TimeoutError:
-        raise IngestFailure(
-            "request_failed",
-            f"Fetching {url} took longer than {deadline:g} s",
-            retryable=True,
-            details={"url": url},
-        ) from None
+
+    async def fetch_once() -> _Page:
+        try:
+            async with asyncio.timeout(deadline):
+                return await _fetch_page(url, settings, backend, progress)
+        except TimeoutError as exc:
+            raise describe_failure(
+                exc, "article", settings, {"url": url}, timeout_seconds=deadline
+            ) from None
+
+    page = await with_retries(fetch_once, settings, on_retry=on_retry, sleep=sleep)
     try:
         extracted = await asyncio.wait_for(asyncio.to_thread(_extract, page), deadline)
     except TimeoutError:
+        # The same HTML would take as long again: not worth a retry.
         raise IngestFailure(
             "extraction_failed",
-            f"Extracting the text of {page.url} took longer than {deadline:g} s",
+            f"Extracting the text of {page.url} took longer than {deadline:g} s.",
             retryable=False,
             details={"url": page.url},
         ) from None
@@ -343,24 +347,14 @@ async def _fetch_page(
                         return await _read_page(response, settings.max_article_bytes)
                     status = response.status_code
                     target = _redirect_target(response.url, location)
-            except httpx.TimeoutException:
-                raise IngestFailure(
-                    "request_failed",
-                    f"Fetching {current} timed out",
-                    retryable=True,
-                    details={"url": str(current)},
-                ) from None
             except httpx.HTTPError as exc:
-                raise IngestFailure(
-                    "request_failed",
-                    f"Fetching {current} failed: {exc or type(exc).__name__}",
-                    retryable=True,
-                    details={"url": str(current)},
+                raise describe_failure(
+                    exc, "article", settings, {"url": str(current)}, site=current.host
                 ) from None
             if hop == MAX_REDIRECTS:
                 raise IngestFailure(
                     "too_many_redirects",
-                    f"{url} redirects more than {MAX_REDIRECTS} times",
+                    f"{url} redirects more than {MAX_REDIRECTS} times.",
                     retryable=False,
                     details={"url": url, "last_url": str(current)},
                 )
@@ -379,19 +373,25 @@ def _checked_url(url: str | httpx.URL) -> httpx.URL:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as exc:
         raise IngestFailure(
-            "unsupported_url", f"Cannot parse URL {str(url)!r}: {exc}", retryable=False
+            "unsupported_url",
+            f"{str(url)!r} is not a URL that can be parsed.",
+            retryable=False,
+            details={"url": str(url), "error": f"{type(exc).__name__}: {exc}"},
         ) from None
     if parsed.scheme not in ("http", "https"):
+        scheme = f"{parsed.scheme}:" if parsed.scheme else "no scheme"
         raise IngestFailure(
             "unsupported_url",
-            f"Only http:// and https:// URLs can be fetched, not {parsed.scheme or 'no'} scheme: "
-            f"{url}",
+            f"Only http:// and https:// URLs can be fetched, not {scheme} ({str(url)!r}).",
             retryable=False,
             details={"url": str(url)},
         )
     if not parsed.host:
         raise IngestFailure(
-            "unsupported_url", f"URL has no host: {url}", retryable=False, details={"url": str(url)}
+            "unsupported_url",
+            f"The URL {str(url)!r} has no host.",
+            retryable=False,
+            details={"url": str(url)},
         )
     return parsed.copy_with(fragment=None)
 
@@ -402,9 +402,9 @@ def _redirect_target(base: httpx.URL, location: str) -> httpx.URL:
     except httpx.InvalidURL as exc:
         raise IngestFailure(
             "unsupported_url",
-            f"{base} redirects to an unparsable location {location!r}: {exc}",
+            f"{base} redirects to {location!r}, which is not a URL that can be parsed.",
             retryable=False,
-            details={"url": str(base)},
+            details={"url": str(base), "error": f"{type(exc).__name__}: {exc}"},
         ) from None
     return _checked_url(joined)
 
@@ -415,14 +415,14 @@ async def _read_page(response: httpx.Response, limit: int) -> _Page:
     if status >= 400:
         raise IngestFailure(
             "http_error",
-            f"{url} answered HTTP {status} {response.reason_phrase}".rstrip(),
+            f"{url} answered HTTP {status} {response.reason_phrase}".rstrip() + ".",
             retryable=status >= 500 or status in (408, 429),
             details={"url": url, "status": status},
         )
     if not 200 <= status < 300:
         raise IngestFailure(
             "http_error",
-            f"{url} answered HTTP {status} {response.reason_phrase}".rstrip(),
+            f"{url} answered HTTP {status} {response.reason_phrase}".rstrip() + ".",
             retryable=False,
             details={"url": url, "status": status},
         )
@@ -431,7 +431,7 @@ async def _read_page(response: httpx.Response, limit: int) -> _Page:
     if media_type not in _HTML_TYPES:
         raise IngestFailure(
             "not_html",
-            f"{url} is {media_type or 'of no declared type'}, not an HTML page",
+            f"{url} is {media_type or 'of no declared type'}, not an HTML page.",
             retryable=False,
             details={"url": url, "content_type": content_type},
         )
@@ -455,7 +455,8 @@ def _too_large(url: str, limit: int, size: int | None) -> IngestFailure:
     return IngestFailure(
         "too_large",
         f"{url} is larger than {limit:,} bytes"
-        + (f" ({size:,} bytes declared)" if size is not None else ""),
+        + (f" ({size:,} bytes declared)" if size is not None else "")
+        + ".",
         retryable=False,
         details={"url": url, "max_bytes": limit},
     )
@@ -486,15 +487,15 @@ def _extract(page: _Page) -> _Extracted:
     except Exception as exc:  # trafilatura and lxml raise many kinds on hostile HTML
         raise IngestFailure(
             "extraction_failed",
-            f"Extracting the text of {page.url} failed: {exc}",
+            f"Could not extract the text of {page.url}.",
             retryable=False,
-            details={"url": page.url},
+            details={"url": page.url, "error": f"{type(exc).__name__}: {exc}"},
         ) from exc
     text = document.text.strip() if isinstance(document, Document) and document.text else ""
     if not isinstance(document, Document) or not text:
         raise IngestFailure(
             "no_content",
-            f"No article text found at {page.url}",
+            f"The page {page.url} has no article text.",
             retryable=False,
             details={"url": page.url},
         )

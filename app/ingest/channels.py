@@ -26,7 +26,9 @@ left out: they have nothing to transcribe yet.
 
 All HTTP (yt-dlp's and the feed's) goes through ``requests`` with the configured proxy and
 timeouts, in a worker thread. A listing that outlives ``channel_timeout_seconds`` is abandoned
-(the thread ends on its own, bounded by the socket timeouts).
+(the thread ends on its own, bounded by the socket timeouts). A listing that fails in a
+retryable way (YouTube unreachable, slow or blocking) is tried again, yt-dlp first, by the
+retry policy of :mod:`app.ingest.failures`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import logging
 import re
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, Literal
 from urllib.parse import quote, unquote, urlsplit
 
@@ -46,7 +48,8 @@ import msgspec
 import requests
 import yt_dlp
 
-from app.ingest.model import ChannelLimit, IngestFailure, Progress
+from app.ingest.failures import describe_failure, proxy_hint, with_retries
+from app.ingest.model import ChannelLimit, IngestFailure, Progress, RetryNotice
 from app.settings import IngestSettings
 
 __all__ = [
@@ -154,15 +157,33 @@ async def list_channel(
     *,
     today: datetime.date | None = None,
     progress: Progress | None = None,
+    on_retry: RetryNotice | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> ChannelListing:
     """List the videos of the channel at ``url``, newest first, as ``limit`` says.
 
     ``today`` (default: the UTC date) anchors the ``month``/``year`` windows. Raises
-    :class:`IngestFailure`: ``unsupported_url``, ``channel_not_found`` (permanent),
-    ``blocked`` and ``request_failed`` (retryable). A channel without videos is not an error.
+    :class:`IngestFailure`: ``unsupported_url``, ``channel_not_found`` (permanent);
+    ``blocked``, ``request_failed`` and ``timeout`` (retryable) after
+    ``settings.retry_attempts`` attempts in all. A channel without videos is not an error.
     """
     target = _parse_channel_url(url)
-    today = today or datetime.datetime.now(datetime.UTC).date()
+    day = today or datetime.datetime.now(datetime.UTC).date()
+    return await with_retries(
+        lambda: _list_once(target, limit, settings, day, progress),
+        settings,
+        on_retry=on_retry,
+        sleep=sleep,
+    )
+
+
+async def _list_once(
+    target: _Target,
+    limit: ChannelLimit,
+    settings: IngestSettings,
+    today: datetime.date,
+    progress: Progress | None,
+) -> ChannelListing:
     deadline = settings.channel_timeout_seconds
 
     draft: _Draft | None = None
@@ -228,7 +249,9 @@ def _parse_channel_url(url: str) -> _Target:
     try:
         parts = urlsplit(url.strip())
     except ValueError as exc:
-        raise _unsupported(url, str(exc)) from None
+        failure = _unsupported(url, "it cannot be parsed")
+        failure.details["error"] = f"{type(exc).__name__}: {exc}"
+        raise failure from None
     host = (parts.hostname or "").rstrip(".").lower()
     if parts.scheme.lower() not in ("http", "https") or host not in _YOUTUBE_HOSTS:
         raise _unsupported(url, "not a youtube.com address")
@@ -247,7 +270,7 @@ def _parse_channel_url(url: str) -> _Target:
 def _unsupported(url: str, why: str) -> IngestFailure:
     return IngestFailure(
         "unsupported_url",
-        f"Not a YouTube channel URL ({why}): {url}",
+        f"{url!r} is not a YouTube channel URL ({why}).",
         retryable=False,
         details={"url": url},
     )
@@ -377,12 +400,9 @@ async def _read_feed_with_deadline(
         return await asyncio.wait_for(
             asyncio.to_thread(_read_feed, target, channel_id, settings), deadline
         )
-    except TimeoutError:
-        raise IngestFailure(
-            "request_failed",
-            f"Reading the RSS feed of {target.page_url} took longer than {deadline:g} s",
-            retryable=True,
-            details={"url": target.page_url},
+    except TimeoutError as exc:
+        raise describe_failure(
+            exc, "channel", settings, {"url": target.page_url}, timeout_seconds=deadline
         ) from None
 
 
@@ -397,31 +417,26 @@ def _read_feed(target: _Target, channel_id: str | None, settings: IngestSettings
                 "http": settings.youtube_proxy_url,
                 "https": settings.youtube_proxy_url,
             }
-        timeout = settings.http_timeout_seconds
         if channel_id is None:
-            page = _get(session, target.page_url, timeout)
+            page = _get(session, target.page_url, settings)
             channel_id = _channel_id_from_page(page.text)
             if channel_id is None:
                 raise IngestFailure(
                     "channel_not_found",
-                    f"No channel id found on {target.page_url}",
+                    f"The page {target.page_url} does not say which channel it is.",
                     retryable=False,
                     details={"url": target.page_url},
                 )
-        feed = _get(session, channel_feed_url(channel_id), timeout)
-        return _parse_feed(feed.content, channel_id)
+        feed = _get(session, channel_feed_url(channel_id), settings)
+        return _parse_feed(feed.content, channel_id, settings)
 
 
-def _get(session: requests.Session, url: str, timeout: float) -> requests.Response:
+def _get(session: requests.Session, url: str, settings: IngestSettings) -> requests.Response:
+    timeout = settings.http_timeout_seconds
     try:
         response = session.get(url, timeout=(timeout, timeout))
     except requests.RequestException as exc:
-        raise IngestFailure(
-            "request_failed",
-            f"Fetching {url} failed: {_describe(exc)}",
-            retryable=True,
-            details={"url": url},
-        ) from None
+        raise describe_failure(exc, "channel", settings, {"url": url}) from None
     status = response.status_code
     if status < 400:
         return response
@@ -429,20 +444,20 @@ def _get(session: requests.Session, url: str, timeout: float) -> requests.Respon
     if status in (404, 410):
         raise IngestFailure(
             "channel_not_found",
-            f"YouTube has no channel at {url}",
+            f"YouTube has no channel at {url!r} (HTTP {status}).",
             retryable=False,
             details=details,
         )
     if status in (403, 429):
         raise IngestFailure(
             "blocked",
-            f"YouTube refused the request (HTTP {status}): {url}",
+            f"YouTube refused the request (HTTP {status}). {proxy_hint(settings)}",
             retryable=True,
             details=details,
         )
     raise IngestFailure(
         "request_failed",
-        f"YouTube answered HTTP {status}: {url}",
+        f"A request to YouTube failed: YouTube answered HTTP {status}.",
         retryable=status >= 500,
         details=details,
     )
@@ -456,17 +471,12 @@ def _channel_id_from_page(html: str) -> str | None:
     return None
 
 
-def _parse_feed(content: bytes, channel_id: str) -> _Draft:
+def _parse_feed(content: bytes, channel_id: str, settings: IngestSettings) -> _Draft:
     try:
         # YouTube's own feed; expat refuses entity-expansion bombs by itself.
         root = ElementTree.fromstring(content)
     except ElementTree.ParseError as exc:
-        raise IngestFailure(
-            "request_failed",
-            f"The RSS feed of channel {channel_id} is not readable XML: {exc}",
-            retryable=True,
-            details={"channel_id": channel_id},
-        ) from None
+        raise describe_failure(exc, "channel", settings, {"channel_id": channel_id}) from None
     name = root.findtext("atom:title", namespaces=_ATOM) or root.findtext(
         "atom:author/atom:name", namespaces=_ATOM
     )
@@ -518,7 +528,7 @@ def _listing(
     if channel_id is None:
         raise IngestFailure(
             "channel_not_found",
-            f"Could not tell which channel {target.page_url} is",
+            f"Could not tell which channel {target.page_url} is.",
             retryable=False,
             details={"url": target.page_url},
         )

@@ -12,6 +12,7 @@ __all__ = [
     "IngestFailure",
     "IngestType",
     "Progress",
+    "RetryNotice",
 ]
 
 IngestType = Literal["video", "channel", "article"]
@@ -44,6 +45,10 @@ class IngestFailure(Exception):
 
     def as_details(self) -> dict[str, Any]:
         return {**self.details, "error_kind": self.kind, "retryable": self.retryable}
+
+
+#: ``await on_retry(next_attempt, attempts, delay_seconds, failure)``, called before the wait.
+RetryNotice = Callable[[int, int, float, IngestFailure], Awaitable[None]]
 
 
 class Snippet(msgspec.Struct, frozen=True):

@@ -15,7 +15,7 @@ from app.content import Archive, ContentStore, article_key
 from app.eventlog.envelope import utc_now
 from app.ingest.articles import fetch_article
 from app.ingest.channels import list_channel
-from app.ingest.model import ChannelLimit, IngestFailure
+from app.ingest.model import ChannelLimit, IngestFailure, IngestType, RetryNotice
 from app.ingest.service import IngestRun, IngestService, child_ingest_id
 from app.ingest.urls import detect_url
 from app.ingest.youtube import fetch_metadata, fetch_transcript
@@ -63,6 +63,28 @@ def _complete(kind: str, status: str, message: str, details: dict[str, Any]) -> 
     return {"type": kind, "status": status, "message": message, "details": details}
 
 
+def _announce_retries(run: IngestRun, step: str) -> RetryNotice:
+    """A retry notice that reports each retry of ``step`` as a ``progress`` event of it."""
+
+    async def announce(attempt: int, attempts: int, delay: float, failure: IngestFailure) -> None:
+        said = failure.message.rstrip()
+        if not said.endswith((".", "!", "?", "…")):
+            said += "."
+        await run.progress(
+            step,
+            f"{said} Retrying in {delay:g} s (attempt {attempt}/{attempts}).",
+            {
+                "retrying": True,
+                "attempt": attempt,
+                "attempts": attempts,
+                "delay_seconds": delay,
+                "error_kind": failure.kind,
+            },
+        )
+
+    return announce
+
+
 @dataclass(frozen=True)
 class IngestPipeline:
     settings: IngestSettings
@@ -82,7 +104,7 @@ class IngestPipeline:
         await run.progress("extracting_id", "Extracting video ID...")
         video_id = detect_url(run.state["url"]).video_id
         if video_id is None:
-            raise IngestFailure("invalid_video_id", "No video ID in the URL", retryable=False)
+            raise IngestFailure("invalid_video_id", "No video ID in the URL.", retryable=False)
         await run.progress("extracted_id", f"Video ID: {video_id}", {"video_id": video_id})
 
         await run.progress("checking_cache", "Checking if already processed...")
@@ -97,24 +119,10 @@ class IngestPipeline:
 
         await run.progress("fetching_transcript", "Fetching transcript...")
         metadata = asyncio.create_task(fetch_metadata(video_id, self.settings))
-
-        async def on_retry(
-            attempt: int, attempts: int, delay: float, failure: IngestFailure
-        ) -> None:
-            await run.progress(
-                "fetching_transcript",
-                f"{failure.message}; retrying in {delay:.0f} s, attempt {attempt}/{attempts}",
-                {
-                    "retrying": True,
-                    "attempt": attempt,
-                    "attempts": attempts,
-                    "delay_seconds": delay,
-                    "error_kind": failure.kind,
-                },
-            )
-
         try:
-            transcript = await fetch_transcript(video_id, self.settings, on_retry=on_retry)
+            transcript = await fetch_transcript(
+                video_id, self.settings, on_retry=_announce_retries(run, "fetching_transcript")
+            )
         except BaseException:
             metadata.cancel()
             raise
@@ -151,8 +159,8 @@ class IngestPipeline:
         )
         await run.progress("archived", "Transcript archived", {"path": str(path)})
 
-        await run.progress("storing", "Storing in database...")
-        await self.content.put(
+        return await self._store(
+            run,
             "video",
             video_id,
             {
@@ -160,23 +168,15 @@ class IngestPipeline:
                 "transcript": text,
                 "transcript_length": len(text),
                 "archive_path": str(path),
-                "ingest_id": run.ingest_id,
-                "ingested_at": utc_now(),
             },
-        )
-        await run.progress("stored", "Stored in database", {"record": f"video:{video_id}"})
-        return _complete(
-            "video",
-            "success",
-            f"Ingested {record['title'] or video_id}",
-            {
+            message=f"Ingested {record['title'] or video_id}",
+            details={
                 "video_id": video_id,
                 "title": record["title"],
                 "channel": record["channel"],
                 "transcript_length": len(text),
                 "language": transcript.language_code,
                 "archive_path": str(path),
-                "record": f"video:{video_id}",
             },
         )
 
@@ -194,7 +194,12 @@ class IngestPipeline:
             )
 
         await run.progress("fetching", f"Fetching {url}...")
-        article = await fetch_article(url, self.settings, progress=run.progress)
+        article = await fetch_article(
+            url,
+            self.settings,
+            progress=run.progress,
+            on_retry=_announce_retries(run, "fetching"),
+        )
         await run.progress(
             "fetched",
             f"Fetched {len(article.html):,} chars of HTML",
@@ -217,8 +222,8 @@ class IngestPipeline:
             {"path": str(html_path), "text_path": str(text_path)},
         )
 
-        await run.progress("storing", "Storing in database...")
-        await self.content.put(
+        return await self._store(
+            run,
             "article",
             key,
             {
@@ -232,16 +237,9 @@ class IngestPipeline:
                 "text_length": len(article.text),
                 "archive_path": str(html_path),
                 "text_path": str(text_path),
-                "ingest_id": run.ingest_id,
-                "ingested_at": utc_now(),
             },
-        )
-        await run.progress("stored", "Stored in database", {"record": f"article:{key}"})
-        return _complete(
-            "article",
-            "success",
-            f"Ingested {article.title or article.url}",
-            {
+            message=f"Ingested {article.title or article.url}",
+            details={
                 "url": url,
                 "title": article.title,
                 "author": article.author,
@@ -249,7 +247,6 @@ class IngestPipeline:
                 "language": article.language,
                 "text_length": len(article.text),
                 "archive_path": str(html_path),
-                "record": f"article:{key}",
             },
         )
 
@@ -258,7 +255,9 @@ class IngestPipeline:
         limit: ChannelLimit = run.state.get("channel_limit") or "all"
         await run.progress("resolving_channel", f"Resolving channel {url}...")
         await run.progress("listing_videos", f"Listing videos (limit: {limit})...")
-        listing = await list_channel(url, limit, self.settings)
+        listing = await list_channel(
+            url, limit, self.settings, on_retry=_announce_retries(run, "listing_videos")
+        )
         count = len(listing.videos)
         await run.progress(
             "listed_videos",
@@ -280,8 +279,8 @@ class IngestPipeline:
             )
             ingest_ids.append(child)
         await run.progress("queued_videos", f"Queued {count:,} videos", {"ingest_ids": ingest_ids})
-        await run.progress("storing", "Storing in database...")
-        await self.content.put(
+        return await self._store(
+            run,
             "channel",
             listing.channel_id,
             {
@@ -293,23 +292,35 @@ class IngestPipeline:
                     {"video_id": v.video_id, "title": v.title, "published": v.published}
                     for v in listing.videos
                 ],
-                "ingest_id": run.ingest_id,
-                "ingested_at": utc_now(),
             },
-        )
-        await run.progress(
-            "stored", "Stored in database", {"record": f"channel:{listing.channel_id}"}
-        )
-        return _complete(
-            "channel",
-            "queued",
-            f"Queued {count:,} videos from {listing.channel_name}",
-            {
+            status="queued",
+            message=f"Queued {count:,} videos from {listing.channel_name}",
+            details={
                 "channel_id": listing.channel_id,
                 "channel_name": listing.channel_name,
                 "video_count": count,
                 "ingest_ids": ingest_ids,
                 "source": listing.source,
-                "record": f"channel:{listing.channel_id}",
             },
         )
+
+    async def _store(
+        self,
+        run: IngestRun,
+        kind: IngestType,
+        key: str,
+        record: dict[str, Any],
+        *,
+        status: str = "success",
+        message: str,
+        details: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The last steps of every type: store ``record`` as ``kind:key``, then the ``complete``
+        payload, whose details name the stored record."""
+        await run.progress("storing", "Storing in database...")
+        await self.content.put(
+            kind, key, {**record, "ingest_id": run.ingest_id, "ingested_at": utc_now()}
+        )
+        stored = f"{kind}:{key}"
+        await run.progress("stored", "Stored in database", {"record": stored})
+        return _complete(kind, status, message, {**details, "record": stored})

@@ -2,8 +2,8 @@
 
 The library is blocking and sets no timeouts of its own, so every call runs in a thread, on a
 session that puts a timeout on each request, under an overall timeout per attempt. Its
-exceptions become :class:`IngestFailure` with a stable ``kind`` and a message a user can read;
-the retryable ones (blocked, failed request, timeout) are retried with exponential backoff.
+exceptions become :class:`IngestFailure` through the table in :mod:`app.ingest.failures`; the
+retryable ones (blocked, failed request, timeout) are retried by its retry policy.
 """
 
 from __future__ import annotations
@@ -12,32 +12,17 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
-from xml.etree.ElementTree import ParseError
 
 import msgspec
 import requests
-from youtube_transcript_api import (
-    AgeRestricted,
-    CouldNotRetrieveTranscript,
-    FailedToCreateConsentCookie,
-    InvalidVideoId,
-    IpBlocked,
-    PoTokenRequired,
-    RequestBlocked,
-    TranscriptsDisabled,
-    VideoUnavailable,
-    VideoUnplayable,
-    YouTubeDataUnparsable,
-    YouTubeRequestFailed,
-    YouTubeTranscriptApi,
-)
 from youtube_transcript_api import Transcript as TranscriptTrack
+from youtube_transcript_api import YouTubeTranscriptApi
 
-from app.ingest.model import IngestFailure, Snippet
+from app.ingest.failures import describe_failure, with_retries
+from app.ingest.model import IngestFailure, RetryNotice, Snippet
 from app.settings import IngestSettings
 
 __all__ = [
-    "RetryNotice",
     "Transcript",
     "VideoMeta",
     "build_session",
@@ -56,10 +41,6 @@ USER_AGENT = (
 ACCEPT_LANGUAGE = "en-US,en;q=0.9"
 
 _VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{11}")
-_HTTP_STATUS = re.compile(r"\b([1-5]\d\d)\b")
-
-#: ``await on_retry(next_attempt, attempts, delay_seconds, failure)``, called before the wait.
-RetryNotice = Callable[[int, int, float, IngestFailure], Awaitable[None]]
 
 
 class Transcript(msgspec.Struct, frozen=True):
@@ -170,21 +151,12 @@ async def fetch_transcript(
             retryable=False,
             details={"video_id": video_id},
         )
-    attempts = max(1, settings.retry_attempts)
-    for attempt in range(1, attempts + 1):
-        try:
-            return await _fetch_once(video_id, settings, session)
-        except IngestFailure as failure:
-            if not failure.retryable:
-                raise
-            if attempt == attempts:
-                failure.details["attempts"] = attempts
-                raise
-            delay = settings.retry_base_seconds * 2 ** (attempt - 1)
-            if on_retry is not None:
-                await on_retry(attempt + 1, attempts, delay, failure)
-            await sleep(delay)
-    raise AssertionError("unreachable: the last attempt returns or raises")
+    return await with_retries(
+        lambda: _fetch_once(video_id, settings, session),
+        settings,
+        on_retry=on_retry,
+        sleep=sleep,
+    )
 
 
 async def _fetch_once(
@@ -195,13 +167,10 @@ async def _fetch_once(
         return await asyncio.wait_for(
             asyncio.to_thread(_fetch_blocking, video_id, settings, session), timeout=timeout
         )
-    except TimeoutError:
+    except TimeoutError as exc:
         # The thread cannot be stopped; it ends on its own within the per-request timeouts.
-        raise IngestFailure(
-            "timeout",
-            f"Fetching the transcript from YouTube took longer than {timeout:g} s.",
-            retryable=True,
-            details={"video_id": video_id, "timeout_seconds": timeout},
+        raise describe_failure(
+            exc, "video", settings, {"video_id": video_id}, timeout_seconds=timeout
         ) from None
 
 
@@ -215,7 +184,7 @@ def _fetch_blocking(
         try:
             tracks = list(YouTubeTranscriptApi(http_client=client).list(video_id))
         except Exception as exc:
-            raise _describe_failure(exc, video_id, settings) from exc
+            raise describe_failure(exc, "video", settings, {"video_id": video_id}) from exc
         track = _choose_track(tracks, settings.transcript_languages)
         if track is None:
             raise IngestFailure(
@@ -227,7 +196,7 @@ def _fetch_blocking(
         try:
             fetched = track.fetch()
         except Exception as exc:
-            raise _describe_failure(exc, video_id, settings) from exc
+            raise describe_failure(exc, "video", settings, {"video_id": video_id}) from exc
     finally:
         if session is None:
             client.close()
@@ -260,158 +229,3 @@ def _choose_track(
     if manual:
         return manual[0]
     return generated[0] if generated else None
-
-
-_PROXY_HINT = (
-    "YouTube blocks most IP addresses of cloud providers (AWS, Google Cloud, Azure, …); "
-    "set YOUTUBE_PROXY_URL to send YouTube requests through a proxy, ideally a residential one."
-)
-_PROXY_IN_USE_HINT = (
-    "YouTube blocks this even through the proxy in YOUTUBE_PROXY_URL; proxies on cloud "
-    "provider IP addresses are blocked as well, a rotating residential proxy works best."
-)
-
-
-def _describe_failure(exc: Exception, video_id: str, settings: IngestSettings) -> IngestFailure:
-    """Turn an exception from the library or from requests into a failure a user can read;
-    anything else is a bug and is re-raised as it is."""
-    details: dict[str, Any] = {"video_id": video_id}
-    hint = _PROXY_IN_USE_HINT if settings.youtube_proxy_url else _PROXY_HINT
-    if isinstance(exc, TranscriptsDisabled):
-        return IngestFailure(
-            "transcripts_disabled",
-            "Subtitles are turned off for this video, so it has no transcript.",
-            retryable=False,
-            details=details,
-        )
-    if isinstance(exc, AgeRestricted):
-        return IngestFailure(
-            "age_restricted",
-            "This video is age-restricted: YouTube only shows its transcript to signed-in users.",
-            retryable=False,
-            details=details,
-        )
-    if isinstance(exc, InvalidVideoId):
-        return IngestFailure(
-            "invalid_video_id",
-            f"{video_id!r} is not a YouTube video id.",
-            retryable=False,
-            details=details,
-        )
-    if isinstance(exc, VideoUnavailable):
-        return IngestFailure(
-            "video_unavailable",
-            "This video is unavailable: it was removed, or never existed.",
-            retryable=False,
-            details=details,
-        )
-    if isinstance(exc, VideoUnplayable):
-        reason = exc.reason or "no reason given"
-        sub_reasons = [part.strip() for part in exc.sub_reasons if part.strip()]
-        message = f"YouTube will not play this video: {reason.rstrip('.')}."
-        if sub_reasons:
-            message += " " + " ".join(sub_reasons)
-        return IngestFailure(
-            "video_unplayable",
-            message,
-            retryable=False,
-            details={**details, "reason": exc.reason, "sub_reasons": sub_reasons},
-        )
-    # IpBlocked is a RequestBlocked: test it first.
-    if isinstance(exc, IpBlocked):
-        return IngestFailure(
-            "ip_blocked",
-            f"YouTube is blocking requests from this server's IP address. {hint}",
-            retryable=True,
-            details=details,
-        )
-    if isinstance(exc, RequestBlocked):
-        return IngestFailure(
-            "request_blocked",
-            f"YouTube refused the request and asked to confirm it is not a bot. {hint}",
-            retryable=True,
-            details=details,
-        )
-    if isinstance(exc, FailedToCreateConsentCookie):
-        return IngestFailure(
-            "request_blocked",
-            "YouTube showed a cookie consent page that could not be accepted automatically "
-            "(this happens for EU IP addresses; a proxy elsewhere in YOUTUBE_PROXY_URL avoids it).",
-            retryable=True,
-            details=details,
-        )
-    if isinstance(exc, PoTokenRequired):
-        # YouTube assigns this experiment per session; a fresh session may not get it.
-        return IngestFailure(
-            "po_token_required",
-            "YouTube asked for a proof-of-origin token for this transcript, "
-            "which this service cannot provide.",
-            retryable=True,
-            details=details,
-        )
-    if isinstance(exc, YouTubeRequestFailed):
-        match = _HTTP_STATUS.search(exc.reason)
-        status = int(match.group(1)) if match else None
-        if status is not None:
-            details["http_status"] = status
-        answered = f"HTTP {status}" if status is not None else exc.reason
-        return IngestFailure(
-            "request_failed",
-            f"A request to YouTube failed: YouTube answered {answered}.",
-            retryable=True,
-            details=details,
-        )
-    if isinstance(exc, requests.Timeout):
-        return IngestFailure(
-            "timeout",
-            f"YouTube did not answer within {settings.http_timeout_seconds:g} s.",
-            retryable=True,
-            details={**details, "timeout_seconds": settings.http_timeout_seconds},
-        )
-    if isinstance(exc, requests.exceptions.ProxyError):
-        return IngestFailure(
-            "request_failed",
-            "Could not connect to YouTube through the proxy in YOUTUBE_PROXY_URL.",
-            retryable=True,
-            details={**details, "error": _redact(str(exc), settings)},
-        )
-    if isinstance(exc, requests.ConnectionError):
-        return IngestFailure(
-            "request_failed",
-            "Could not connect to YouTube (network error).",
-            retryable=True,
-            details={**details, "error": _redact(str(exc), settings)},
-        )
-    if isinstance(
-        exc,
-        YouTubeDataUnparsable
-        | requests.RequestException
-        | ParseError
-        | KeyError
-        | IndexError
-        | TypeError
-        | AttributeError
-        | ValueError,
-    ):
-        # Data in a shape the library cannot read (page, JSON, XML): usually a one-off error
-        # page; these only come from inside the library calls.
-        return IngestFailure(
-            "request_failed",
-            "YouTube sent a response that could not be read.",
-            retryable=True,
-            details={**details, "error": _redact(f"{type(exc).__name__}: {exc}", settings)},
-        )
-    if isinstance(exc, CouldNotRetrieveTranscript):
-        return IngestFailure(
-            "request_failed",
-            f"Could not fetch the transcript: {exc.cause.strip().splitlines()[0]}",
-            retryable=True,
-            details=details,
-        )
-    raise exc
-
-
-def _redact(text: str, settings: IngestSettings) -> str:
-    # Failure details are stored in the event log; the proxy URL may hold a password.
-    proxy = settings.youtube_proxy_url
-    return text.replace(proxy, "<YOUTUBE_PROXY_URL>") if proxy else text

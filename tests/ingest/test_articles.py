@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -34,6 +34,9 @@ class PageServer:
 
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
+        # Per path, what its next requests meet before the route answers, one entry each:
+        # "hang up" closes the connection unanswered, a number stalls the answer that long.
+        self.troubles: dict[str, list[Literal["hang up"] | float]] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -76,6 +79,11 @@ class PageServer:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         self.requests.append((target, headers))
+        trouble = self.troubles[target].pop(0) if self.troubles.get(target) else None
+        if isinstance(trouble, str):  # "hang up"
+            return
+        if trouble is not None:
+            await asyncio.sleep(trouble)
         route = self.routes.get(target) or Route(404, body=b"<html><h1>Not found</h1></html>")
         reason = {200: "OK", 301: "Moved Permanently", 302: "Found", 404: "Not Found"}
         out = [f"HTTP/1.1 {route.status} {reason.get(route.status, 'Status')}"]
@@ -107,12 +115,20 @@ async def server() -> AsyncIterator[PageServer]:
         await pages.stop()
 
 
-def settings(*, allow_private: bool = True, max_bytes: int = 10 * 1024 * 1024) -> IngestSettings:
+def settings(
+    *,
+    allow_private: bool = True,
+    max_bytes: int = 10 * 1024 * 1024,
+    http_timeout: float = 5.0,
+    article_timeout: float = 10.0,
+) -> IngestSettings:
     return IngestSettings(
         allow_private_urls=allow_private,
-        http_timeout_seconds=5.0,
-        article_timeout_seconds=10.0,
+        http_timeout_seconds=http_timeout,
+        article_timeout_seconds=article_timeout,
         max_article_bytes=max_bytes,
+        retry_attempts=3,
+        retry_base_seconds=0.01,
     )
 
 
@@ -284,6 +300,8 @@ async def test_maps_http_errors(server: PageServer, status: int, retryable: bool
     assert failure.retryable is retryable
     assert failure.details["status"] == status
     assert f"HTTP {status}" in failure.message
+    # A status that may pass is asked again, as often as the settings allow.
+    assert len(server.requests) == (3 if retryable else 1)
 
 
 async def test_a_server_that_is_gone_is_a_retryable_request_failure(server: PageServer) -> None:
@@ -294,6 +312,55 @@ async def test_a_server_that_is_gone_is_a_retryable_request_failure(server: Page
 
     assert failure.kind == "request_failed"
     assert failure.retryable
+
+
+async def test_a_site_that_cannot_be_reached_is_named_in_a_sentence(server: PageServer) -> None:
+    url = server.url("/anything")
+    await server.stop()
+
+    failure = await failure_of(fetch_article(url, settings()))
+
+    assert failure.message == "Could not connect to 127.0.0.1 (network error)."
+    # httpx's own words are kept for whoever debugs it, not shown as the message.
+    assert failure.details["error"].startswith("ConnectError: ")
+    assert failure.details["attempts"] == 3
+    assert failure.as_details()["retryable"] is True
+
+
+async def test_a_connection_that_breaks_is_tried_again(server: PageServer) -> None:
+    server.routes["/fog"] = Route(body=ARTICLE_HTML)
+    server.troubles["/fog"] = ["hang up"]
+
+    article = await fetch_article(server.url("/fog"), settings())
+
+    assert article.title == "How Lighthouse Keepers Listened to the Fog"
+    assert [target for target, _ in server.requests] == ["/fog", "/fog"]
+
+
+@pytest.mark.parametrize(
+    ("http_timeout", "article_timeout", "message"),
+    [
+        # One request that gets no answer within the per-request timeout.
+        (0.2, 10.0, "127.0.0.1 did not answer within 0.2 s."),
+        # A whole fetch that outlives its deadline.
+        (5.0, 0.2, "Fetching {url} took longer than 0.2 s."),
+    ],
+)
+async def test_a_fetch_that_times_out_is_a_timeout_and_tried_again(
+    server: PageServer, http_timeout: float, article_timeout: float, message: str
+) -> None:
+    server.routes["/fog"] = Route(body=ARTICLE_HTML)
+    server.troubles["/fog"] = [0.6, 0.6, 0.6]
+    url = server.url("/fog")
+
+    failure = await failure_of(
+        fetch_article(url, settings(http_timeout=http_timeout, article_timeout=article_timeout))
+    )
+
+    assert (failure.kind, failure.retryable) == ("timeout", True)
+    assert failure.message == message.format(url=url)
+    assert failure.details["attempts"] == 3
+    assert len(server.requests) == 3
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,14 @@ NEWEST_FIRST = [
     "Bw1nH8uGk3I",
     "Pd5sV2yJc9Z",
 ]
+CHANNEL_PAGE = "https://www.youtube.com/@hollowpine"
+# What requests says when the name www.youtube.com does not resolve (DNS down).
+UNREACHABLE = (
+    "HTTPSConnectionPool(host='www.youtube.com', port=443): Max retries exceeded with url: "
+    '/@hollowpine (Caused by NameResolutionError("<urllib3.connection.HTTPSConnection object '
+    "at 0x7f3a2c1e5d10>: Failed to resolve 'www.youtube.com' ([Errno -3] Temporary failure in "
+    'name resolution)"))'
+)
 NOT_FOUND_JSON = {
     "error": {
         "code": 404,
@@ -62,7 +70,13 @@ def youtube() -> Iterator[responses.RequestsMock]:
 
 def settings(**overrides: Any) -> IngestSettings:
     return IngestSettings(
-        **{"http_timeout_seconds": 5.0, "channel_timeout_seconds": 30.0, **overrides}
+        **{
+            "http_timeout_seconds": 5.0,
+            "channel_timeout_seconds": 30.0,
+            "retry_attempts": 3,
+            "retry_base_seconds": 0.01,
+            **overrides,
+        }
     )
 
 
@@ -481,3 +495,84 @@ async def test_an_unreachable_youtube_is_a_retryable_request_failure(
 
     assert failure.kind == "request_failed"
     assert failure.retryable
+
+
+def unreachable(request: Any) -> Any:
+    raise requests.ConnectionError(UNREACHABLE)
+
+
+def youtube_unreachable_for_ytdlp(youtube: responses.RequestsMock) -> None:
+    """yt-dlp cannot reach the videos tab, on every attempt: each listing ends in the feed."""
+    youtube.add_callback(responses.GET, VIDEOS_URL, callback=unreachable)
+    youtube.add_callback(responses.POST, RESOLVE_URL, callback=unreachable)
+
+
+async def test_a_listing_that_cannot_reach_youtube_is_tried_again(
+    youtube: responses.RequestsMock,
+) -> None:
+    youtube_unreachable_for_ytdlp(youtube)
+    # The channel page (for the feed's channel id) fails the first time only.
+    youtube.get(CHANNEL_PAGE, body=requests.ConnectionError(UNREACHABLE))
+    youtube.get(CHANNEL_PAGE, body=PAGE, content_type=HTML)
+    youtube.get(FEED_URL, body=FEED, content_type="application/atom+xml; charset=UTF-8")
+
+    listing = await list_channel(CHANNEL_PAGE, "all", settings(), today=TODAY)
+
+    assert listing.source == "rss"
+    assert ids(listing) == NEWEST_FIRST
+    assert requested(youtube).count(CHANNEL_PAGE) == 2
+
+
+async def test_youtube_unreachable_on_every_attempt_fails_in_a_sentence(
+    youtube: responses.RequestsMock,
+) -> None:
+    youtube_unreachable_for_ytdlp(youtube)
+    youtube.add_callback(responses.GET, CHANNEL_PAGE, callback=unreachable)
+
+    failure = await failure_of(list_channel(CHANNEL_PAGE, "all", settings(), today=TODAY))
+
+    assert (failure.kind, failure.retryable) == ("request_failed", True)
+    assert failure.message == "Could not connect to YouTube (network error)."
+    # requests' own words are kept for whoever debugs it, not shown as the message.
+    assert UNREACHABLE in failure.details["error"]
+    assert failure.details["attempts"] == 3
+    assert requested(youtube).count(CHANNEL_PAGE) == 3
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("read timeout", "YouTube did not answer within 5 s."),
+        ("deadline", "Reading the channel's RSS feed took longer than 0.5 s."),
+    ],
+)
+async def test_a_feed_that_times_out_is_a_timeout_and_tried_again(
+    youtube: responses.RequestsMock, how: str, message: str
+) -> None:
+    break_ytdlp(youtube)
+    youtube.get(CHANNEL_PAGE, body=PAGE, content_type=HTML)
+    release = threading.Event()
+    asked: list[str] = []
+
+    def slow_feed(request: Any) -> tuple[int, dict[str, str], bytes]:
+        asked.append(request.url)
+        if how == "read timeout":
+            raise requests.ReadTimeout(
+                "HTTPSConnectionPool(host='www.youtube.com', port=443): Read timed out. "
+                "(read timeout=5.0)"
+            )
+        release.wait(timeout=10)
+        return 200, {"Content-Type": "application/atom+xml"}, FEED
+
+    youtube.add_callback(responses.GET, FEED_URL, callback=slow_feed)
+    try:
+        failure = await failure_of(
+            list_channel(CHANNEL_PAGE, "all", settings(channel_timeout_seconds=0.5), today=TODAY)
+        )
+    finally:
+        release.set()
+
+    assert (failure.kind, failure.retryable) == ("timeout", True)
+    assert failure.message == message
+    assert failure.details["attempts"] == 3
+    assert asked == [FEED_URL] * 3

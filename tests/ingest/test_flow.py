@@ -305,3 +305,96 @@ async def test_private_addresses_are_refused_by_default(
     assert result["details"]["error_kind"] == "blocked_address"
     assert result["details"]["retryable"] is False
     assert "/fog" not in site.hits
+
+
+@pytest.fixture
+async def impatient_server(database_url: str, tmp_path: Path) -> AsyncIterator[InProcessServer]:
+    """Quick retries and a short per-request timeout, to watch retries within a test."""
+    settings = make_settings(
+        database_url,
+        INGEST_ALLOW_PRIVATE_URLS="true",
+        ARCHIVE_DIR=str(tmp_path / "archive"),
+        INGEST_RETRY_ATTEMPTS="3",
+        INGEST_RETRY_BASE_SECONDS="0.05",
+        INGEST_HTTP_TIMEOUT_SECONDS="0.5",
+    )
+    async with running_server(settings) as running:
+        yield running
+
+
+async def ingest_and_log(
+    server: InProcessServer, url: str
+) -> tuple[list[SseFrame], list[dict[str, Any]]]:
+    """The ingest's stream as it ran, and its events in the log afterwards."""
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        async with client.stream("POST", "/ingest/stream", json={"url": url}) as response:
+            ingest_id = response.headers["x-ingest-id"]
+            frames = await collect(response)
+        events = (await client.get(f"/ingests/{ingest_id}/events")).json()["events"]
+    return frames, events
+
+
+def retries_in(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        event["payload"]
+        for event in events
+        if event["event"] == "progress" and event["payload"].get("retrying")
+    ]
+
+
+async def test_an_article_whose_connection_breaks_is_retried_and_the_retry_is_logged(
+    impatient_server: InProcessServer, site: LocalSite
+) -> None:
+    site.troubles["/fog"] = ["hang up"]
+
+    frames, events = await ingest_and_log(impatient_server, f"{site.base_url}/fog")
+
+    assert frames[-1].json()["status"] == "success"
+    assert frames[-1].json()["details"]["title"] == TITLE
+    assert site.hits["/fog"] == 2
+    [retry] = retries_in(events)
+    assert retry["step"] == "fetching"
+    assert (retry["attempt"], retry["attempts"]) == (2, 3)
+    assert retry["error_kind"] == "request_failed"
+    assert retry["message"] == (
+        "Could not connect to 127.0.0.1 (network error). Retrying in 0.05 s (attempt 2/3)."
+    )
+    # The retry repeats its step; every other step is reported once, in order.
+    assert [step for step in steps(frames) if step != "fetching"] == [
+        step for step in STEPS["article"] if step != "fetching"
+    ]
+
+
+async def test_an_article_that_times_out_is_retried_as_a_timeout(
+    impatient_server: InProcessServer, site: LocalSite
+) -> None:
+    site.troubles["/fog"] = [2.0]
+
+    frames, events = await ingest_and_log(impatient_server, f"{site.base_url}/fog")
+
+    assert frames[-1].json()["status"] == "success"
+    [retry] = retries_in(events)
+    assert retry["error_kind"] == "timeout"
+    assert retry["message"] == (
+        "127.0.0.1 did not answer within 0.5 s. Retrying in 0.05 s (attempt 2/3)."
+    )
+
+
+async def test_an_article_that_keeps_timing_out_ends_as_a_retryable_timeout(
+    impatient_server: InProcessServer, site: LocalSite
+) -> None:
+    site.troubles["/fog"] = [2.0, 2.0, 2.0]
+
+    frames, events = await ingest_and_log(impatient_server, f"{site.base_url}/fog")
+
+    result = frames[-1].json()
+    assert result["status"] == "error"
+    assert result["message"] == "127.0.0.1 did not answer within 0.5 s."
+    assert result["details"]["error_kind"] == "timeout"
+    assert result["details"]["retryable"] is True
+    assert result["details"]["attempts"] == 3
+    assert [(r["attempt"], r["error_kind"]) for r in retries_in(events)] == [
+        (2, "timeout"),
+        (3, "timeout"),
+    ]
+    assert site.hits["/fog"] == 3
