@@ -29,6 +29,7 @@ from app.eventlog.envelope import format_timestamp
 from app.eventlog.tables import POSITION
 
 __all__ = [
+    "AGENT_STATUSES",
     "AGENT_STREAM",
     "NEVER_STALLED",
     "TERMINAL_STATUSES",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 AGENT_STREAM = "agent"
+#: The statuses an activity shows: ``pending`` (a run waiting for its turn), ``running``,
+#: ``stalled`` (quiet for three heartbeat periods), ``completed`` and ``failed``.
+AGENT_STATUSES = ("pending", "running", "stalled", "completed", "failed")
 TERMINAL_STATUSES = ("completed", "failed")
 #: Statuses an activity can keep quietly: finished, or queued and waiting for its turn.
 NEVER_STALLED = (*TERMINAL_STATUSES, "pending")
