@@ -97,6 +97,47 @@ async def test_a_missing_command_is_a_usage_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def console_script(name: str) -> Path:
+    """The console script ``[project.scripts]`` installs, beside this interpreter."""
+    path = Path(sys.executable).with_name(name)
+    assert path.exists(), f"{path}: install the package (pip install -e .) for its scripts"
+    return path
+
+
+async def test_usage_lines_name_the_program_as_it_was_invoked(tmp_path: Path) -> None:
+    script = console_script("activity")
+    # The installed script imports this checkout's app, as `python -m app` here does.
+    env = {"DATABASE_URL": sqlite_url(tmp_path), "PYTHONPATH": str(ROOT)}
+    environ = {**{k: v for k, v in os.environ.items() if k not in SETTING_VARIABLES}, **env}
+
+    async def run(*argv: str) -> Finished:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=ROOT,
+            env=environ,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        return Finished(process.returncode, stdout.decode(), stderr.decode())
+
+    module = (sys.executable, "-m", "app")
+    top, serve, missing = await asyncio.gather(
+        run(str(script), "--help"), run(str(script), "serve", "--help"), run(str(script))
+    )
+    module_top, module_missing = await asyncio.gather(run(*module, "--help"), run(*module))
+
+    assert top.code == serve.code == module_top.code == 0
+    assert top.stdout.startswith("usage: activity [-h] COMMAND"), top.stdout
+    assert serve.stdout.startswith("usage: activity serve [-h]"), serve.stdout
+    assert module_top.stdout.startswith("usage: python -m app [-h] COMMAND"), module_top.stdout
+    assert missing.code == module_missing.code == 2
+    assert missing.stderr.startswith("usage: activity [-h] COMMAND"), missing.stderr
+    assert "activity: error: the following arguments are required" in missing.stderr
+    assert module_missing.stderr.startswith("usage: python -m app [-h]"), module_missing.stderr
+
+
 async def test_db_upgrade_creates_a_schema_without_drift(database_url: str) -> None:
     env = {"DATABASE_URL": database_url}
     upgraded = await run_cli("db", "upgrade", env=env)

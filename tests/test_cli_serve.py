@@ -334,3 +334,37 @@ async def test_an_unknown_server_is_refused_naming_the_choice(tmp_path: Path) ->
     assert by_setting.stderr.startswith("error: ")
     assert "HTTP_SERVER" in by_setting.stderr
     assert "Traceback" not in by_option.stderr + by_setting.stderr
+
+
+async def test_a_second_server_on_the_same_data_directory_is_refused_in_one_line(
+    server_name: str, tmp_path: Path
+) -> None:
+    # The embedded defaults, under a data directory of the test's own.
+    env = {
+        "DATABASE_URL": "sqlite+aiosqlite:///./data/events.db",
+        "SURREALDB_URL": "surrealkv://./data/content",
+        "ARCHIVE_DIR": "./data/archive",
+        "HTTP_SERVER": server_name,
+        # Started in that directory, the command still runs this checkout's app.
+        "PYTHONPATH": str(ROOT),
+    }
+    first = ServerProcess(env, cwd=tmp_path)
+    first.start()
+    try:
+        await first.wait_ready()
+        assert first.process is not None
+        # Granian's worker opens the store; uvicorn's single process does.
+        holder = (http_workers(first.process.pid) or [first.process.pid])[0]
+        second = await run_cli("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+        async with httpx.AsyncClient(base_url=first.base_url, timeout=5) as client:
+            still_serving = (await client.get("/health")).status_code
+    finally:
+        await asyncio.to_thread(first.stop)
+
+    assert second.code == 2, second.stderr
+    assert second.stderr.splitlines() == [
+        f"error: content store ./data/content is in use by another process (pid {holder}); "
+        "stop it or set SURREALDB_URL to another path"
+    ]
+    assert second.stdout == ""
+    assert still_serving == 200

@@ -17,6 +17,8 @@ import app.projections  # noqa: F401  (as in migrations/env.py: every table on t
 from app.database import create_engine, metadata, upgrade_database
 from app.eventlog import EventStore, NewEvent, canonical_payload
 from app.eventlog import tables as _event_tables  # noqa: F401
+from app.projections import AgentProjection, ProjectionRunner
+from app.projections.agents import agent_activities
 from tests.support import ROOT
 
 T = TypeVar("T")
@@ -156,4 +158,62 @@ async def test_concurrent_upgrades_from_separate_processes_all_succeed(database_
         if process.returncode != 0
     ]
     assert failures == []
+    await _assert_at_head_without_drift(database_url)
+
+
+def _migrate(url: str, revision: str, *, down: bool = False) -> None:
+    from alembic import command
+
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    (command.downgrade if down else command.upgrade)(config, revision)
+
+
+def _activity_rows(connection: Connection) -> list[dict[str, Any]]:
+    """The rows with the columns the table has at the current revision."""
+    query = text(f"SELECT * FROM {agent_activities.name} ORDER BY source_id")
+    return [dict(row._mapping) for row in connection.execute(query)]
+
+
+async def test_stalled_rows_projected_before_stalled_at_are_migrated_as_a_rebuild_makes_them(
+    database_url: str,
+) -> None:
+    # Before revision 2664f5e7e900 the fold moved last_seen to the watchdog's stalled mark.
+    before_stalled_at = "8e999b42f1e4"
+    await upgrade_database(database_url)
+    engine = create_engine(database_url, pool_size=2)
+    try:
+        store = await EventStore.open(engine)
+        try:
+            for source_id, kinds in (
+                ("quiet", ("started", "progress", "stalled")),
+                ("revived", ("started", "stalled", "heartbeat")),
+                ("busy", ("started", "progress")),
+            ):
+                for kind in kinds:
+                    if kind == "stalled":
+                        await asyncio.sleep(0.01)  # marked a few ms after the agent spoke
+                    payload = canonical_payload({"agent_name": "tagger", "message": kind})
+                    await store.append_one(NewEvent("agent", source_id, kind, payload))
+            head = await store.head()
+        finally:
+            await store.close()
+        assert await ProjectionRunner(engine, [AgentProjection()]).rebuild("agents") == head
+    finally:
+        await engine.dispose()
+    rebuilt = await _inspect(database_url, _activity_rows)
+    quiet = next(row for row in rebuilt if row["source_id"] == "quiet")
+    assert quiet["last_seen"] < quiet["stalled_at"] == quiet["updated_at"]
+
+    # Down to the earlier fold's rows: last_seen is the latest event's time, mark included.
+    await asyncio.to_thread(_migrate, database_url, before_stalled_at, down=True)
+    earlier = await _inspect(database_url, _activity_rows)
+    assert [row["last_seen"] for row in earlier] == [row["updated_at"] for row in rebuilt]
+    assert all("stalled_at" not in row for row in earlier)
+
+    await upgrade_database(database_url)
+
+    assert await _inspect(database_url, _activity_rows) == rebuilt
     await _assert_at_head_without_drift(database_url)

@@ -23,7 +23,13 @@ from app.api.events import LastEventIdHeader, LastEventIdQuery
 from app.api.limits import MAX_POSITION, check_payload_sizes
 from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
 from app.eventlog import AppendResult, NewEvent
-from app.projections.agents import AGENT_STREAM, ActivityRow, list_activities, load_activity
+from app.projections.agents import (
+    AGENT_STATUSES,
+    AGENT_STREAM,
+    ActivityRow,
+    list_activities,
+    load_activity,
+)
 
 __all__ = [
     "AgentsController",
@@ -34,8 +40,6 @@ __all__ = [
     "prepare_batch",
     "prepare_event",
 ]
-
-AGENT_STATUSES = ("running", "stalled", "completed", "failed")
 
 
 class Appended(msgspec.Struct):

@@ -14,21 +14,23 @@ from app.cli import agents, ingest, replay, service, tail, transfer
 from app.cli.common import CliError, print_error
 from app.settings import SettingsError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["MODULE_PROG", "build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m app", description="Event-sourced activity service."
-    )
+MODULE_PROG = "python -m app"
+
+
+def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
+    """The parser; ``prog`` is the program as its usage lines name it."""
+    parser = argparse.ArgumentParser(prog=prog, description="Event-sourced activity service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (service, ingest, tail, replay, transfer, agents):
         group.register(commands)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str = MODULE_PROG) -> int:
+    args = build_parser(prog).parse_args(argv)
     # The service commands log as the service does; the others print their own output, and
     # only warnings (and the client's reconnection notices) go to stderr.
     verbose = not getattr(args, "quiet", True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from app.settings import get_settings
@@ -19,6 +19,7 @@ __all__ = [
     "add_filter_options",
     "add_server_options",
     "check_local_database",
+    "content_store_in_use",
     "describe_payload",
     "open_local_services",
     "open_local_store",
@@ -108,21 +109,31 @@ async def open_local_store() -> AsyncIterator[Any]:
         await engine.dispose()
 
 
+@contextmanager
+def content_store_in_use(advice: str = "", code: int = 1) -> Iterator[None]:
+    """A content store held by another process, reported in one line (``error: content
+    store PATH is in use by another process (pid N); …``, then ``advice``) with exit
+    status ``code``."""
+    from app.content import ContentStoreLocked
+
+    try:
+        yield
+    except ContentStoreLocked as exc:
+        raise CliError(f"{exc}{advice}", code=code) from None
+
+
 @asynccontextmanager
 async def open_local_services() -> AsyncIterator[Services]:
     """The service's parts in this process, on the local settings (jobs run here). A content
     store held by a running server is reported as such, with the way out."""
-    from app.content import ContentStoreLocked
     from app.services import open_services
 
-    try:
+    with content_store_in_use(
+        ". If that is a running server, use it instead with --server URL "
+        "(e.g. --server http://127.0.0.1:8000)"
+    ):
         async with open_services(get_settings()) as services:
             yield services
-    except ContentStoreLocked as exc:
-        raise CliError(
-            f"{exc}. If that is a running server, use it instead with --server URL "
-            "(e.g. --server http://127.0.0.1:8000)"
-        ) from None
 
 
 def describe_payload(payload: dict[str, Any]) -> str:

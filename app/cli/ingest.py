@@ -57,7 +57,7 @@ async def _follow_local(services: Any, ingest_id: str, display: ProgressDisplay)
             event = _to_stream_event(entry)
             display.show(ingest_id, event)
             if event.event == "complete":
-                result: dict[str, Any] = event.data
+                result: dict[str, Any] = event.payload
                 return result
     raise AssertionError("unreachable: a tail never ends")
 

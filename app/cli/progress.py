@@ -25,7 +25,7 @@ class ProgressDisplay(Protocol):
 
 
 def _line(event: StreamEvent) -> str:
-    data: dict[str, Any] = event.data if isinstance(event.data, dict) else {}
+    data: dict[str, Any] = event.payload if isinstance(event.payload, dict) else {}
     message = data.get("message", "")
     if event.event == "requested":
         return f"requested: {data.get('type', '?')} {data.get('url', '')}"
@@ -83,7 +83,7 @@ class StepList:
         self._drawn = 0
 
     def show(self, ingest_id: str, event: StreamEvent) -> None:
-        data: dict[str, Any] = event.data if isinstance(event.data, dict) else {}
+        data: dict[str, Any] = event.payload if isinstance(event.payload, dict) else {}
         now = time.monotonic()
         if event.event == "requested":
             self._header = f"Ingesting {data.get('url', '')} ({data.get('type', '?')}, {ingest_id})"

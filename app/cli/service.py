@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any
 
-from app.cli.common import CliError, redacted
+from app.cli.common import CliError, content_store_in_use, redacted
 from app.settings import Settings, get_settings
 
 __all__ = ["load_granian_app", "register"]
@@ -34,6 +34,13 @@ def _serve(args: argparse.Namespace) -> int:
             "cross-worker streams (see docs/scaling.md)",
             code=2,
         )
+    # Found here, a content store held by another process is one line; found in the
+    # server's start-up, it is a traceback in the server's log. (Two servers started in the
+    # same instant can both pass this check: the second then fails in its start-up.)
+    from app.content import ContentStore
+
+    with content_store_in_use(code=2):
+        ContentStore.check_not_in_use(settings.content)
     server = args.http_server or settings.server.http_server
     if server == "granian":
         _serve_granian(args, settings)

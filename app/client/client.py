@@ -235,7 +235,7 @@ class IngestProgress:
                 continue
             yield item
             if item.event == "complete":
-                self.result = item.data
+                self.result = item.payload
                 return
 
 

@@ -32,16 +32,43 @@ class ActivityError(Exception):
 class StreamEvent(msgspec.Struct, frozen=True):
     """One persisted log event as an SSE frame carried it.
 
-    ``data`` is the frame's decoded JSON: the whole envelope on ``/events/stream`` and
-    ``/agents/stream``, the payload alone on the ingest streams.
+    ``payload`` is always the event's payload, whichever stream it came from.
+    ``envelope`` is the whole envelope (``stream``, ``source_id``, ``version``,
+    ``event_id``, ``timestamp``, ``payload``) where the frame carries one, as on
+    ``/events/stream`` and ``/agents/stream``; it is None on the ingest streams, whose
+    frames carry the payload alone.
     """
 
     position: int
     event: str
-    data: Any
+    payload: Any
+    envelope: dict[str, Any] | None = None
+
+    @classmethod
+    def from_frame(cls, position: int, event: str, data: Any) -> StreamEvent:
+        """The event a frame with this ``id``, ``event`` and decoded ``data`` carries."""
+        if (
+            isinstance(data, dict)
+            and data.keys() >= _ENVELOPE_FIELDS
+            and data["position"] == position
+        ):
+            return cls(position, event, data["payload"], data)
+        return cls(position, event, data)
+
+    @property
+    def data(self) -> Any:
+        """The frame's decoded JSON as the server sent it: ``envelope`` where there is one,
+        ``payload`` otherwise. Kept for existing scripts; read ``payload`` or ``envelope``,
+        which mean the same on every stream."""
+        return self.payload if self.envelope is None else self.envelope
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.position, "event": self.event, "data": self.data}
+
+
+_ENVELOPE_FIELDS = frozenset(
+    ("position", "stream", "source_id", "version", "event", "event_id", "timestamp", "payload")
+)
 
 
 class Reset(msgspec.Struct, frozen=True):

@@ -184,7 +184,7 @@ async def follow_stream(
                         if last is not None and position <= last:
                             continue
                         last = position
-                        yield StreamEvent(position, frame.event, _decode(frame.data))
+                        yield StreamEvent.from_frame(position, frame.event, _decode(frame.data))
         except (httpx.TransportError, _Interrupted) as exc:
             failures += 1
             reason = str(exc) or type(exc).__name__

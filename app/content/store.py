@@ -147,6 +147,19 @@ def _lock_path(path: str) -> _PathLock:
     return _PathLock(lock_file, fd)
 
 
+def _lock_local_path(url: str) -> _PathLock | None:
+    """The lock on ``url``'s local path, None for a store that has no path."""
+    local_path = _local_path(url)
+    if local_path is None:
+        return None
+    # A non-blocking flock and a few bytes on a local file: no thread needed, and none
+    # that could take the lock after a cancelled open() stopped waiting for it.
+    try:
+        return _lock_path(local_path)
+    except OSError as exc:
+        raise ContentUnavailable(f"content store {local_path} cannot be opened: {exc}") from exc
+
+
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
@@ -278,13 +291,7 @@ class ContentStore:
         :class:`ContentUnavailable` when the database cannot be reached.
         """
         url = settings.surrealdb_url
-        local_path = _local_path(url)
-        # A non-blocking flock and a few bytes on a local file: no thread needed, and none
-        # that could take the lock after a cancelled open() stopped waiting for it.
-        try:
-            lock = _lock_path(local_path) if local_path else None
-        except OSError as exc:
-            raise ContentUnavailable(f"content store {local_path} cannot be opened: {exc}") from exc
+        lock = _lock_local_path(url)
         db: _Connection | None = None
         try:
             db = AsyncSurreal(url)
@@ -305,6 +312,14 @@ class ContentStore:
                 ) from exc
             raise
         return cls(db, url, lock)
+
+    @staticmethod
+    def check_not_in_use(settings: ContentSettings) -> None:
+        """Raise :class:`ContentStoreLocked` as :meth:`open` would, if another opener holds
+        the local path now, without opening the database (the lock is taken and let go)."""
+        lock = _lock_local_path(settings.surrealdb_url)
+        if lock is not None:
+            lock.release()
 
     async def close(self) -> None:
         """Close the connection and release the path lock; closing twice is harmless."""

@@ -29,6 +29,7 @@ from app.eventlog.envelope import format_timestamp
 from app.eventlog.tables import POSITION
 
 __all__ = [
+    "AGENT_STATUSES",
     "AGENT_STREAM",
     "NEVER_STALLED",
     "TERMINAL_STATUSES",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 AGENT_STREAM = "agent"
+#: The statuses an activity shows: ``pending`` (a run waiting for its turn), ``running``,
+#: ``stalled`` (quiet for three heartbeat periods), ``completed`` and ``failed``.
+AGENT_STATUSES = ("pending", "running", "stalled", "completed", "failed")
 TERMINAL_STATUSES = ("completed", "failed")
 #: Statuses an activity can keep quietly: finished, or queued and waiting for its turn.
 NEVER_STALLED = (*TERMINAL_STATUSES, "pending")
@@ -57,6 +61,7 @@ agent_activities = Table(
     Column("completed_at", String(24), nullable=True),
     Column("result", Text, nullable=True),
     Column("last_seen", String(24), nullable=False),
+    Column("stalled_at", String(24), nullable=True),
     Column("position", POSITION, nullable=False),
     Column("version", Integer, nullable=False),
     Index("ix_agent_activities_agent_name", "agent_name"),
@@ -66,7 +71,11 @@ agent_activities = Table(
 
 
 class ActivityRow(msgspec.Struct, frozen=True):
-    """An agent activity as ``GET /agents`` shows it."""
+    """An agent activity as ``GET /agents`` shows it.
+
+    ``last_seen`` is when the agent was last heard from (its last own event); ``stalled_at``
+    is when the watchdog marked it stalled, None unless that mark is its latest event.
+    """
 
     source_id: str
     agent_name: str
@@ -80,6 +89,7 @@ class ActivityRow(msgspec.Struct, frozen=True):
     last_seen: str
     position: int
     version: int
+    stalled_at: str | None = None
 
 
 _COLUMNS = [column.name for column in agent_activities.columns]
@@ -111,6 +121,7 @@ def _new_row(source_id: str) -> dict[str, Any]:
         "started_at": None,
         "completed_at": None,
         "result": None,
+        "stalled_at": None,
     }
 
 
@@ -157,7 +168,13 @@ def _fold(row: dict[str, Any], event: Event, report: _Report) -> None:
     if row["started_at"] is None:
         row["started_at"] = event.timestamp
     row["updated_at"] = event.timestamp
-    row["last_seen"] = event.timestamp
+    if kind == "stalled":
+        # The watchdog's mark, not word from the agent: last_seen stays when it last spoke.
+        row["stalled_at"] = event.timestamp
+        row.setdefault("last_seen", event.timestamp)
+    else:
+        row["last_seen"] = event.timestamp
+        row["stalled_at"] = None
     row["position"] = event.position
     row["version"] = event.version
 

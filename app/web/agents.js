@@ -53,7 +53,13 @@ function foldAgent(envelope) {
       break;
   }
   row.position = envelope.position;
-  row.last_seen = envelope.timestamp;
+  if (envelope.event === "stalled") {
+    row.stalled_at = envelope.timestamp;
+    row.last_seen ??= envelope.timestamp;
+  } else {
+    row.last_seen = envelope.timestamp;
+    row.stalled_at = null;
+  }
   agents.set(row.source_id, row);
 }
 

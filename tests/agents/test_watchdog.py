@@ -57,6 +57,34 @@ async def test_a_quiet_agent_is_marked_stalled_once_and_recovers_when_it_speaks(
         assert (await client.get("/agents/ext_1")).json()["status"] == "running"
 
 
+async def test_a_stalled_agent_shows_when_it_was_last_heard_from_and_when_it_was_marked(
+    server: InProcessServer,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.base_url) as client:
+        await client.post("/agents/ext_2/events", json=agent_event("started"))
+        spoke = await client.post("/agents/ext_2/events", json=agent_event("progress"))
+        assert spoke.status_code == 201
+
+        async def marked() -> bool:
+            events = (await client.get("/events", params={"source_id": "ext_2"})).json()
+            return events["events"][-1]["event"] == "stalled"
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not await marked():
+            assert asyncio.get_running_loop().time() < deadline, "never marked stalled"
+            await asyncio.sleep(HEARTBEAT)
+        events = (await client.get("/events", params={"source_id": "ext_2"})).json()["events"]
+        row = (await client.get("/agents/ext_2")).json()
+        listed = (await client.get("/agents", params={"status": "stalled"})).json()
+
+    mark = events[-1]
+    assert row["status"] == "stalled"
+    assert row["last_seen"] == spoke.json()["timestamp"] == mark["payload"]["last_seen"]
+    assert row["stalled_at"] == mark["timestamp"]
+    assert row["last_seen"] < row["stalled_at"]
+    assert listed == [row]
+
+
 async def test_finished_and_queued_activities_never_stall(server: InProcessServer) -> None:
     async with httpx.AsyncClient(base_url=server.base_url) as client:
         await client.post("/agents/done_1/events", json=agent_event("started"))

@@ -325,6 +325,35 @@ async def test_list_filters_by_status_and_agent_name(client: httpx.AsyncClient) 
     assert await ids([("agent_name", "nobody")]) == set()
 
 
+async def test_a_run_waiting_for_its_turn_is_listed_by_status_pending(database_url: str) -> None:
+    # An instance with no run slots: a run started here stays pending, as behind busy slots.
+    settings = make_settings(database_url, AGENT_RUN_CONCURRENCY="0", AGENTS_AUTO_RUN="false")
+    async with (
+        running_server(settings) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=30) as client,
+    ):
+        accepted = await client.post("/agents/runs", json={"agent": "tagger", "scope": "untagged"})
+        assert accepted.status_code == 202, accepted.text
+        run = accepted.json()
+        busy = await client.post("/agents/busy/events", json=agent_event("started"))
+        assert busy.status_code == 201, busy.text
+        pending = await client.get("/agents", params={"status": "pending"})
+        running = await client.get("/agents", params={"status": "running"})
+        stats = (await client.get("/stats")).json()
+        wrong = await client.get("/agents", params={"status": "queued"})
+
+    assert run["status"] == "pending"
+    assert pending.status_code == 200, pending.text
+    assert [(row["source_id"], row["status"]) for row in pending.json()] == [
+        (run["source_id"], "pending")
+    ]
+    assert [row["source_id"] for row in running.json()] == ["busy"]
+    assert stats["agents"]["pending"] == 1
+    body = assert_error(wrong, 400, "status")
+    named = re.findall(r"[a-z]+", body["detail"].partition("one of")[2].partition("got")[0])
+    assert named == ["pending", "running", "stalled", "completed", "failed"], body["detail"]
+
+
 async def test_silent_activity_shows_stalled_until_its_next_event(database_url: str) -> None:
     heartbeat = 0.3
     settings = make_settings(database_url, HEARTBEAT_SECONDS=str(heartbeat))

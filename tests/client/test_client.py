@@ -242,6 +242,41 @@ async def test_an_ingest_is_followed_to_complete_and_its_stream_then_stops_on_20
         assert after == []
 
 
+async def test_payload_is_the_events_payload_on_ingest_and_on_the_log_stream_alike(
+    server: InProcessServer, site: LocalSite
+) -> None:
+    async with ActivityClient(server.base_url) as client:
+        progress = client.ingest(f"{site.base_url}/fog")
+        followed = [event async for event in progress]
+        assert progress.ingest_id is not None
+        logged: list[StreamEvent] = []
+        stream = client.stream({"stream": "ingest", "source_id": progress.ingest_id}, 0)
+        while not logged or logged[-1].event != "complete":
+            item = await next_item(stream)
+            assert isinstance(item, StreamEvent)
+            logged.append(item)
+        await stream.aclose()
+
+    # The same events, with the same payloads, whichever way they were read.
+    assert [(e.position, e.event, e.payload) for e in logged] == [
+        (e.position, e.event, e.payload) for e in followed
+    ]
+    messages = [e.payload.get("message") for e in logged if e.event == "progress"]
+    assert messages
+    assert all(messages), messages
+    # The log stream's frames carry the envelope too; the ingest stream's carry none.
+    for event in logged:
+        assert event.envelope is not None
+        assert event.envelope["payload"] == event.payload
+        assert (event.envelope["source_id"], event.envelope["position"]) == (
+            progress.ingest_id,
+            event.position,
+        )
+        assert event.data == event.envelope  # the frame as sent
+    assert all(event.envelope is None for event in followed)
+    assert progress.result == followed[-1].payload == followed[-1].data
+
+
 async def test_an_ingest_followed_through_a_cut_yields_each_event_once(
     server: InProcessServer, proxy: Proxy, site: LocalSite
 ) -> None:

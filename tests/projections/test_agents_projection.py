@@ -67,7 +67,8 @@ async def table_rows(services: Services) -> list[dict[str, Any]]:
 def random_report(rng: random.Random, sources: list[str]) -> NewEvent:
     roll = rng.random()
     stream = "ingest" if roll < 0.04 else "agent"  # same source ids, another stream: ignored
-    kind = rng.choices(AGENT_KINDS, weights=(1, 4, 3, 1, 1))[0]
+    # Now and then the watchdog's mark, which moves no last_seen.
+    kind = rng.choices((*AGENT_KINDS, "stalled"), weights=(1, 4, 3, 1, 1, 1))[0]
     payload: dict[str, Any] = {"agent_name": rng.choice(("tagger", "summariser", "indexer"))}
     if rng.random() < 0.3:
         payload["status"] = rng.choice(("running", "waiting", "retrying", "stalled"))
@@ -121,14 +122,20 @@ async def test_live_read_model_equals_a_rebuild_from_zero(services: Services) ->
     log = (await services.store.read_after(0, limit=5000)).events
     assert len(log) == head
     last: dict[str, Event] = {}
+    spoke: dict[str, Event] = {}  # the last event that is not the watchdog's mark
     for item in log:
         if item.stream == "agent":
             last[item.source_id] = item
+            if item.event != "stalled" or item.source_id not in spoke:
+                spoke[item.source_id] = item
     assert [row["source_id"] for row in live] == sorted(last)
+    assert any(event.event == "stalled" for event in last.values())
     for row in live:
         final = last[row["source_id"]]
         assert (row["position"], row["version"]) == (final.position, final.version)
-        assert row["last_seen"] == row["updated_at"] == final.timestamp
+        assert row["updated_at"] == final.timestamp
+        assert row["last_seen"] == spoke[row["source_id"]].timestamp
+        assert row["stalled_at"] == (final.timestamp if final.event == "stalled" else None)
         if final.event == "complete":
             assert (row["status"], row["completed_at"]) == ("completed", final.timestamp)
         elif final.event == "failed":
@@ -303,12 +310,21 @@ async def test_started_again_reopens_a_finished_activity(services: Services) -> 
 
 async def test_stalled_event_and_the_heartbeat_that_revives_it(services: Services) -> None:
     store = services.store
-    await report(store, "job-s", "started")
-    await report(store, "job-s", "stalled")
-    assert (await activity(services, "job-s")).status == "stalled"
+    started = await report(store, "job-s", "started")
+    marked = await report(store, "job-s", "stalled")
+    row = await activity(services, "job-s")
+    assert row.status == "stalled"
+    # last_seen: when the agent last spoke; the mark has a field of its own.
+    assert (row.last_seen, row.stalled_at, row.updated_at) == (
+        started.timestamp,
+        marked.timestamp,
+        marked.timestamp,
+    )
 
-    await report(store, "job-s", "heartbeat")
-    assert (await activity(services, "job-s")).status == "running"
+    revived = await report(store, "job-s", "heartbeat")
+    row = await activity(services, "job-s")
+    assert row.status == "running"
+    assert (row.last_seen, row.stalled_at) == (revived.timestamp, None)
 
 
 async def test_other_streams_do_not_touch_agent_rows(services: Services) -> None:

@@ -9,7 +9,12 @@ from sqlalchemy import func, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.eventlog.tables import events
-from app.projections.agents import NEVER_STALLED, agent_activities, stalled_before
+from app.projections.agents import (
+    AGENT_STATUSES,
+    NEVER_STALLED,
+    agent_activities,
+    stalled_before,
+)
 from app.projections.agents import TERMINAL_STATUSES as AGENT_FINISHED
 from app.projections.base import checkpoints
 from app.projections.ingests import ACTIVE_STATUSES, ingests
@@ -35,7 +40,6 @@ __all__ = [
 SNAPSHOT_PROJECTIONS = ("ingests", "agents", "stats")
 INGEST_STATUSES = ("pending", "running", "interrupted", "success", "skipped", "queued", "error")
 INGEST_TYPES = ("video", "channel", "article")
-AGENT_STATUSES = ("running", "stalled", "pending", "completed", "failed")
 
 
 class ActiveIngest(msgspec.Struct, frozen=True):
