@@ -5,8 +5,8 @@ random while a producer writes, connect/disconnect leaks, and a reader that stop
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
+import logging
 import random
 import re
 import socket
