@@ -24,10 +24,10 @@ from app.api.metrics import metrics
 from app.api.security import AccessPolicy, build_cors_config, require_access
 from app.api.shutdown import ShutdownSignal
 from app.api.stats import StatsController
-from app.heap import settled_heap
+from app.config import Settings, get_settings
 from app.observability import configure_logging, track_requests
-from app.services import open_services
-from app.settings import Settings, get_settings
+from app.runtime.heap import settled_heap
+from app.runtime.services import open_services
 
 __all__ = ["create_app"]
 

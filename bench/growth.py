@@ -53,9 +53,9 @@ import msgspec
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from app.database import create_engine, upgrade_database
-from app.eventlog.envelope import format_timestamp, new_event_ids
 from app.eventlog.filters import EventFilter
 from app.eventlog.store import page_query
+from app.events.envelope import format_timestamp, new_event_ids
 from app.projections import ProjectionRunner, all_projections
 from bench.load import SseIdScanner, free_port, start_server, stop_server
 from bench.report import Figure, quantile, render

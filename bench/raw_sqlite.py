@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from app.database import upgrade_database
-from app.eventlog.envelope import new_event_ids
+from app.events.envelope import new_event_ids
 
 __all__ = ["raw_sqlite_rate"]
 

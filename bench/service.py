@@ -11,6 +11,7 @@ from pathlib import Path
 
 import msgspec
 
+from app.config import DatabaseSettings
 from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent
 from bench.load import (
@@ -37,7 +38,7 @@ async def _open_store(path: Path, appender: str = "process") -> tuple[EventStore
     url = f"sqlite+aiosqlite:///{path}"
     await upgrade_database(url)
     engine = create_engine(url, pool_size=4)
-    store = await EventStore.open(engine, sqlite_appender=appender)
+    store = await EventStore.open(engine, DatabaseSettings(sqlite_appender=appender))
     return store, engine
 
 

@@ -13,8 +13,9 @@ from sqlalchemy.engine import Connection
 import app.eventlog.tables
 import app.jobs
 import app.projections  # noqa: F401
-from app.database import create_engine, metadata, write_transaction
-from app.settings import load_settings
+from app.backends import write_transaction
+from app.config import load_settings
+from app.database import create_engine, metadata
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.services import Services, open_services
-from app.settings import Settings
-from tests.support import InProcessServer, make_settings, running_server
+from app.config import DatabaseSettings, Settings
+from app.eventlog import EventStore
+from app.runtime.services import Services, open_services
+from tests.support import (
+    InProcessServer,
+    make_settings,
+    open_store,
+    running_server,
+    sqlite_settings,
+)
 
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
 NO_POSTGRES = "PostgreSQL suite skipped: set TEST_DATABASE_URL (postgresql+asyncpg://…) to run it"
@@ -40,7 +47,7 @@ def postgres_only() -> None:
 async def _admin(sql: str) -> None:
     import asyncpg
 
-    from app.eventlog.appenders import postgres_dsn
+    from app.backends.postgres.appender import postgres_dsn
 
     connection = await asyncpg.connect(postgres_dsn(POSTGRES_URL))
     try:
@@ -102,3 +109,36 @@ async def server(settings: Settings) -> AsyncIterator[InProcessServer]:
 def appender(request: pytest.FixtureRequest) -> str:
     """Each SQLite appender: in a process of its own (the default), on a thread."""
     return str(request.param)
+
+
+#: Every backend, and every way it has of appending: the log's contract holds for each.
+LOG_BACKENDS = [
+    "sqlite-process",
+    "sqlite-thread",
+    pytest.param("postgres", marks=pytest.mark.postgres),
+]
+
+
+@pytest.fixture(params=LOG_BACKENDS)
+async def log_settings(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[DatabaseSettings]:
+    """A fresh log's settings, for each of :data:`LOG_BACKENDS`."""
+    name: str = request.param
+    if name.startswith("sqlite-"):
+        yield sqlite_settings(tmp_path, name.removeprefix("sqlite-"))
+        return
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    url, database = await fresh_postgres_url()
+    try:
+        yield DatabaseSettings(url=url)
+    finally:
+        await drop_postgres_database(database)
+
+
+@pytest.fixture
+async def store(log_settings: DatabaseSettings) -> AsyncIterator[EventStore]:
+    """A store on a fresh log, for each of :data:`LOG_BACKENDS`."""
+    async with open_store(log_settings) as opened:
+        yield opened

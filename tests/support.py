@@ -22,12 +22,12 @@ import uvicorn
 from sqlalchemy import MetaData
 
 from app.asgi import create_app
+from app.config import DatabaseSettings, Settings, load_settings
 from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent, canonical_payload
 from app.projections.agents import AGENT_STREAM
+from app.runtime.services import Services
 from app.server.connections import uvicorn_options
-from app.services import Services
-from app.settings import Settings, load_settings
 
 __all__ = [
     "InProcessServer",
@@ -39,9 +39,10 @@ __all__ = [
     "free_port",
     "make_settings",
     "new_agent_event",
+    "open_store",
     "read_frames",
     "running_server",
-    "sqlite_store",
+    "sqlite_settings",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,25 +65,34 @@ def free_port() -> int:
         return port
 
 
+def sqlite_settings(path: Path, appender: str = "process", **fields: Any) -> DatabaseSettings:
+    """A SQLite log's settings, its file ``events.db`` in ``path``, written by ``appender``
+    (``process`` or ``thread``)."""
+    url = f"sqlite+aiosqlite:///{path / 'events.db'}"
+    return DatabaseSettings(url=url, sqlite_appender=appender, **fields)
+
+
 @contextlib.asynccontextmanager
-async def sqlite_store(
-    tmp_path: Path,
-    appender: str,
+async def open_store(
+    settings: DatabaseSettings | str,
     *,
-    busy_timeout_seconds: float = 10.0,
     tables: MetaData | None = None,
+    poll_seconds: float = 0.2,
+    feed_capacity: int = 50_000,
+    pool_size: int = 10,
 ) -> AsyncIterator[EventStore]:
-    """A store on a fresh SQLite log in ``tmp_path`` (``events.db``), written by ``appender``
-    (``process`` or ``thread``), with ``tables`` created beside the log's."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"
-    await upgrade_database(url)
-    engine = create_engine(url)
+    """The way a test gets an event store: on a migrated database of its own engine (as a
+    separate service process would have), ``tables`` created beside the log's."""
+    if isinstance(settings, str):
+        settings = DatabaseSettings(url=settings)
+    await upgrade_database(settings.url)
+    engine = create_engine(settings.url, pool_size=pool_size)
     try:
         if tables is not None:
             async with engine.begin() as connection:
                 await connection.run_sync(tables.create_all)
         store = await EventStore.open(
-            engine, sqlite_appender=appender, busy_timeout_seconds=busy_timeout_seconds
+            engine, settings, poll_seconds=poll_seconds, feed_capacity=feed_capacity
         )
         try:
             yield store

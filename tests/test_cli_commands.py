@@ -18,12 +18,12 @@ import responses
 from sqlalchemy import select
 
 from app.cli import main
+from app.config import get_settings
 from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent, canonical_payload
 from app.eventlog.tables import events as events_table
 from app.ingest.pipeline import STEPS
 from app.projections import all_projections
-from app.settings import get_settings
 from tests.conftest import drop_postgres_database, fresh_postgres_url
 from tests.fakes.youtube import (
     OEMBED,

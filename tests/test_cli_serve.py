@@ -45,7 +45,7 @@ def children(pid: int) -> list[int]:
 
 
 # The SQLite log's writer process is the service's child too; it does not serve HTTP.
-WRITER = "app.eventlog.writer_process"
+WRITER = "app.backends.sqlite.process"
 
 
 def http_workers(pid: int) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from app.heap import YOUNG_THRESHOLD, settled_heap
+from app.runtime.heap import YOUNG_THRESHOLD, settled_heap
 from tests.support import make_settings, running_server
 
 

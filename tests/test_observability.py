@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from app.observability import (
+from app.observability.logs import (
     JsonFormatter,
     TextFormatter,
     _ContextFilter,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import (
+from app.config import (
     DatabaseSettings,
     ServerSettings,
     Settings,

@@ -10,7 +10,6 @@ meantime wins over the watchdog.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from sqlalchemy import and_, not_, select
@@ -20,6 +19,7 @@ from app.agents.tracker import agent_event
 from app.eventlog import EventStore, VersionConflict
 from app.projections import ProjectionRunner
 from app.projections.agents import NEVER_STALLED, agent_activities, stalled_before
+from app.runtime.background import Background
 
 __all__ = ["StalledWatchdog"]
 
@@ -39,17 +39,13 @@ class StalledWatchdog:
         self._store = store
         self._projections = projections
         self._heartbeat = heartbeat_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._task = Background("stalled-watchdog")
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="stalled-watchdog")
+        self._task.start(self._loop())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
 
     async def _loop(self) -> None:
         while True:

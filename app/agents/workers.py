@@ -11,7 +11,7 @@ from app.agents.summarizer import summarize
 from app.agents.tagger import extract_keywords
 from app.agents.tracker import Activity
 from app.content import ContentStore
-from app.eventlog.envelope import utc_now
+from app.events.envelope import utc_now
 
 __all__ = ["AGENTS", "AgentContext", "record_text"]
 

@@ -21,7 +21,7 @@ from app.agents.reports import (
 from app.api.deps import ServicesDep, build_filter
 from app.api.events import LastEventIdHeader, LastEventIdQuery
 from app.api.limits import MAX_POSITION, check_payload_sizes
-from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
+from app.api.sse import EventStreamResponse, envelope_frame, log_stream, parse_last_event_id
 from app.eventlog import AppendResult, NewEvent
 from app.projections.agents import (
     AGENT_STATUSES,
@@ -203,18 +203,7 @@ class AgentsController(Controller):
         event_filter = build_filter(
             stream=[AGENT_STREAM], source_id=source_id, agent_name=agent_name
         )
-        settings = services.settings.server
-        return EventStreamResponse(
-            event_stream(
-                services.store,
-                after,
-                event_filter,
-                build=envelope_frame,
-                heartbeat_seconds=settings.heartbeat_seconds,
-                retry_ms=settings.retry_ms,
-            ),
-            write_timeout=settings.write_timeout_seconds,
-        )
+        return log_stream(services, after, event_filter, build=envelope_frame)
 
     @get("/{source_id:str}", summary="One agent activity")
     async def get_agent(self, services: ServicesDep, source_id: FromPath[str]) -> ActivityRow:

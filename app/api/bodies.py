@@ -19,7 +19,7 @@ from typing import Any
 from litestar import Request
 from litestar.exceptions import ClientException, SerializationException
 
-from app.eventlog.envelope import MAX_PAYLOAD_DEPTH
+from app.events.envelope import MAX_PAYLOAD_DEPTH
 
 __all__ = ["MAX_INTEGER_DIGITS", "JsonRequest", "describe_undecodable"]
 

@@ -9,7 +9,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import ClientException
 
 from app.eventlog import EventFilter
-from app.services import Services
+from app.runtime.services import Services
 
 __all__ = ["MAX_FILTER_VALUES", "ServicesDep", "build_filter", "provide_services"]
 

@@ -31,9 +31,9 @@ from app.agents.reports import AgentEventIn, AgentEventsIn, InvalidReport
 from app.api.agents import appended, batch_appended, prepare_batch, prepare_event
 from app.api.errors import append_refusal, error_body
 from app.api.security import AccessPolicy
+from app.config import Settings
 from app.eventlog import EventIdReused, LogUnavailable, NewEvent, VersionConflict
-from app.services import Services
-from app.settings import Settings
+from app.runtime.services import Services
 
 __all__ = ["DirectAppends"]
 

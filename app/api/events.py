@@ -10,7 +10,7 @@ from litestar.params import HeaderParameter, QueryParameter
 
 from app.api.deps import ServicesDep, build_filter
 from app.api.limits import MAX_POSITION
-from app.api.sse import EventStreamResponse, envelope_frame, event_stream, parse_last_event_id
+from app.api.sse import EventStreamResponse, envelope_frame, log_stream, parse_last_event_id
 from app.eventlog import Event
 
 __all__ = ["EventPage", "EventsController"]
@@ -83,15 +83,4 @@ class EventsController(Controller):
     ) -> EventStreamResponse:
         after = parse_last_event_id(last_event_id_header, last_event_id)
         event_filter = build_filter(stream=stream, source_id=source_id, event=event)
-        settings = services.settings.server
-        return EventStreamResponse(
-            event_stream(
-                services.store,
-                after,
-                event_filter,
-                build=envelope_frame,
-                heartbeat_seconds=settings.heartbeat_seconds,
-                retry_ms=settings.retry_ms,
-            ),
-            write_timeout=settings.write_timeout_seconds,
-        )
+        return log_stream(services, after, event_filter, build=envelope_frame)

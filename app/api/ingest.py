@@ -12,13 +12,13 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from app.api.deps import ServicesDep
 from app.api.events import LastEventIdHeader, LastEventIdQuery
 from app.api.limits import MAX_POSITION
-from app.api.sse import EventStreamResponse, event_stream, parse_last_event_id, payload_frame
+from app.api.sse import log_stream, parse_last_event_id, payload_frame
 from app.eventlog import Event, EventFilter
 from app.eventlog.notify import LogEntry
 from app.ingest.service import NotCancellable, UnknownIngest, fold_events
 from app.ingest.urls import detect_url
 from app.projections.ingests import INGEST_STREAM, IngestRow, list_ingests, load_ingest, to_row
-from app.services import Services
+from app.runtime.services import Services
 
 __all__ = ["IngestController", "IngestsController"]
 
@@ -67,18 +67,12 @@ async def _stream(services: Services, ingest_id: str, after: int | None) -> Resp
     finished = next((e.position for e in events if e.event == "complete"), None)
     if after is not None and finished is not None and after >= finished:
         return Response(content=b"", status_code=204)
-    settings = services.settings.server
-    return EventStreamResponse(
-        event_stream(
-            services.store,
-            after,
-            _filter(ingest_id),
-            build=payload_frame,
-            heartbeat_seconds=settings.heartbeat_seconds,
-            retry_ms=settings.retry_ms,
-            stop=_is_complete,
-        ),
-        write_timeout=settings.write_timeout_seconds,
+    return log_stream(
+        services,
+        after,
+        _filter(ingest_id),
+        build=payload_frame,
+        stop=_is_complete,
         headers={"X-Ingest-Id": ingest_id},
     )
 

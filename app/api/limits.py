@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,12 +54,14 @@ def check_payload_sizes(events: Sequence[NewEvent], limit: int, *, batch: bool) 
 
 
 class SseConnections:
-    """Open SSE connections of this instance, against the configured cap."""
+    """Open SSE connections of this instance, against the configured cap, and the streams
+    each transport has written."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
         self.refused = 0
+        self.transports: Counter[str] = Counter()
 
 
 def _is_sse_route(scope: Scope) -> bool:

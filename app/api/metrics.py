@@ -22,8 +22,8 @@ from app.api.limits import SseConnections
 from app.observability import Histogram
 from app.projections.agents import agent_activities
 from app.projections.ingests import ingests
+from app.runtime.services import Services
 from app.server import CONNECTION_EXTENSION
-from app.services import Services
 
 if TYPE_CHECKING:
     from app.server.connections import ConnectionGuard
@@ -165,6 +165,16 @@ async def metrics(
             "counter",
             "SSE requests refused with 503 at the connection limit.",
             [({}, connections.refused)],
+        )
+        out.family(
+            "activity_sse_streams_total",
+            "counter",
+            "SSE streams by the transport that wrote them: lean (app/api/sse/lean.py) or "
+            "task_group (SSE_LEAN_STREAMS=0).",
+            [
+                ({"transport": "lean"}, connections.transports["LeanSubscriber"]),
+                ({"transport": "task_group"}, connections.transports["TaskGroupSubscriber"]),
+            ],
         )
     extensions: dict[str, Any] = request.scope.get("extensions") or {}
     guard: ConnectionGuard | None = (extensions.get(CONNECTION_EXTENSION) or {}).get("guard")

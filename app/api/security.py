@@ -32,7 +32,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from app.settings import SecuritySettings
+from app.config import SecuritySettings
 
 __all__ = [
     "ACCESS_TOKEN_PARAMETER",

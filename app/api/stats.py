@@ -20,9 +20,9 @@ from litestar.di import NamedDependency, Provide
 from app.api.deps import ServicesDep
 from app.api.events import LastEventIdHeader, LastEventIdQuery
 from app.api.sse import EventStreamResponse, control_frame, parse_last_event_id
-from app.eventlog.envelope import utc_now
+from app.events.envelope import utc_now
 from app.projections.stats import SNAPSHOT_PROJECTIONS, Stats, read_stats
-from app.services import Services
+from app.runtime.services import Services
 
 __all__ = ["MIN_INTERVAL", "StatsController", "StatsSnapshots", "stats_stream"]
 

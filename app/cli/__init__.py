@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from app.cli import agents, ingest, replay, service, tail, transfer
 from app.cli.common import CliError, print_error
-from app.settings import SettingsError
+from app.config import SettingsError
 
 __all__ = ["MODULE_PROG", "build_parser", "main"]
 

@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from app.settings import get_settings
+import msgspec
+
+from app.config import get_settings
 
 if TYPE_CHECKING:
-    from app.services import Services
+    from app.runtime.services import Services
 
 __all__ = [
     "CliError",
@@ -75,16 +77,14 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_local_database(url: str) -> None:
-    """Reading commands must not create an empty SQLite file where none was."""
-    from app.database import is_sqlite, sqlite_path
+    """Reading commands must not create an empty database where none was."""
+    from app.backends import backend_for
 
-    if is_sqlite(url):
-        path = sqlite_path(url)
-        if path is not None and not path.exists():
-            raise CliError(
-                f"no database at {path}: set DATABASE_URL to the service's database, "
-                "or use --server URL"
-            )
+    missing = backend_for(url).missing()
+    if missing is not None:
+        raise CliError(
+            f"{missing}: set DATABASE_URL to the service's database, or use --server URL"
+        )
 
 
 @asynccontextmanager
@@ -97,10 +97,10 @@ async def open_local_store() -> AsyncIterator[Any]:
     check_local_database(settings.database.url)
     engine = create_engine(settings.database.url, pool_size=2)
     try:
-        # Read from, not appended to: the appender's thread idles, where a process would start.
-        store = await EventStore.open(
-            engine, poll_seconds=settings.server.poll_seconds, sqlite_appender="thread"
-        )
+        # Read from, not appended to: an appender on a thread idles, where a process would
+        # start.
+        reading = msgspec.structs.replace(settings.database, sqlite_appender="thread")
+        store = await EventStore.open(engine, reading, poll_seconds=settings.server.poll_seconds)
         try:
             yield store
         finally:
@@ -126,7 +126,7 @@ def content_store_in_use(advice: str = "", code: int = 1) -> Iterator[None]:
 async def open_local_services() -> AsyncIterator[Services]:
     """The service's parts in this process, on the local settings (jobs run here). A content
     store held by a running server is reported as such, with the way out."""
-    from app.services import open_services
+    from app.runtime.services import open_services
 
     with content_store_in_use(
         ". If that is a running server, use it instead with --server URL "

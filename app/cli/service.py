@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from app.cli.common import CliError, content_store_in_use, redacted
-from app.settings import Settings, get_settings
+from app.config import Settings, get_settings
 
 __all__ = ["load_granian_app", "register"]
 

@@ -26,7 +26,7 @@ from app.cli.common import (
 )
 from app.cli.service import rebuild_projections
 from app.client import ActivityClient, ActivityError
-from app.settings import get_settings
+from app.config import get_settings
 
 if TYPE_CHECKING:
     from app.eventlog import Event
@@ -117,7 +117,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _read_envelopes(source: BinaryIO) -> Iterator[Event]:
     from app.eventlog import ImportRefused
-    from app.eventlog.envelope import decode_event
+    from app.events.envelope import decode_event
 
     for number, line in enumerate(source, start=1):
         line = line.rstrip(b"\r\n")

@@ -39,7 +39,7 @@ from surrealdb import (
     Table,
 )
 
-from app.settings import ContentSettings
+from app.config import ContentSettings
 
 __all__ = [
     "TABLES",

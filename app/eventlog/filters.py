@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 from sqlalchemy import ColumnElement
 
-from app.eventlog.envelope import Event
 from app.eventlog.tables import events
+from app.events.envelope import Event
 
 __all__ = ["EventFilter"]
 

@@ -19,15 +19,14 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import msgspec
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.database import write_transaction
-from app.eventlog.appenders import APPEND_LOCK_KEY, NOTIFY_CHANNEL
-from app.eventlog.envelope import Event, parse_event_id
+from app.backends import backend_of
 from app.eventlog.store import check_names
 from app.eventlog.tables import events
+from app.events.envelope import Event, parse_event_id
 
 __all__ = ["ImportRefused", "ImportResult", "import_events"]
 
@@ -101,14 +100,6 @@ class _Checks:
         }
 
 
-async def _lock_log(connection: AsyncConnection) -> None:
-    if connection.dialect.name == "postgresql":
-        await connection.execute(
-            text("SELECT pg_advisory_xact_lock(:key)"), {"key": APPEND_LOCK_KEY}
-        )
-    # SQLite: the transaction began with BEGIN IMMEDIATE (write_transaction), which is the lock.
-
-
 async def import_events(
     engine: AsyncEngine, found: Iterable[Event], *, batch_size: int = 2000
 ) -> ImportResult:
@@ -118,10 +109,11 @@ async def import_events(
     events break an invariant of the log.
     """
     checks = _Checks()
+    backend = backend_of(engine)
     async with engine.connect() as connection:
-        connection = await write_transaction(connection)
+        connection = await backend.write_transaction(connection)
         async with connection.begin():
-            await _lock_log(connection)
+            await backend.lock_log(connection)
             head = (
                 await connection.execute(select(func.coalesce(func.max(events.c.position), 0)))
             ).scalar_one()
@@ -144,10 +136,7 @@ async def import_events(
                     await connection.execute(insert(events), batch)
             except IntegrityError as exc:
                 raise ImportRefused(f"an event_id appears twice: {exc.orig}") from None
-            if connection.dialect.name == "postgresql" and checks.count:
+            if checks.count:
                 # Wakes other processes' tails, as an append would.
-                await connection.execute(
-                    text("SELECT pg_notify(:channel, :head)"),
-                    {"channel": NOTIFY_CHANNEL, "head": str(checks.head)},
-                )
+                await backend.announce(connection, checks.head)
     return ImportResult(checks.count, checks.head)

@@ -7,9 +7,10 @@ the data: the ring is only ever filled in position order from committed rows, an
 falls behind the ring reads the table itself. A wake-up carries no data; after one, readers
 re-read ``position > last``.
 
-Sources of wake-ups: this process's appender (which hands over its committed batch), PostgreSQL
-LISTEN/NOTIFY for other processes' appends, and a slow fallback poll, since NOTIFY is lost across
-reconnects and behind transaction-pooling proxies, and SQLite has no notifications at all.
+Sources of wake-ups: this process's appender (which hands over its committed batch), the
+backend's listener for other processes' appends (:meth:`~app.backends.base.Backend.listener`),
+and a slow fallback poll, since a notification can be lost (across reconnects, behind
+transaction-pooling proxies) and some databases have none at all.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import Any
 
 import msgspec
 
-from app.eventlog.envelope import Event, encode_event
+from app.events.envelope import Event, encode_event
+from app.runtime.background import Background
 
-__all__ = ["LogEntry", "LogFeed", "PostgresListener", "Subscription"]
+__all__ = ["LogEntry", "LogFeed", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +190,7 @@ class LogFeed:
         self._head = head
         self._changed = asyncio.get_running_loop().create_future()
         self._wake = asyncio.Event()
-        self._follower: asyncio.Task[None] | None = None
+        self._follower = Background("log-feed-follower")
         self.subscribers = 0
         self._subscriptions: set[Subscription] = set()
         # The idle ones: an advance resolves each one's waiter (an idle tail costs a future,
@@ -204,18 +206,14 @@ class LogFeed:
         return self._head
 
     def start(self) -> None:
-        self._follower = asyncio.create_task(self._follow(), name="log-feed-follower")
+        self._follower.start(self._follow())
 
     async def close(self) -> None:
         self._timers.close()
         if self._round is not None:
             self._round.cancel()
             self._round = None
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
+        await self._follower.stop()
 
     def subscribe(self, after: int) -> Subscription:
         subscription = Subscription(after)
@@ -382,71 +380,3 @@ class LogFeed:
             self._extend(events)
             if len(events) < 1000:
                 return
-
-
-def _on_termination(lost: asyncio.Event) -> Callable[[Any], None]:
-    def terminated(_connection: Any) -> None:
-        lost.set()
-
-    return terminated
-
-
-class PostgresListener:
-    """LISTEN on the append channel; wakes the feed, re-LISTENs after the connection drops."""
-
-    def __init__(self, dsn: str, channel: str, on_notify: Callable[[int], None]) -> None:
-        self._dsn = dsn
-        self._channel = channel
-        self._on_notify = on_notify
-        self._task: asyncio.Task[None] | None = None
-        self.connected = asyncio.Event()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="postgres-listener")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    def _notified(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
-        try:
-            self._on_notify(int(payload))
-        except ValueError:
-            self._on_notify(0)
-
-    async def _run(self) -> None:
-        import asyncpg
-
-        delay = 0.1
-        while True:
-            lost = asyncio.Event()
-            connection: Any = None
-            try:
-                connection = await asyncpg.connect(self._dsn)
-                connection.add_termination_listener(_on_termination(lost))
-                await connection.add_listener(self._channel, self._notified)
-                self.connected.set()
-                delay = 0.1
-                # Whatever was appended while we were not listening is fetched now.
-                self._on_notify(0)
-                while not lost.is_set():
-                    try:
-                        await asyncio.wait_for(lost.wait(), 5.0)
-                    except TimeoutError:
-                        # A half-open connection never reports its loss; a query does.
-                        await asyncio.wait_for(connection.fetchval("SELECT 1"), 5.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
-            finally:
-                self.connected.clear()
-                if connection is not None and not connection.is_closed():
-                    connection.terminate()
-            # Wake the feed: the fallback poll covers the gap, but sooner is better.
-            self._on_notify(0)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -26,24 +25,15 @@ from sqlalchemy import ColumnElement, Select, String, func, literal, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.database import is_sqlite, json_quoted, sqlite_path
-from app.eventlog.appenders import (
-    NOTIFY_CHANNEL,
-    Appender,
-    AppendRequest,
-    GuardedWrite,
-    PostgresAppender,
-    SqliteAppender,
-    postgres_dsn,
-)
-from app.eventlog.envelope import Event, NewEvent
-from app.eventlog.errors import AppendError, LogUnavailable
+from app.backends import Appender, AppendRequest, Backend, GuardedWrite, Listener, backend_of
+from app.config import DatabaseSettings
 from app.eventlog.filters import EventFilter
 from app.eventlog.metrics import AppendFailure, AppendMetrics
-from app.eventlog.notify import LogFeed, PostgresListener
-from app.eventlog.plan import AppendResult, Plan
+from app.eventlog.notify import LogFeed
 from app.eventlog.tables import events
-from app.eventlog.writer_process import ProcessSqliteAppender
+from app.events.envelope import Event, NewEvent
+from app.events.errors import AppendError, LogUnavailable
+from app.events.plan import AppendResult, Plan
 
 __all__ = [
     "AppendResult",
@@ -69,16 +59,6 @@ _COLUMNS = (
     events.c.timestamp,
     events.c.payload,
 )
-
-
-#: How a SQLite log is written: from a process of its own (the default: no GIL shared with
-#: the event loop), or from a thread of the service's process.
-SQLITE_APPENDERS: dict[str, type[ProcessSqliteAppender] | type[SqliteAppender]] = {
-    "process": ProcessSqliteAppender,
-    "thread": SqliteAppender,
-}
-#: The appenders that make guarded writes (:meth:`EventStore.write_guarded`).
-_GUARDED_WRITERS = (ProcessSqliteAppender, SqliteAppender)
 
 
 class Page(NamedTuple):
@@ -149,46 +129,12 @@ async def _head(connection: AsyncConnection) -> int:
     return int(result.scalar_one())
 
 
-#: Pages of fewer rows than this are fetched through SQLAlchemy's result: compiling the
-#: statement for the driver costs 0.3-0.5 ms (SQLAlchemy's own execution reuses a cached
-#: compilation), more than a short page's rows save.
-_RAW_MIN_ROWS = 500
-
-
 async def _rows(
     connection: AsyncConnection, query: Select[Any], limit: int
 ) -> Sequence[Sequence[Any]]:
-    """The rows of ``query`` (at most ``limit``) as tuples of column values.
-
-    On SQLite, a long page is fetched from aiosqlite's cursor directly: building
-    SQLAlchemy's result rows cost about 1.3 us per row, a third of a replay's time per event
-    (bench/README.md, replay). The query is compiled by SQLAlchemy all the same; the log's
-    columns have no result processing on SQLite, so the values are those SQLAlchemy would
-    have given.
-    """
-    rows: Sequence[Sequence[Any]]
-    if connection.dialect.name != "sqlite" or limit < _RAW_MIN_ROWS:
-        rows = (await connection.execute(query)).all()
-        return rows
-    compiled = query.compile(
-        dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
-    )
-    values = compiled.construct_params()
-    parameters = [values[name] for name in compiled.positiontup or ()]
-    driver = (await connection.get_raw_connection()).driver_connection
-    assert driver is not None
-    try:
-        async with driver.execute(compiled.string, parameters) as cursor:
-            rows = await cursor.fetchall()
-    except sqlite3.Error as exc:
-        # Raised as SQLAlchemy raises it: callers tell a database that is away by DBAPIError
-        # (the API answers 503, a tail retries).
-        wrapped = DBAPIError.instance(
-            compiled.string, parameters, exc, sqlite3.Error, dialect=connection.dialect
-        )
-        assert isinstance(wrapped, DBAPIError)
-        raise wrapped from exc
-    return rows
+    """The rows of ``query`` (at most ``limit``), fetched as the connection's backend
+    fetches them fastest."""
+    return await backend_of(connection).fetch_rows(connection, query, limit)
 
 
 def _to_event(row: Sequence[Any]) -> Event:
@@ -266,10 +212,10 @@ _QUOTING_SAMPLE = "".join(map(chr, range(1, 2048))) + "\u2028\u2029\ufeff\uffff\
 
 
 async def _quotes_as_msgspec(connection: AsyncConnection) -> bool:
-    """Whether this database quotes text as JSON (:func:`~app.database.json_quoted`) exactly
-    as msgspec does, so that frames it builds are those the service builds (false, too,
-    for one without the function)."""
-    quoted = json_quoted(connection.dialect.name, literal(_QUOTING_SAMPLE, String))
+    """Whether this database quotes text as JSON (:meth:`~app.backends.base.Backend.
+    json_quoted`) exactly as msgspec does, so that frames it builds are those the service
+    builds (false, too, for one without the function)."""
+    quoted = backend_of(connection).json_quoted(literal(_QUOTING_SAMPLE, String))
     try:
         result = await connection.execute(select(quoted))
     except DBAPIError:
@@ -280,56 +226,45 @@ async def _quotes_as_msgspec(connection: AsyncConnection) -> bool:
 class EventStore:
     """Append, read and follow the log. Create with :meth:`open`, release with :meth:`close`."""
 
-    def __init__(self, engine: AsyncEngine, appender: Appender) -> None:
+    def __init__(self, engine: AsyncEngine, backend: Backend, appender: Appender) -> None:
         self._engine = engine
         self._appender = appender
         self._loop = asyncio.get_running_loop()
         # Requests of this turn of the event loop, handed to the appender at its end.
         self._pending: list[AppendRequest] = []
-        self._listener: PostgresListener | None = None
+        self._listener: Listener | None = None
         self._closed = False
         self._reads: set[asyncio.Task[Any]] = set()
         #: Whether the database builds frames (see frames_from_rows), checked when opened.
         self._frames_in_sql = False
-        #: The database's dialect name (``sqlite``, ``postgresql``).
-        self.dialect: str = engine.dialect.name
+        #: The database the log is in.
+        self.backend = backend
         self.feed: LogFeed
         self.metrics = AppendMetrics()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine the store reads with."""
+        return self._engine
 
     @classmethod
     async def open(
         cls,
         engine: AsyncEngine,
+        settings: DatabaseSettings | None = None,
         *,
-        max_batch_events: int = 2000,
         poll_seconds: float = 1.0,
-        # The newest events kept in memory for tails and projection steps. A step that keeps
-        # up takes its page from here; under ~80k appends/s a step's 0.1 s pause and its own
-        # time came to more than 10,000 events, and the projections fell back to reading the
-        # table (until projected: ~56k -> ~75k events/s with 50,000). Bounded in bytes too.
+        # The newest events kept in memory for tails and projection steps: a step that keeps
+        # up takes its page from here and not from the table, as long as the events appended
+        # between two steps fit. Bounded in bytes too.
         feed_capacity: int = 50_000,
         feed_max_bytes: int = 64 * 1024 * 1024,
-        busy_timeout_seconds: float = 10.0,
-        sqlite_appender: str = "process",
     ) -> EventStore:
-        url = engine.url.render_as_string(hide_password=False)
-        appender: Appender
-        if is_sqlite(url):
-            path = sqlite_path(url)
-            if path is None:
-                raise ValueError("the event log needs a SQLite file, not an in-memory database")
-            kind = SQLITE_APPENDERS.get(sqlite_appender)
-            if kind is None:
-                raise ValueError(
-                    f"sqlite_appender must be one of {', '.join(SQLITE_APPENDERS)}, "
-                    f"got {sqlite_appender!r}"
-                )
-            appender = kind(
-                path, busy_timeout_seconds=busy_timeout_seconds, max_batch_events=max_batch_events
-            )
-        else:
-            appender = PostgresAppender(url, max_batch_events=max_batch_events)
-        store = cls(engine, appender)
+        """The log in ``engine``'s database, appended to as ``settings`` configure (their
+        defaults if None)."""
+        backend = backend_of(engine)
+        appender = backend.appender(settings or DatabaseSettings())
+        store = cls(engine, backend, appender)
         store._frames_in_sql = await store._read_to_the_end(_quotes_as_msgspec)
         if not store._frames_in_sql:
             logger.warning(
@@ -345,10 +280,8 @@ class EventStore:
             poll_seconds=poll_seconds,
         )
         store.feed.start()
-        if not is_sqlite(url):
-            store._listener = PostgresListener(
-                postgres_dsn(url), NOTIFY_CHANNEL, store.feed.advance_to
-            )
+        store._listener = backend.listener(store.feed.advance_to)
+        if store._listener is not None:
             store._listener.start()
         return store
 
@@ -411,30 +344,24 @@ class EventStore:
             self.metrics.last_failure = None
         return problem
 
-    @property
-    def writes_between_appends(self) -> bool:
-        """True when :meth:`write_guarded` is available (a SQLite log)."""
-        return isinstance(self._appender, _GUARDED_WRITERS)
-
     async def write_guarded(self, write: GuardedWrite) -> bool:
-        """Run ``write`` on the appender's own connection, between two of its transactions,
-        unless its guard reads something else (then False: nothing written). SQLite only.
+        """Make ``write`` through the log's appender, unless its guard reads something else
+        (then False: nothing written).
 
-        A writer with its own connection has to win SQLite's write lock from the appender,
-        and holds appends for as long as its transaction lasts: with its statements made on
-        the event loop, every statement waits its turn on a busy loop. Here the statements
-        run back to back in the appender, which is never held.
+        Where the log and other writers share one write lock (SQLite), a writer with its own
+        connection holds appends for as long as its transaction lasts, and with its
+        statements made on the event loop every statement waits its turn on a busy loop.
+        Here the statements run back to back in the appender, between two of its
+        transactions.
         """
-        appender = self._appender
-        if not isinstance(appender, _GUARDED_WRITERS):
-            raise TypeError("guarded writes go through a SQLite log's appender only")
         if self._closed:
             raise LogUnavailable("the event log is shutting down")
-        return await appender.write_guarded(write)
+        return await self._appender.write_guarded(write)
 
     def write_turn(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold this store's appends while the caller writes to the same database, so that
-        it does not wait on, or stall, them for the database's write lock (SQLite's only)."""
+        it does not wait on, or stall, them for the database's write lock, where appends and
+        other writers share one (see :meth:`~app.backends.base.Appender.turn`)."""
         return self._appender.turn()
 
     async def append_one(self, event: NewEvent) -> AppendResult:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Table, Text
+from sqlalchemy import Column, Index, Integer, String, Table, Text
 
+from app.backends.schema import POSITION
 from app.database import metadata
 
-__all__ = ["MAX_POSITION", "MAX_VERSION", "POSITION", "events"]
+__all__ = ["MAX_POSITION", "MAX_VERSION", "events"]
 
-# INTEGER PRIMARY KEY is SQLite's rowid (the table's own key, no second b-tree); BIGINT elsewhere.
-POSITION = BigInteger().with_variant(Integer(), "sqlite")
 #: The largest position the column holds (a signed 64-bit integer on both databases).
 MAX_POSITION = 2**63 - 1
 #: The largest version the column holds (INTEGER: 32 bits on PostgreSQL); a request naming a

@@ -37,9 +37,9 @@ import msgspec
 import trafilatura
 from trafilatura.settings import Document
 
+from app.config import IngestSettings
 from app.ingest.failures import describe_failure, with_retries
 from app.ingest.model import IngestFailure, Progress, RetryNotice
-from app.settings import IngestSettings
 
 __all__ = [
     "MAX_REDIRECTS",

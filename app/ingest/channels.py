@@ -48,9 +48,9 @@ import msgspec
 import requests
 import yt_dlp
 
+from app.config import IngestSettings
 from app.ingest.failures import describe_failure, proxy_hint, with_retries
 from app.ingest.model import ChannelLimit, IngestFailure, Progress, RetryNotice
-from app.settings import IngestSettings
 
 __all__ = [
     "ChannelListing",

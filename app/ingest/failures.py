@@ -39,8 +39,8 @@ from youtube_transcript_api import (
     YouTubeRequestFailed,
 )
 
+from app.config import IngestSettings
 from app.ingest.model import IngestFailure, RetryNotice
-from app.settings import IngestSettings
 
 __all__ = [
     "Source",

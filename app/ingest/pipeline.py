@@ -11,15 +11,15 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from app.config import IngestSettings
 from app.content import Archive, ContentStore, article_key
-from app.eventlog.envelope import utc_now
+from app.events.envelope import utc_now
 from app.ingest.articles import fetch_article
 from app.ingest.channels import list_channel
 from app.ingest.model import ChannelLimit, IngestFailure, IngestType, RetryNotice
 from app.ingest.service import IngestRun, IngestService, child_ingest_id
 from app.ingest.urls import detect_url
 from app.ingest.youtube import fetch_metadata, fetch_transcript
-from app.settings import IngestSettings
 
 __all__ = ["STEPS", "IngestPipeline"]
 

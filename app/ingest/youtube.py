@@ -18,9 +18,9 @@ import requests
 from youtube_transcript_api import Transcript as TranscriptTrack
 from youtube_transcript_api import YouTubeTranscriptApi
 
+from app.config import IngestSettings
 from app.ingest.failures import describe_failure, with_retries
 from app.ingest.model import IngestFailure, RetryNotice, Snippet
-from app.settings import IngestSettings
 
 __all__ = [
     "Transcript",

@@ -23,10 +23,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.database import metadata, upsert
+from app.backends import upsert
+from app.backends.schema import POSITION
+from app.database import metadata
 from app.eventlog import Event, EventFilter
-from app.eventlog.envelope import format_timestamp
-from app.eventlog.tables import POSITION
+from app.events.envelope import format_timestamp
 
 __all__ = [
     "AGENT_STATUSES",

@@ -8,9 +8,9 @@ from typing import Protocol
 from sqlalchemy import Column, String, Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.backends.schema import POSITION
 from app.database import metadata
 from app.eventlog import Event, EventFilter
-from app.eventlog.tables import POSITION
 
 __all__ = ["Projection", "checkpoints"]
 

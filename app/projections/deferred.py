@@ -1,6 +1,6 @@
 """A projection step's writes, kept to be made later in one transaction by the log's writer.
 
-On SQLite the log's appender and the projections share one write lock. A step that writes
+Where the log's appender and the projections share one write lock (SQLite), a step that writes
 through a connection of its own holds that lock, and with it every append, for as long as
 its transaction lasts, and each statement it makes on the event loop first waits for the
 loop to come round to it: under load a step held appends for ~25 ms, ten times a second.
@@ -8,7 +8,7 @@ loop to come round to it: under load a step held appends for ~25 ms, ten times a
 connection already reading at the checkpoints the step started from, and its writes are
 compiled to SQL and rows of parameters and kept. The runner then hands them to the appender
 (:meth:`~app.eventlog.EventStore.write_guarded`), which makes them in one transaction
-between two of its own, guarded by the checkpoints: if another process moved one in the
+(there, between two of its own), guarded by the checkpoints: if another process moved one in the
 meantime, nothing is written and the step is taken again under the lock.
 """
 
@@ -54,12 +54,14 @@ def compile_write(
 
 
 class DeferredWrites:
-    """The part of :class:`AsyncConnection` a projection step uses (``dialect`` and
+    """The part of :class:`AsyncConnection` a projection step uses (``dialect``,
+    ``sync_engine``, by which :func:`~app.backends.backend_of` finds its backend, and
     ``execute``): reads go to ``reads``, writes are compiled and kept in ``statements``."""
 
     def __init__(self, reads: AsyncConnection) -> None:
         self._reads = reads
         self.dialect = reads.dialect
+        self.sync_engine = reads.sync_engine
         self.statements: list[tuple[str, list[list[Any]]]] = []
 
     async def execute(self, statement: Executable, parameters: Any = None) -> Any:

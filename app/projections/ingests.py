@@ -13,9 +13,10 @@ import msgspec
 from sqlalchemy import Column, Index, Integer, String, Table, Text, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.database import metadata, upsert
+from app.backends import upsert
+from app.backends.schema import POSITION
+from app.database import metadata
 from app.eventlog import Event, EventFilter
-from app.eventlog.tables import POSITION
 
 __all__ = [
     "ACTIVE_STATUSES",

@@ -2,8 +2,8 @@
 
 Every step reads the events after a projection's checkpoint and applies them in one
 transaction that also moves the checkpoint, so a crash at any point leaves the rows and the
-checkpoint in agreement. The checkpoint row is locked for the step (``FOR UPDATE``; SQLite's
-write lock does the same), so two processes never apply the same events.
+checkpoint in agreement. The checkpoint rows are locked for the step's writes (``FOR UPDATE``,
+or the database's one write lock), so two processes never apply the same events.
 
 Reads after an append see it by waiting for the checkpoint: an API read first takes the log's
 head, then waits (briefly) until the projection has caught up to it.
@@ -12,8 +12,8 @@ The runner folds every projection that is behind in one transaction, and takes i
 step no sooner than ``coalesce_seconds`` after the previous one: under a stream of appends it
 folds many commits per step (one write lock and one fsync for all of them) instead of taking
 the database's write lock after every commit, which would stall the appenders. A reader
-waiting for a position (:meth:`ProjectionRunner.wait_for`) cuts that pause short. On SQLite
-a step's writes are made by the log's own writer, between two appends
+waiting for a position (:meth:`ProjectionRunner.wait_for`) cuts that pause short. A step's
+writes are made by the log's appender, guarded by the checkpoints the step read
 (:mod:`app.projections.deferred`).
 """
 
@@ -25,16 +25,16 @@ import logging
 from collections.abc import Sequence
 from typing import cast
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.database import upsert, write_transaction
+from app.backends import GuardedWrite, upsert, write_transaction
 from app.eventlog import EventFilter, EventStore
-from app.eventlog.appenders import GuardedWrite
-from app.eventlog.envelope import utc_now
 from app.eventlog.store import Page, read_page, rows_within
+from app.events.envelope import utc_now
 from app.projections.base import Projection, checkpoints
-from app.projections.deferred import DeferredWrites
+from app.projections.deferred import DeferredWrites, compile_write
+from app.runtime.background import Background
 
 __all__ = ["ProjectionRunner", "UnknownProjection"]
 
@@ -133,7 +133,7 @@ class ProjectionRunner:
         self.projections = {projection.name: projection for projection in projections}
         self._positions: dict[str, int] = {}
         self._advanced: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task = Background("projection-runner")
         self._checkpoints_ready = False
 
     def get(self, name: str) -> Projection:
@@ -145,14 +145,10 @@ class ProjectionRunner:
 
     async def start(self) -> None:
         await self._ensure_checkpoints()
-        self._task = asyncio.create_task(self._run(), name="projection-runner")
+        self._task.start(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
 
     async def _ensure_checkpoints(self) -> None:
         async with self._engine.connect() as connection:
@@ -178,7 +174,7 @@ class ProjectionRunner:
         while True:
             changed = feed.changed()
             try:
-                # Known to be caught up: skip the step (and, on SQLite, its write lock).
+                # Known to be caught up: skip the step (and its lock).
                 behind = [
                     name for name in self.projections if self._positions.get(name, -1) < feed.head
                 ]
@@ -210,14 +206,14 @@ class ProjectionRunner:
 
         Each round reads the projections' next pages of events, and their checkpoints, before
         it writes: committed events never change, so only the projections' own writes need
-        the write lock. On SQLite, where that lock is the log's too, a runner with a store
-        folds the round on that same read (at those checkpoints) and hands its writes to the
-        log's writer, which makes them between two appends, only if the checkpoints have not
-        moved (:meth:`_step_deferred`); appends never wait on the event loop for a step.
-        Otherwise, and when another process moved a checkpoint in between, the round is
-        taken under the lock (:meth:`_step_locked`): there a checkpoint that moved since the
-        page was read sends that projection back to reading its page. Checkpoints are locked
-        in the same order (by name) in every process.
+        a lock. A runner with a store folds the round on that same read (at those
+        checkpoints) and hands its writes to the log's appender, which makes them only if
+        the checkpoints have not moved (:meth:`_step_deferred`): where appends and other
+        writers share one write lock, between two appends, so appends never wait on the
+        event loop for a step. Without a store, and when another process moved a checkpoint
+        in between, the round is taken under the lock (:meth:`_step_locked`): there a
+        checkpoint that moved since the page was read sends that projection back to reading
+        its page. Checkpoints are locked in the same order (by name) in every process.
         """
         if not self._checkpoints_ready:  # a runner used without start() has made no rows yet
             await self._ensure_checkpoints()
@@ -228,7 +224,7 @@ class ProjectionRunner:
             async with self._engine.connect() as connection:
                 seen = await _read_checkpoints(connection, pending)
                 pages = await self._read_pages(connection, pending, seen)
-                if self._store is not None and self._store.writes_between_appends:
+                if self._store is not None:
                     stepped = await self._step_deferred(connection, pending, seen, pages)
             if stepped is None:
                 stepped = await self._step_locked(pending, seen, pages)
@@ -260,10 +256,19 @@ class ProjectionRunner:
             return stepped
         await _move_checkpoints(writes, moved)
         names = sorted(seen)
+        # The checkpoints as the step read them, locked till the write commits where the
+        # database locks rows; each name a parameter of its own (a kept statement cannot
+        # expand a list when it runs).
+        guard = (
+            select(checkpoints.c.name, checkpoints.c.position)
+            .where(checkpoints.c.name.in_([literal(name) for name in names]))
+            .order_by(checkpoints.c.name)
+            .with_for_update()
+        )
+        guard_sql, (guard_parameters,) = compile_write(guard, None, connection.dialect)
         guarded = GuardedWrite(
-            f"SELECT name, position FROM {checkpoints.name}"
-            f" WHERE name IN ({', '.join('?' * len(names))}) ORDER BY name",
-            names,
+            guard_sql,
+            guard_parameters,
             [[name, seen[name]] for name in names],
             deferred.statements,
         )
@@ -273,8 +278,8 @@ class ProjectionRunner:
         self, projections: list[Projection], seen: dict[str, int], pages: dict[str, Page]
     ) -> list[tuple[Projection, int, bool]]:
         """One step in a write transaction of its own, the checkpoints locked: a page read
-        at a checkpoint another process has moved since is read again under the lock. On
-        SQLite it runs in the store's write turn (:meth:`EventStore.write_turn`)."""
+        at a checkpoint another process has moved since is read again under the lock. It
+        runs in the store's write turn (:meth:`EventStore.write_turn`)."""
         # The connection first: a wait for one (a busy pool) must not hold the appends.
         async with self._engine.connect() as connection, self._write_turn():
             connection = await write_transaction(connection)

@@ -35,8 +35,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.config import Settings
 from app.server import CONNECTION_EXTENSION
-from app.settings import Settings
 
 __all__ = [
     "CONNECTION_EXTENSION",

@@ -17,7 +17,7 @@ from app.agents.coordinator import AgentRuns
 from app.agents.tracker import Activity
 from app.agents.workers import AgentContext
 from app.content import article_key
-from app.services import Services, open_services
+from app.runtime.services import Services, open_services
 from tests.fakes.youtube import OEMBED, VIDEO, player, read_fixture, serve_video
 from tests.support import (
     InProcessServer,

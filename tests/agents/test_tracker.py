@@ -10,7 +10,7 @@ import pytest
 
 from app.agents.tracker import ActivityTracker
 from app.projections.agents import load_activity
-from app.services import Services, open_services
+from app.runtime.services import Services, open_services
 from tests.support import make_settings
 
 

@@ -12,6 +12,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ import msgspec
 import pytest
 
 from app.api.sse import envelope_frame, payload_frame
+from app.config import Settings
 from app.eventlog import Event, LogEntry, NewEvent, canonical_payload
 from tests.support import (
     InProcessServer,
@@ -32,6 +34,25 @@ from tests.support import (
 STREAMS = ["/events/stream", "/agents/stream"]
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 MALFORMED_IDS = ["abc", "-1", "1.5", "99999999999999999999", "1e3", "0x10", "٣"]
+
+
+#: Every test here runs on both SSE transports: the lean one (the default) and the plain
+#: task group (SSE_LEAN_STREAMS=0), which must answer alike.
+TRANSPORTS = {"lean": "1", "task_group": "0"}
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path, transport: str) -> Settings:
+    return sse_settings(database_url, transport, ARCHIVE_DIR=str(tmp_path / "archive"))
+
+
+def sse_settings(database_url: str, transport: str, **env: str) -> Settings:
+    return make_settings(database_url, SSE_LEAN_STREAMS=TRANSPORTS[transport], **env)
 
 
 @pytest.fixture
@@ -119,9 +140,11 @@ async def wait_until(predicate: Any, within: float, what: str) -> None:
 # --- framing -------------------------------------------------------------------------------
 
 
-async def test_headers_and_retry_frame_arrive_before_any_event(database_url: str) -> None:
+async def test_headers_and_retry_frame_arrive_before_any_event(
+    database_url: str, transport: str
+) -> None:
     # With a heartbeat a minute away, only a flushed retry frame can arrive in time.
-    settings = make_settings(database_url, HEARTBEAT_SECONDS="60")
+    settings = sse_settings(database_url, transport, HEARTBEAT_SECONDS="60")
     async with (
         running_server(settings) as server,
         httpx.AsyncClient(base_url=server.base_url, timeout=30) as client,
@@ -620,10 +643,10 @@ def _decode_chunked(raw: bytes) -> tuple[bytes, bool]:
 
 @pytest.mark.slow
 async def test_a_subscriber_that_stops_reading_is_dropped_without_blocking_others(
-    database_url: str, caplog: pytest.LogCaptureFixture
+    database_url: str, transport: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_timeout = 1.0
-    settings = make_settings(database_url, SSE_WRITE_TIMEOUT_SECONDS=str(write_timeout))
+    settings = sse_settings(database_url, transport, SSE_WRITE_TIMEOUT_SECONDS=str(write_timeout))
     big = "x" * 50_000
     server_errors = logging.getLogger("uvicorn.error")
     async with (
@@ -843,3 +866,40 @@ async def test_a_replay_after_a_restart_is_byte_for_byte_what_the_feed_gave(
         assert second.services.store.feed.entries_after(0) is None, "a new feed holds nothing"
         for (path, params), frames in sent.items():
             assert await event_frames(client, path, dict(params), len(frames)) == frames
+
+
+async def raw_stream(client: httpx.AsyncClient, path: str, until: bytes | None) -> bytes:
+    """The body of one stream, as sent: to its end, or until ``until`` has arrived."""
+    body = b""
+    async with client.stream("GET", path, headers={"Last-Event-ID": "0"}) as response:
+        assert response.status_code == 200
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if until is not None and until in body:
+                break
+    return body
+
+
+async def test_both_transports_send_the_same_bytes(database_url: str) -> None:
+    """The lean transport is a fast path of the plain one: every stream is the same bytes."""
+    bodies: dict[str, list[bytes]] = {}
+    for transport in sorted(TRANSPORTS):
+        settings = sse_settings(database_url, transport, HEARTBEAT_SECONDS="60")
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url, timeout=30) as client,
+        ):
+            if not bodies:
+                for n in range(150):
+                    await post(client, f"a{n % 4}", "progress", message=f'line {n}\n"é"')
+                for event in ("started", "progress", "complete"):
+                    await append_ingest(server, "i1", event)
+            head = await server_head(client)
+            last = b"id: %d\n" % head
+            bodies[transport] = [
+                await raw_stream(client, "/events/stream", last),
+                await raw_stream(client, "/agents/stream?agent_name=tagger", b"id: 150\n"),
+                await raw_stream(client, "/ingests/i1/stream", None),
+            ]
+    assert bodies["lean"] == bodies["task_group"]
+    assert bodies["lean"][2].endswith(b'event: complete\ndata: {"n":1}\n\n')

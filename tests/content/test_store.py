@@ -11,13 +11,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from app.config import ContentSettings
 from app.content.store import (
     ContentStore,
     ContentStoreLocked,
     ContentUnavailable,
     article_key,
 )
-from app.settings import ContentSettings
 
 
 @pytest.fixture(params=["mem", "surrealkv"])
@@ -306,7 +306,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HOLDER = """
 import asyncio, sys
 from app.content.store import ContentStore
-from app.settings import ContentSettings
+from app.config import ContentSettings
 
 async def main():
     store = await ContentStore.open(ContentSettings(surrealdb_url=sys.argv[1]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from app.eventlog.envelope import new_event_id, new_event_ids, parse_event_id
+from app.events.envelope import new_event_id, new_event_ids, parse_event_id
 
 
 def test_new_event_ids_are_canonical_version_7_uuids() -> None:

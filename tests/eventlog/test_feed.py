@@ -7,8 +7,8 @@ import asyncio
 
 import msgspec
 
-from app.eventlog.envelope import Event
 from app.eventlog.notify import MAX_WAKE_SPACING, WAKE_COST, LogFeed
+from app.events.envelope import Event
 
 
 def _event(position: int) -> Event:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.eventlog import Event, EventIdReused, NewEvent, VersionConflict, canonical_payload
-from app.eventlog.plan import AppendResult, Plan, SourceKey, plan_batch
+from app.events.plan import AppendResult, Plan, SourceKey, plan_batch
 
 NOW = "2025-01-24T12:34:56.789Z"
 EARLIER = "2025-01-01T00:00:00.000Z"

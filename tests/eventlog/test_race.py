@@ -16,12 +16,11 @@ import sys
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import cast
 
 import pytest
 
-from app.database import create_engine, upgrade_database
+from app.config import DatabaseSettings
 from app.eventlog import (
     Event,
     EventStore,
@@ -30,6 +29,7 @@ from app.eventlog import (
     canonical_payload,
     replay_then_tail,
 )
+from tests.support import ROOT, open_store
 
 WRITERS = 8
 EVENTS_PER_WRITER = 500
@@ -38,7 +38,6 @@ TAILERS = 4
 DEADLINE = 120.0
 POLL_SECONDS = 0.2
 SOURCES = [f"s{n}" for n in range(6)]
-ROOT = Path(__file__).resolve().parents[2]
 
 Pair = tuple[int, str]
 
@@ -66,18 +65,6 @@ async def write_events(store: EventStore, writer: int, count: int) -> list[Pair]
         written.extend((r.position, r.event_id) for r in results)
         sent += size
     return written
-
-
-@contextlib.asynccontextmanager
-async def open_store(url: str) -> AsyncIterator[EventStore]:
-    """A store on its own engine (its own appender connection, feed and LISTEN)."""
-    engine = create_engine(url)
-    store = await EventStore.open(engine, poll_seconds=POLL_SECONDS)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
 
 
 async def follow(store: EventStore, final_head: asyncio.Future[int]) -> list[Pair]:
@@ -161,21 +148,20 @@ async def race(
         assert seen == list(range(1, len(seen) + 1)), f"versions of {key} are not gapless"
 
 
-async def test_writers_and_tailers_on_one_store(database_url: str) -> None:
-    await upgrade_database(database_url)
-    async with open_store(database_url) as store:
-        await race(
-            [partial(write_events, store, writer, EVENTS_PER_WRITER) for writer in range(WRITERS)],
-            [store],
-        )
+async def test_writers_and_tailers_on_one_store(store: EventStore) -> None:
+    await race(
+        [partial(write_events, store, writer, EVENTS_PER_WRITER) for writer in range(WRITERS)],
+        [store],
+    )
 
 
 CHILD = """
 import asyncio, json, sys
-from tests.eventlog.test_race import open_store, write_events
+from tests.eventlog.test_race import POLL_SECONDS, write_events
+from tests.support import open_store
 
 async def main(url: str, writers: list[int], count: int) -> None:
-    async with open_store(url) as store:
+    async with open_store(url, poll_seconds=POLL_SECONDS) as store:
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
         written = await asyncio.gather(*(write_events(store, w, count) for w in writers))
@@ -226,15 +212,14 @@ class WriterProcess:
         return [(position, event_id) for position, event_id in json.loads(stdout)]
 
 
-async def test_writers_in_two_stores_and_another_process(database_url: str) -> None:
+async def test_writers_in_two_stores_and_another_process(log_settings: DatabaseSettings) -> None:
     # Three kinds of writer: two stores (separate engines and appender connections) in this
     # process and a third store in a child process. Tailers follow on both local stores, so
     # most of what each one sees was committed by someone else and reached it by NOTIFY.
-    await upgrade_database(database_url)
     async with (
-        open_store(database_url) as first,
-        open_store(database_url) as second,
-        WriterProcess.started(database_url, [6, 7]) as child,
+        open_store(log_settings, poll_seconds=POLL_SECONDS) as first,
+        open_store(log_settings, poll_seconds=POLL_SECONDS) as second,
+        WriterProcess.started(log_settings.url, [6, 7]) as child,
     ):
         writers: list[Callable[[], Awaitable[list[Pair]]]] = [
             partial(write_events, store, writer, EVENTS_PER_WRITER)

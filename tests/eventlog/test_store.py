@@ -18,6 +18,8 @@ from sqlalchemy import text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
 
+from app.backends.sqlite.writer import SqliteWriter, blocks_within, insert_rows
+from app.config import DatabaseSettings
 from app.database import create_engine, upgrade_database
 from app.eventlog import (
     Event,
@@ -29,12 +31,9 @@ from app.eventlog import (
     VersionConflict,
     canonical_payload,
 )
-from app.eventlog.appenders import SqliteWriter, blocks_within, insert_rows
 from app.eventlog.store import page_query
 from app.eventlog.tables import events as events_table
-from app.services import Services
-from app.settings import Settings
-from tests.support import sqlite_store
+from tests.support import open_store, sqlite_settings
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -56,11 +55,6 @@ def new(
         event_id=event_id,
         expected_version=expected_version,
     )
-
-
-@pytest.fixture
-def store(services: Services) -> EventStore:
-    return services.store
 
 
 async def read_all(store: EventStore, event_filter: EventFilter | None = None) -> list[Event]:
@@ -374,7 +368,7 @@ async def test_a_page_that_cannot_be_read_fails_as_a_database_error(tmp_path: Pa
     """Long pages are fetched from SQLite's cursor directly; a failure there is raised as
     SQLAlchemy raises every other (DBAPIError), which the API answers with 503 and a tail
     retries, not as a bare sqlite3 error."""
-    async with sqlite_store(tmp_path, "thread") as store:
+    async with open_store(sqlite_settings(tmp_path, "thread")) as store:
         await store.append([new("a1"), new("a2")])
         assert [e.source_id for e in (await store.read_after(0)).events] == ["a1", "a2"]
         # Text that is not UTF-8 (a file written by something else) cannot be fetched.
@@ -401,7 +395,7 @@ def test_sqlite_quotes_every_character_as_msgspec_does() -> None:
 async def test_frames_are_built_by_sqlite_only_where_it_quotes_text_as_msgspec(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with sqlite_store(tmp_path, "thread") as store:
+    async with open_store(sqlite_settings(tmp_path, "thread")) as store:
         assert store.frames_from_rows(EventFilter(streams=("agents",)))
         assert "quote JSON text" not in caplog.text
         # A filter the query does not apply whole: the rows are checked as events.
@@ -414,7 +408,7 @@ async def test_frames_are_built_by_sqlite_only_where_it_quotes_text_as_msgspec(
     def _quote_nothing(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.create_function("json_quote", 1, lambda text: f'"{text}"')
 
-    store = await EventStore.open(engine, sqlite_appender="thread")
+    store = await EventStore.open(engine, DatabaseSettings(sqlite_appender="thread"))
     try:
         assert not store.frames_from_rows(EventFilter())
         assert "does not quote JSON text as the service does" in caplog.text
@@ -478,7 +472,7 @@ async def test_read_source_is_in_version_order_and_stops_at_until_position(
 
 
 async def test_concurrent_appends_share_transactions_and_are_all_durable(
-    store: EventStore, settings: Settings
+    store: EventStore, log_settings: DatabaseSettings
 ) -> None:
     before = store.metrics.transactions
 
@@ -487,7 +481,7 @@ async def test_concurrent_appends_share_transactions_and_are_all_durable(
     assert sorted(r.position for r in found) == list(range(1, 201))
     transactions = store.metrics.transactions - before
     assert transactions <= 20, f"200 appends took {transactions} transactions"
-    rows = await table_contents(settings.database.url)
+    rows = await table_contents(log_settings.url)
     assert [(row[0], row[5]) for row in rows] == sorted((r.position, r.event_id) for r in found)
 
 
@@ -527,7 +521,7 @@ def write_lock_held_elsewhere(path: Path) -> Iterator[None]:
 async def test_appends_arriving_during_a_commit_all_go_into_the_next_one(
     tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path, appender) as store:
+    async with open_store(sqlite_settings(tmp_path, appender)) as store:
         with write_lock_held_elsewhere(tmp_path / "events.db"):
             # The first transaction starts, and waits for the lock.
             first = asyncio.create_task(store.append_one(new("first")))
@@ -547,7 +541,7 @@ async def test_appends_arriving_during_a_commit_all_go_into_the_next_one(
 async def test_a_write_turn_holds_appends_and_leaves_the_write_lock_free(
     tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path, appender) as store:
+    async with open_store(sqlite_settings(tmp_path, appender)) as store:
         async with store.write_turn():
             held = asyncio.create_task(store.append_one(new("held")))
             await asyncio.sleep(0.1)
@@ -565,7 +559,7 @@ async def test_a_write_turn_holds_appends_and_leaves_the_write_lock_free(
 async def test_a_turn_given_up_while_waiting_does_not_hold_appends(
     tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path, appender) as store:
+    async with open_store(sqlite_settings(tmp_path, appender)) as store:
 
         async def take_turn() -> None:
             async with store.write_turn():
@@ -584,7 +578,7 @@ async def test_a_turn_given_up_while_waiting_does_not_hold_appends(
 
 
 async def test_a_write_turn_on_a_closed_store_holds_nothing(tmp_path: Path, appender: str) -> None:
-    async with sqlite_store(tmp_path, appender) as store:
+    async with open_store(sqlite_settings(tmp_path, appender)) as store:
         pass
     async with asyncio.timeout(2), store.write_turn():
         pass
@@ -659,7 +653,7 @@ def test_insert_blocks_fit_the_sqlite_parameter_limit() -> None:
 async def test_a_failed_transaction_fails_only_its_own_appends(
     tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path, appender, busy_timeout_seconds=0.2) as store:
+    async with open_store(sqlite_settings(tmp_path, appender, busy_timeout_seconds=0.2)) as store:
         with write_lock_held_elsewhere(tmp_path / "events.db"):
             with pytest.raises(LogUnavailable, match="locked by another process"):
                 await store.append_one(new())
@@ -693,10 +687,12 @@ async def test_postgres_appender_commits_durably(postgres_url: str) -> None:
         await engine.dispose()
 
 
-async def test_close_finishes_queued_appends_then_refuses_new_ones(database_url: str) -> None:
-    await upgrade_database(database_url)
-    engine = create_engine(database_url)
-    store = await EventStore.open(engine)
+async def test_close_finishes_queued_appends_then_refuses_new_ones(
+    log_settings: DatabaseSettings,
+) -> None:
+    await upgrade_database(log_settings.url)
+    engine = create_engine(log_settings.url)
+    store = await EventStore.open(engine, log_settings)
     try:
         pending = [asyncio.create_task(store.append_one(new(n=n))) for n in range(50)]
         await asyncio.sleep(0)  # let every task queue its append
@@ -712,7 +708,7 @@ async def test_close_finishes_queued_appends_then_refuses_new_ones(database_url:
     finally:
         await store.close()
         await engine.dispose()
-    assert len(await table_contents(database_url)) == 50
+    assert len(await table_contents(log_settings.url)) == 50
 
 
 PAYLOADS: list[dict[str, Any]] = [
@@ -727,7 +723,9 @@ PAYLOADS: list[dict[str, Any]] = [
 ]
 
 
-async def test_payloads_come_back_byte_for_byte(store: EventStore, settings: Settings) -> None:
+async def test_payloads_come_back_byte_for_byte(
+    store: EventStore, log_settings: DatabaseSettings
+) -> None:
     canonical = [bytes(canonical_payload(payload)) for payload in PAYLOADS]
     results = await store.append([new(f"p{n}", **p) for n, p in enumerate(PAYLOADS)])
     single = await store.append_one(new("single", **PAYLOADS[1]))
@@ -739,6 +737,6 @@ async def test_payloads_come_back_byte_for_byte(store: EventStore, settings: Set
     # Key order is the client's, not the database's (no JSONB normalisation).
     assert bytes(read[7].payload).startswith(b'{"zebra":1,"apple":2,"mango":{"y":1')
     assert [bytes(e.payload) for e in await store.read_source("agents", "p1")] == [canonical[1]]
-    rows = await table_contents(settings.database.url)
+    rows = await table_contents(log_settings.url)
     assert [row[6].encode() for row in rows] == [*canonical, canonical[1]]
     assert [r.position for r in results] + [single.position] == [e.position for e in read]

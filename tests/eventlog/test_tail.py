@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, cast
 
 import pytest
 
-from app.api.sse import SQL_FRAMES, FrameBuilder, envelope_frame, payload_frame
-from app.database import create_engine, upgrade_database
+from app.api.sse import FrameBuilder, envelope_frame, payload_frame, sql_frames
+from app.backends import backend_for
+from app.config import DatabaseSettings
 from app.eventlog import (
     Event,
     EventFilter,
@@ -21,7 +22,7 @@ from app.eventlog import (
     replay_then_tail,
 )
 from app.eventlog.store import FramePage
-from tests.support import make_settings
+from tests.support import make_settings, open_store
 
 # The fallback poll the test settings use (TAIL_POLL_SECONDS).
 POLL_SECONDS = make_settings("sqlite+aiosqlite:///unused.db").server.poll_seconds
@@ -42,31 +43,6 @@ def new(
         event=event,
         payload=canonical_payload({"agent_name": agent_name, **payload}),
     )
-
-
-@contextlib.asynccontextmanager
-async def open_store(url: str, **options: Any) -> AsyncIterator[EventStore]:
-    """A store on its own engine, as a separate service process would have."""
-    engine = create_engine(url)
-    options.setdefault("poll_seconds", POLL_SECONDS)
-    store = await EventStore.open(engine, **options)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
-
-
-@pytest.fixture
-async def migrated_url(database_url: str) -> str:
-    await upgrade_database(database_url)
-    return database_url
-
-
-@pytest.fixture
-async def store(migrated_url: str) -> AsyncIterator[EventStore]:
-    async with open_store(migrated_url) as opened:
-        yield opened
 
 
 def tail_of(
@@ -264,9 +240,9 @@ async def append_mixed(store: EventStore, writer: int, count: int) -> None:
 
 
 async def test_a_tail_behind_the_feed_window_misses_nothing_and_blocks_no_one(
-    migrated_url: str,
+    log_settings: DatabaseSettings,
 ) -> None:
-    async with open_store(migrated_url, feed_capacity=50) as store:
+    async with open_store(log_settings, feed_capacity=50) as store:
         await store.append_one(new(n=0))
         # Small table reads, so that catching up takes many full pages.
         slow = tail_of(store, 0, chunk=64)
@@ -322,15 +298,17 @@ async def test_closing_or_cancelling_a_tail_releases_its_subscription(store: Eve
     assert store.feed.subscribers == 0
 
 
-async def test_appends_by_another_store_reach_a_tail(backend: str, migrated_url: str) -> None:
-    # On PostgreSQL the tailing store never polls within the test: only NOTIFY can wake it.
-    # On SQLite (no notifications) the fallback poll of the test settings does.
-    poll = 3600.0 if backend == "postgres" else POLL_SECONDS
+async def test_appends_by_another_store_reach_a_tail(log_settings: DatabaseSettings) -> None:
+    # Where the backend notifies other processes of appends, the tailing store never polls
+    # within the test: only a notification can wake it. Elsewhere the fallback poll of the
+    # test settings does.
+    notified = backend_for(log_settings.url).listener(lambda _: None) is not None
+    poll = 3600.0 if notified else POLL_SECONDS
     async with (
-        open_store(migrated_url, poll_seconds=poll) as tailing,
-        open_store(migrated_url) as writing,
+        open_store(log_settings, poll_seconds=poll) as tailing,
+        open_store(log_settings) as writing,
     ):
-        if backend == "postgres":
+        if notified:
             listener: Any = tailing._listener
             async with asyncio.timeout(DEADLINE):
                 await listener.connected.wait()
@@ -384,12 +362,12 @@ def odd(n: int) -> NewEvent:
     ids=["all", "stream", "sources", "events", "agent-name"],
 )
 async def test_pages_framed_by_the_database_hold_the_bytes_entries_frame_to(
-    migrated_url: str, event_filter: EventFilter, build: FrameBuilder
+    log_settings: DatabaseSettings, event_filter: EventFilter, build: FrameBuilder
 ) -> None:
     """A tail given a frame expression gets the pages it reads from the table as frames
     built by the database (for filters the query applies whole), byte for byte the frames
     entries make; otherwise as entries."""
-    async with open_store(migrated_url, feed_capacity=20) as store:
+    async with open_store(log_settings, feed_capacity=20) as store:
         await store.append([odd(n) for n in range(300)])
         expected = b"".join(
             build(LogEntry(event))
@@ -404,7 +382,7 @@ async def test_pages_framed_by_the_database_hold_the_bytes_entries_frame_to(
             event_filter,
             idle_timeout=0.5,
             chunk=64,
-            frame=SQL_FRAMES[store.dialect][build],
+            frame=sql_frames(store.backend)[build],
         )
         async with contextlib.aclosing(cast(AsyncGenerator[Any, None], tail)) as entries_lists:
             async with asyncio.timeout(DEADLINE):

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from app.eventlog import AppendError, EventIdReused, LogUnavailable, NewEvent, VersionConflict
-from app.eventlog.plan import AppendResult
+from app.events.plan import AppendResult
 from tests.eventlog.test_store import table_contents
 from tests.eventlog.test_writer_process import new, writer_pid
-from tests.support import sqlite_store
+from tests.support import open_store, sqlite_settings
 
 
 def overflowing(source_id: str) -> NewEvent:
@@ -25,7 +25,7 @@ def overflowing(source_id: str) -> NewEvent:
 async def test_innocent_commits_beside_an_unencodable_conflict_are_all_acknowledged(
     tmp_path: Path,
 ) -> None:
-    async with sqlite_store(tmp_path, "process") as store:
+    async with open_store(sqlite_settings(tmp_path, "process")) as store:
         await store.append_one(new("victim"))
         pid = writer_pid(store)
         acknowledged: list[AppendResult] = []

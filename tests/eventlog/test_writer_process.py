@@ -14,13 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
+from app.backends import GuardedWrite
+from app.backends.sqlite.process import _ChildInbox, _frame
+from app.backends.sqlite.serve import Ask
 from app.eventlog import EventStore, LogUnavailable, NewEvent, canonical_payload
-from app.eventlog.appenders import GuardedWrite
-from app.eventlog.writer_process import _frame, _Frames
 from tests.eventlog.test_store import table_contents, write_lock_held_elsewhere
-from tests.support import alive, sqlite_store
+from tests.support import alive, open_store, sqlite_settings
 
 
 def new(source_id: str, n: int = 0) -> NewEvent:
@@ -45,7 +47,7 @@ def gone(pid: int, timeout: float) -> bool:
 async def test_a_writer_that_dies_refuses_what_it_held_and_the_next_append_restarts_it(
     tmp_path: Path,
 ) -> None:
-    async with sqlite_store(tmp_path, "process") as store:
+    async with open_store(sqlite_settings(tmp_path, "process")) as store:
         await store.append([new("s", n) for n in range(3)])
         first = writer_pid(store)
         with write_lock_held_elsewhere(tmp_path / "events.db"):
@@ -70,7 +72,7 @@ async def test_a_writer_that_dies_refuses_what_it_held_and_the_next_append_resta
 
 
 async def test_a_turn_waiting_on_a_dead_writer_is_let_go(tmp_path: Path) -> None:
-    async with sqlite_store(tmp_path, "process") as store:
+    async with open_store(sqlite_settings(tmp_path, "process")) as store:
         entered = asyncio.Event()
 
         async def second_turn() -> None:
@@ -90,7 +92,7 @@ async def test_a_turn_waiting_on_a_dead_writer_is_let_go(tmp_path: Path) -> None
 
 async def test_a_guarded_write_after_the_writer_died_starts_a_new_one(tmp_path: Path) -> None:
     # Projection steps write through the writer too, and must not wait for an append.
-    async with sqlite_store(tmp_path, "process") as store:
+    async with open_store(sqlite_settings(tmp_path, "process")) as store:
         first = writer_pid(store)
         os.kill(first, signal.SIGKILL)
         assert gone(first, 5)
@@ -102,12 +104,13 @@ async def test_a_guarded_write_after_the_writer_died_starts_a_new_one(tmp_path: 
 
 SERVICE_THEN_CRASH = """
 import asyncio, os, sys
+from app.config import DatabaseSettings
 from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent, canonical_payload
 
 async def main(url):
     await upgrade_database(url)
-    store = await EventStore.open(create_engine(url), sqlite_appender="process")
+    store = await EventStore.open(create_engine(url), DatabaseSettings(sqlite_appender="process"))
     await store.append_one(NewEvent("agents", "s", "progress", canonical_payload({})))
     print(store._appender._process.pid, flush=True)
     os.kill(os.getpid(), 9)
@@ -171,15 +174,21 @@ def test_frames_are_read_whole_however_they_arrive(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     ours, theirs = pair
-    frames = _Frames(theirs)
-    data = _frame(b"A", b"x" * 70_000) + _frame(b"S") + _frame(b"P", b"7")
+    frames = _ChildInbox(theirs)
+    requests = [[new("s", n) for n in range(700)]]
+    data = (
+        _frame(Ask.APPEND, msgspec.json.encode(requests))
+        + _frame(Ask.STOP)
+        + _frame(Ask.HOLD, msgspec.msgpack.encode(7))
+    )
+    assert len(data) > 3 * 4096
     ours.sendall(data[:3])
     assert frames.next(0.05) is None  # not even a whole length yet
     for start in range(3, len(data), 4096):  # the rest in pieces that split every frame
         ours.sendall(data[start : start + 4096])
-    assert frames.next(1.0) == (b"A", b"x" * 70_000)
-    assert frames.next(0.0) == (b"S", b"")
-    assert frames.next(None) == (b"P", b"7")
+    assert frames.next(1.0) == (Ask.APPEND, requests)
+    assert frames.next(0.0) == (Ask.STOP, None)
+    assert frames.next(None) == (Ask.HOLD, 7)
     assert frames.next(0.0) is None
     ours.close()
     with pytest.raises(EOFError):

@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 import pytest
 
+from app.config import IngestSettings
 from app.ingest.articles import Article, check_address, fetch_article, resolve_host
 from app.ingest.model import IngestFailure
-from app.settings import IngestSettings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "articles"
 ARTICLE_HTML = (FIXTURES / "fog_signals.html").read_bytes()

@@ -20,9 +20,9 @@ import pytest
 import requests
 import responses
 
+from app.config import IngestSettings
 from app.ingest.channels import ChannelListing, channel_feed_url, list_channel
 from app.ingest.model import IngestFailure
-from app.settings import IngestSettings
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "channels"
 PAGE = (FIXTURES / "channel_videos.html").read_text(encoding="utf-8")

@@ -14,6 +14,7 @@ import requests
 import responses
 from responses import matchers
 
+from app.config import IngestSettings
 from app.ingest.model import IngestFailure, Snippet
 from app.ingest.youtube import (
     Transcript,
@@ -22,7 +23,6 @@ from app.ingest.youtube import (
     fetch_metadata,
     fetch_transcript,
 )
-from app.settings import IngestSettings
 from tests.fakes.youtube import (
     GENERATED_ONLY,
     GERMAN_ONLY,

@@ -14,8 +14,8 @@ from sqlalchemy import select
 
 import app.projections.agents as agents_module
 from app.eventlog import Event, EventStore, NewEvent, canonical_payload
-from app.eventlog.envelope import utc_now
-from app.eventlog.plan import AppendResult
+from app.events.envelope import utc_now
+from app.events.plan import AppendResult
 from app.projections import AgentProjection, ProjectionRunner
 from app.projections.agents import (
     ActivityRow,
@@ -23,7 +23,7 @@ from app.projections.agents import (
     list_activities,
     load_activity,
 )
-from app.services import Services
+from app.runtime.services import Services
 
 AGENT_KINDS = ("started", "progress", "heartbeat", "complete", "failed")
 

@@ -25,13 +25,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.database import create_engine, upsert
+from app.backends import GuardedWrite, upsert
+from app.database import create_engine
 from app.eventlog import LogUnavailable
-from app.eventlog.appenders import GuardedWrite
 from app.projections.deferred import DeferredWrites, compile_write
 from app.projections.stats import EVENTS_TOTAL, RECENT_KEEP, stats_counters, stats_recent
-from app.services import Services
-from tests.support import new_agent_event, sqlite_store
+from app.runtime.services import Services
+from tests.support import new_agent_event, open_store, sqlite_settings
 
 metadata = MetaData()
 items = Table(
@@ -164,8 +164,7 @@ INSERT = "INSERT INTO test_items (name, value) VALUES (?, ?)"
 async def test_a_guarded_write_is_made_only_while_its_guard_holds(
     tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path, appender, tables=metadata) as store:
-        assert store.writes_between_appends
+    async with open_store(sqlite_settings(tmp_path, appender), tables=metadata) as store:
         assert await store.write_guarded(guarded(0, [(INSERT, [["guard", 0]])])) is False
         rows = item_rows(tmp_path / "events.db")
         assert rows == []
@@ -188,7 +187,7 @@ async def test_a_guarded_write_is_made_only_while_its_guard_holds(
 async def test_a_guarded_write_that_fails_writes_nothing_and_says_why(
     tmp_path: Path, appender: str
 ) -> None:
-    async with sqlite_store(tmp_path, appender, tables=metadata) as store:
+    async with open_store(sqlite_settings(tmp_path, appender), tables=metadata) as store:
         with contextlib.closing(sqlite3.connect(tmp_path / "events.db")) as other:
             other.execute(INSERT, ("guard", 1))
             other.commit()
@@ -200,14 +199,50 @@ async def test_a_guarded_write_that_fails_writes_nothing_and_says_why(
         assert (await store.append_one(new_agent_event("s", "after"))).position == 1
 
 
-async def test_guarded_writes_are_a_sqlite_log_s_only(services: Services) -> None:
-    store = services.store
-    if services.engine.dialect.name == "sqlite":
-        assert store.writes_between_appends
-        return
-    assert not store.writes_between_appends
-    with pytest.raises(TypeError, match="SQLite"):
-        await store.write_guarded(guarded(0, []))
+async def test_guarded_writes_are_made_by_every_backend_s_appender(services: Services) -> None:
+    store, engine = services.store, services.engine
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    dialect = engine.dialect
+    guard = compile_write(
+        select(items.c.name, items.c.value).where(items.c.name == "guard"), None, dialect
+    )
+
+    def write(expected: list[list[Any]], *statements: Any) -> GuardedWrite:
+        sql, (parameters,) = guard
+        return GuardedWrite(
+            sql, parameters, expected, [compile_write(*s, dialect) for s in statements]
+        )
+
+    async def rows() -> list[tuple[Any, ...]]:
+        async with engine.connect() as connection:
+            found = await connection.execute(select(items).order_by(items.c.name))
+            return [tuple(row) for row in found]
+
+    insert = items.insert()
+    # The guard reads no row: refused, nothing written.
+    assert (
+        await store.write_guarded(write([["guard", 1]], (insert, {"name": "a", "value": 1})))
+        is False
+    )
+    assert await rows() == []
+    # It reads what it expects: every statement is made, in one transaction.
+    assert (
+        await store.write_guarded(
+            write([], (insert, [{"name": "guard", "value": 1}, {"name": "b", "value": 2}]))
+        )
+        is True
+    )
+    assert await rows() == [("b", 2, None), ("guard", 1, None)]
+    # A statement the database refuses: nothing of the write stays.
+    failing = write(
+        [["guard", 1]], (insert, {"name": "c", "value": 3}), (insert, {"name": "b", "value": 4})
+    )
+    with pytest.raises(LogUnavailable):
+        await store.write_guarded(failing)
+    assert await rows() == [("b", 2, None), ("guard", 1, None)]
+    # Appends go on around it.
+    assert (await store.append_one(new_agent_event("s", "after"))).position == 1
 
 
 async def stats_rows(engine: AsyncEngine) -> tuple[list[int], int]:

@@ -28,16 +28,16 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.database import create_engine, upgrade_database
+from app.backends import backend_of
+from app.database import create_engine
 from app.eventlog import Event, EventFilter, EventStore, NewEvent, canonical_payload
 from app.eventlog import store as store_module
 from app.eventlog.tables import events
 from app.projections import ProjectionRunner, UnknownProjection, checkpoints
-from app.services import Services
-from tests.support import ROOT, busy_log, new_agent_event
+from app.runtime.services import Services
+from tests.support import ROOT, busy_log, new_agent_event, open_store
 
 NAME = "counts"
 count_metadata = MetaData()
@@ -79,11 +79,7 @@ class CountingProjection:
             total[0] += 1
             total[1] += item.position
             total[2] = item.position
-        insert = (
-            sqlite.insert(counts)
-            if connection.dialect.name == "sqlite"
-            else postgresql.insert(counts)
-        )
+        insert: Any = backend_of(connection).insert(counts)
         await connection.execute(
             insert.on_conflict_do_update(
                 index_elements=["source_id"],
@@ -114,18 +110,10 @@ class Log:
 
 @contextlib.asynccontextmanager
 async def open_log(url: str, *, feed_capacity: int = 10_000) -> AsyncIterator[Log]:
-    await upgrade_database(url)
-    engine = create_engine(url, pool_size=4)
-    try:
-        async with engine.begin() as connection:
-            await connection.run_sync(count_metadata.create_all)
-        store = await EventStore.open(engine, poll_seconds=0.2, feed_capacity=feed_capacity)
-        try:
-            yield Log(url, engine, store)
-        finally:
-            await store.close()
-    finally:
-        await engine.dispose()
+    async with open_store(
+        url, tables=count_metadata, feed_capacity=feed_capacity, pool_size=4
+    ) as store:
+        yield Log(url, store.engine, store)
 
 
 @pytest.fixture
@@ -633,7 +621,7 @@ def step_writes(store: EventStore, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     yield counted
 
 
-async def test_on_sqlite_steps_are_written_by_the_log_writer_and_hold_no_appends(
+async def test_steps_are_written_by_the_log_appender_and_hold_no_appends(
     log: Log, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner, everything, others = three_projections(log, feed=True)
@@ -641,10 +629,7 @@ async def test_on_sqlite_steps_are_written_by_the_log_writer_and_hold_no_appends
         await append_events(log.store, 40, random.Random(seed))
         with step_writes(log.store, monkeypatch) as counted:
             await runner._catch_up_together(sorted(runner.projections))
-        if log.store.writes_between_appends:  # SQLite
-            assert counted == {"turns": 0, "guarded": 1}
-        else:  # PostgreSQL: appends take an advisory lock of their own, steps wait for none
-            assert counted == {"turns": 1, "guarded": 0}
+        assert counted == {"turns": 0, "guarded": 1}
         await assert_recorded_every_event(log, everything, others)
 
 
@@ -653,8 +638,6 @@ async def test_a_checkpoint_moved_before_the_writer_makes_the_step_sends_it_unde
 ) -> None:
     """A step folded at one checkpoint is written only if the checkpoint is still there;
     another process moving it in between sends the step back, to be taken under the lock."""
-    if not log.store.writes_between_appends:
-        pytest.skip("only a SQLite log's writer makes steps; PostgreSQL steps take the lock")
     await append_events(log.store, 60, random.Random(13))
     head = await log.store.head()
     other_engine = create_engine(log.url, pool_size=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.settings import SettingsError, load_settings
+from app.config import SettingsError, load_settings
 
 
 def test_defaults_are_open_same_origin_and_bounded() -> None:

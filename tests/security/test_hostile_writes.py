@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.api.bodies import MAX_INTEGER_DIGITS
-from app.eventlog.envelope import MAX_PAYLOAD_DEPTH
 from app.eventlog.tables import MAX_VERSION
+from app.events.envelope import MAX_PAYLOAD_DEPTH
 from tests.support import ServerProcess, alive
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def writer_pid(server: ServerProcess) -> int:
     for task in Path(f"/proc/{parent}/task").iterdir():
         for child in (task / "children").read_text().split():
             command = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"app.eventlog.writer_process" in command:
+            if b"app.backends.sqlite.process" in command:
                 return int(child)
     raise AssertionError("the server has no writer process")
 

@@ -14,7 +14,7 @@ from litestar.exceptions import ClientException
 
 from app.api.limits import MAX_POSITION
 from app.api.sse import parse_last_event_id
-from app.eventlog.envelope import (
+from app.events.envelope import (
     MAX_PAYLOAD_DEPTH,
     Event,
     InvalidPayload,

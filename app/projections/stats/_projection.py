@@ -9,9 +9,10 @@ from typing import Any
 from sqlalchemy import BigInteger, Column, Index, String, Table, Text, delete, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.database import metadata, upsert
+from app.backends import upsert
+from app.backends.schema import POSITION
+from app.database import metadata
 from app.eventlog import Event, EventFilter
-from app.eventlog.tables import POSITION
 from app.projections.agents import AGENT_STREAM
 from app.projections.ingests import INGEST_STREAM
 

@@ -1,6 +1,6 @@
 """Turning a group of append requests into rows: validation, versions and positions.
 
-Pure functions, shared by every dialect's appender. They run while the appender holds the
+Pure functions, shared by every backend's appender. They run while the appender holds the
 log's write lock, with the current head, source versions and already-used event ids read in
 that same transaction, so what they decide is what commits.
 """
@@ -8,14 +8,25 @@ that same transaction, so what they decide is what commits.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
-from app.eventlog.envelope import Event, NewEvent, new_event_ids
-from app.eventlog.errors import AppendError, EventIdReused, VersionConflict
+from app.events.envelope import Event, NewEvent, new_event_ids
+from app.events.errors import AppendError, EventIdReused, VersionConflict
 
-__all__ = ["AppendResult", "Plan", "Row", "plan_batch", "source_keys", "supplied_ids"]
+__all__ = [
+    "COLUMNS",
+    "AppendResult",
+    "Plan",
+    "Row",
+    "SourceKey",
+    "VersionCache",
+    "event_from_row",
+    "plan_batch",
+    "source_keys",
+    "supplied_ids",
+]
 
 SourceKey = tuple[str, str]
 
@@ -45,6 +56,18 @@ class Row(NamedTuple):
         return Event(
             self[0], self[1], self[2], self[3], self[4], self[5], self[6], msgspec.Raw(self[7])
         )
+
+
+#: The events table's columns, in :class:`Row`'s order, for the appenders' own SQL.
+COLUMNS = ", ".join(Row._fields)
+
+
+def event_from_row(row: Sequence[Any]) -> Event:
+    """An event read by an appender's own SQL, its columns in :data:`COLUMNS`' order."""
+    position, stream, source_id, version, event, event_id, timestamp, payload = row
+    return Event(
+        position, stream, source_id, version, event, event_id, timestamp, msgspec.Raw(payload)
+    )
 
 
 class Plan(NamedTuple):
@@ -227,3 +250,35 @@ def _find_earlier(
             raise EventIdReused(new.event_id, row.position)
         return AppendResult(row.position, row.version, row.event_id, row.timestamp, duplicate=True)
     return None
+
+
+class VersionCache:
+    """Each source's current version, as this appender last committed it.
+
+    Valid only while nobody else appends: every batch reads the head under the write lock,
+    and a head other than the one this appender last committed means another writer (another
+    process) moved the log, so the cache is dropped and versions are read from the table.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._versions: dict[SourceKey, int] = {}
+        self._head: int | None = None
+
+    def begin(
+        self, head: int, keys: set[SourceKey]
+    ) -> tuple[dict[SourceKey, int], list[SourceKey]]:
+        """The cached versions of ``keys``, and the keys that must be read from the table."""
+        if head != self._head:
+            self._versions.clear()
+        known = {key: self._versions[key] for key in keys if key in self._versions}
+        return known, [key for key in keys if key not in known]
+
+    def committed(self, plan: Plan, head: int) -> None:
+        if len(self._versions) > self._capacity:
+            self._versions.clear()
+        self._versions.update(plan.versions)
+        self._head = plan.rows[-1].position if plan.rows else head
+
+    def forget(self) -> None:
+        self._head = None

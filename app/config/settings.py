@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from app.backends import check_database
 
 __all__ = [
     "AgentSettings",
@@ -66,6 +67,8 @@ class ServerSettings(msgspec.Struct, frozen=True):
     http_server: Literal["uvicorn", "granian"] = "uvicorn"
     # Answer the append endpoints in front of the router (app/api/direct.py); off: routed.
     direct_appends: bool = True
+    # Write SSE streams with the lean transport (app/api/sse/lean.py); off: a task group.
+    lean_streams: bool = True
     # A connection must send a complete request head within this long of opening (or of
     # its previous response), or it is closed.
     header_timeout_seconds: float = 10.0
@@ -160,6 +163,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "LOG_FORMAT": ("server", "log_format"),
     "HTTP_SERVER": ("server", "http_server"),
     "DIRECT_APPENDS": ("server", "direct_appends"),
+    "SSE_LEAN_STREAMS": ("server", "lean_streams"),
     "REQUEST_HEADER_TIMEOUT_SECONDS": ("server", "header_timeout_seconds"),
     "KEEPALIVE_TIMEOUT_SECONDS": ("server", "keepalive_timeout_seconds"),
     "MAX_CONNECTIONS": ("server", "max_connections"),
@@ -255,24 +259,13 @@ def _env_name(message: str) -> str:
 
 
 def _check(settings: Settings) -> None:
-    url = settings.database.url
-    if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
-        raise SettingsError(
-            "DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://, "
-            f"got {url!r}"
-        )
     try:
-        parsed = make_url(url)
+        check_database(settings.database)
     except ArgumentError:
         # Not the URL itself in these messages: it may hold a password.
         raise SettingsError("DATABASE_URL is not a valid database URL") from None
-    except ValueError as exc:  # a port that is not a number
-        raise SettingsError(f"DATABASE_URL is not a valid database URL: {exc}") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise SettingsError(
-            "DATABASE_URL must name a SQLite file (sqlite+aiosqlite:///path/to/events.db): "
-            "an in-memory database cannot be shared by the service's connections"
-        )
+    except ValueError as exc:
+        raise SettingsError(_database_url_problem(exc)) from None
     server = settings.server
     # NaN and infinity parse as floats, but no period or timeout can be either.
     for name, seconds in (
@@ -297,11 +290,6 @@ def _check(settings: Settings) -> None:
     busy = settings.database.busy_timeout_seconds
     if not (math.isfinite(busy) and busy >= 0):
         raise SettingsError(f"SQLITE_BUSY_TIMEOUT_SECONDS must be 0 or more seconds, got {busy}")
-    if settings.database.sqlite_appender not in ("process", "thread"):
-        raise SettingsError(
-            'SQLITE_APPENDER must be "process" or "thread", '
-            f"got {settings.database.sqlite_appender!r}"
-        )
     _check_security(settings.security)
     limits = settings.limits
     for name, value, least in (
@@ -311,6 +299,14 @@ def _check(settings: Settings) -> None:
     ):
         if value < least:
             raise SettingsError(f"{name} must be at least {least}, got {value}")
+
+
+def _database_url_problem(exc: ValueError) -> str:
+    message = str(exc)
+    # make_url's words for a port that is not a number, say.
+    if message.startswith("DATABASE_URL"):
+        return message
+    return f"DATABASE_URL is not a valid database URL: {message}"
 
 
 def _check_security(security: SecuritySettings) -> None:

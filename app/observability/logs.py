@@ -1,37 +1,29 @@
-"""Logs and metric primitives.
-
-Logs: every line carries the request id (``X-Request-ID``, accepted from the client or made
+"""Logs: every line carries the request id (``X-Request-ID``, accepted from the client or made
 up, echoed in the response) of the request it was written for, and the ingest id of the ingest
 job it was written in, through context variables that asyncio copies into tasks and threads.
 ``LOG_FORMAT=json`` writes one JSON object per line; the default is readable text. Query
 strings are logged with ``access_token`` values scrubbed: tokens never reach a log.
-
-Metrics: counters and histograms that the code updates as it runs and ``GET /metrics`` renders
-in the Prometheus text format (:mod:`app.api.metrics`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
-import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
 __all__ = [
-    "Histogram",
+    "access_logger",
     "configure_logging",
     "ingest_id_var",
     "log_context",
     "request_id_var",
     "scrub_query",
-    "track_requests",
 ]
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -127,7 +119,7 @@ class TextFormatter(logging.Formatter):
 JsonFormatter.converter = time.gmtime
 
 _CONFIGURED = "_activity_configured"
-_access_logger = logging.getLogger("app.access")
+access_logger = logging.getLogger("app.access")
 
 
 def configure_logging(log_format: str) -> None:
@@ -151,110 +143,7 @@ def configure_logging(log_format: str) -> None:
     # Request lines come from ``app.access`` (with request ids and scrubbed query strings),
     # instead of uvicorn's, at the level uvicorn's were given (``serve --log-level``).
     access = logging.getLogger("uvicorn.access")
-    _access_logger.setLevel(access.getEffectiveLevel())
+    access_logger.setLevel(access.getEffectiveLevel())
     if not getattr(access, _CONFIGURED, False):
         access.addFilter(lambda _record: False)
         setattr(access, _CONFIGURED, True)
-
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
-_Scope = MutableMapping[str, Any]
-_Message = MutableMapping[str, Any]
-_ASGIApp = Callable[
-    [_Scope, Callable[[], Awaitable[_Message]], Callable[[_Message], Awaitable[None]]],
-    Awaitable[None],
-]
-
-
-_request_ids: tuple[int, str, Iterator[int]] = (0, "", iter(()))
-
-
-def next_request_id() -> str:
-    """32 hex digits, unique among this process' requests and (by a random prefix drawn
-    once per process, forked workers included) across processes: cheaper than a UUID per
-    request, which reads the OS's random source."""
-    global _request_ids
-    pid, prefix, numbers = _request_ids
-    if pid != os.getpid():
-        pid, prefix, numbers = os.getpid(), os.urandom(8).hex(), itertools.count(1)
-        _request_ids = (pid, prefix, numbers)
-    return f"{prefix}{next(numbers):016x}"
-
-
-def track_requests(app: _ASGIApp) -> _ASGIApp:
-    """Outermost ASGI wrapper: a request id for every HTTP request (the client's
-    ``X-Request-ID`` when it is sane, else a new one), echoed in the response, set for every
-    log line written while handling it; and one ``app.access`` line per response."""
-
-    async def wrapper(
-        scope: _Scope,
-        receive: Callable[[], Awaitable[_Message]],
-        send: Callable[[_Message], Awaitable[None]],
-    ) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        supplied = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        text = supplied.decode("latin-1")
-        request_id = text if _REQUEST_ID.fullmatch(text) else next_request_id()
-        method, path = scope["method"], scope["path"]
-        query = scope.get("query_string", b"").decode("latin-1")
-        started = time.perf_counter()
-
-        async def send_with_id(message: _Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-                message["headers"] = headers
-                if _access_logger.isEnabledFor(logging.INFO):
-                    target = f"{path}?{scrub_query(query)}" if query else path
-                    status = message["status"]
-                    elapsed = (time.perf_counter() - started) * 1000
-                    _access_logger.info(
-                        "%s %s %d %.1fms",
-                        method,
-                        target,
-                        status,
-                        elapsed,
-                        extra={
-                            "http_method": method,
-                            "http_target": target,
-                            "http_status": status,
-                            "duration_ms": round(elapsed, 1),
-                        },
-                    )
-            await send(message)
-
-        with log_context(request_id=request_id):
-            await app(scope, receive, send_with_id)
-
-    return wrapper
-
-
-class Histogram:
-    """Cumulative buckets, a sum and a count (Prometheus' histogram)."""
-
-    __slots__ = ("bounds", "count", "counts", "total")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * len(self.bounds)
-        self.count = 0
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.count += 1
-        self.total += value
-        for index, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[index] += 1
-                break
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """(upper bound, observations at or below it) per bucket, ``+Inf`` last."""
-        found, running = [], 0
-        for bound, count in zip(self.bounds, self.counts, strict=True):
-            running += count
-            found.append((bound, running))
-        found.append((float("inf"), self.count))
-        return found

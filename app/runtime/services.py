@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.agents.coordinator import AgentRuns
 from app.agents.tracker import ActivityTracker
 from app.agents.watchdog import StalledWatchdog
+from app.config import Settings
 from app.content import Archive, ContentStore
 from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent
@@ -21,7 +22,6 @@ from app.ingest.service import IngestJobs, IngestService
 from app.jobs import JobRunner, Leases, new_instance_id
 from app.observability import log_context
 from app.projections import ProjectionRunner, all_projections
-from app.settings import Settings
 
 __all__ = ["Services", "open_services"]
 
@@ -64,11 +64,7 @@ async def open_services(
         engine = create_engine(url, pool_size=settings.database.pool_size)
         stack.push_async_callback(engine.dispose)
         store = await EventStore.open(
-            engine,
-            max_batch_events=settings.database.max_batch_events,
-            poll_seconds=settings.server.poll_seconds,
-            busy_timeout_seconds=settings.database.busy_timeout_seconds,
-            sqlite_appender=settings.database.sqlite_appender,
+            engine, settings.database, poll_seconds=settings.server.poll_seconds
         )
         stack.push_async_callback(store.close)
         projections = ProjectionRunner(

@@ -3,33 +3,23 @@
 In one process, the appender's thread and the event loop share one GIL: each commit is a
 chain of hand-overs between them (SQLite lets go of the GIL around its work, then has to win
 it back from a busy loop), and under load both threads wait on each other while neither
-core is full. Here the appender runs in a child process with its own interpreter, talking to
-the service over a socket pair: batches go over as the JSON the events already are, and each
-transaction's outcome comes back as a short msgpack frame of positions, versions and ids.
+core is full. Here the writer runs in a child process with its own interpreter, served by the
+same loop as on a thread (:func:`~app.backends.sqlite.serve.serve`), over a socket pair:
+batches go over as the JSON the events already are, and each transaction's outcome comes back
+as a short msgpack frame of positions, versions and ids.
 
-The child does exactly what :class:`~app.eventlog.appenders.SqliteAppender`'s thread does
-(the same :class:`~app.eventlog.appenders.SqliteWriter`): it forms each transaction from every
-request that arrived while the previous one was being written and synced, and answers in
-commit order. A write turn (``turn``) holds it between two transactions, as there.
-
-Frames, both ways: a 4-byte big-endian length, then a kind byte, then the body.
-
-    service -> child   A appends (JSON: one list of events per request)
-                       P pause / R release (JSON: turn id), Q probe (JSON: id)
-                       W guarded write (msgpack: [id, GuardedWrite]), S stop
-    child -> service   r ready, E could not start (UTF-8 message)
-                       C commit (msgpack: requests, seconds, outcome)
-                       H holding (turn id), q probe answer ([id, problem])
-                       w guarded write done ([id, written or an error message]), s stopped
+A frame is a 4-byte big-endian length, then the message's kind (one byte, :class:`Ask` or
+:class:`Answer`), then its body, encoded as :data:`_ENCODE` says and decoded as :data:`_DECODE`
+says, one entry per kind.
 
 If the child dies, every request in flight is refused (whether its transaction committed is
 unknown: a retry with the same ``event_id`` is safe), and the next append starts a new child.
+A child whose service dies sees its socket close and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import select
@@ -37,20 +27,22 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from app.eventlog.appenders import AppendRequest, GuardedWrite, OnCommit, SqliteWriter
-from app.eventlog.envelope import Event, NewEvent
-from app.eventlog.errors import AppendError, EventIdReused, LogUnavailable, VersionConflict
-from app.eventlog.plan import AppendResult, Plan
+from app.backends.base import AppendRequest, GuardedWrite, OnCommit
+from app.backends.sqlite.linked import LinkedAppender
+from app.backends.sqlite.serve import Answer, Ask, serve
+from app.backends.sqlite.writer import SqliteWriter
+from app.events.envelope import Event, NewEvent
+from app.events.errors import AppendError, EventIdReused, LogUnavailable, VersionConflict
+from app.events.plan import AppendResult, Plan
 
-__all__ = ["ProcessSqliteAppender", "serve"]
+__all__ = ["ProcessAppender", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +62,62 @@ _UNAVAILABLE = "unavailable"
 _FAILED = "failed"
 
 
-def _frame(kind: bytes, body: bytes = b"") -> bytes:
-    return (len(body) + 1).to_bytes(_HEADER, "big") + kind + body
+def _nothing(_body: Any) -> bytes:
+    return b""
 
 
-# -- the child --------------------------------------------------------------------------------
+def _none(_body: bytes) -> None:
+    return None
 
 
-def _split(buffer: bytearray) -> list[tuple[bytes, bytes]]:
+def _guarded(body: bytes) -> tuple[int, GuardedWrite]:
+    token, fields = _unpack.decode(body)
+    return token, GuardedWrite(*fields)
+
+
+def _pair(body: bytes) -> tuple[Any, Any]:
+    first, second = _unpack.decode(body)
+    return first, second
+
+
+#: How each kind's body crosses the socket, and how it is read on the other side. APPEND's
+#: body is encoded by the service from its requests (ProcessAppender._send_requests), and
+#: COMMITTED's by the child from its transaction (_ChildOutbox.committed).
+_ENCODE: dict[int, Callable[[Any], bytes]] = {
+    Ask.HOLD: _pack.encode,
+    Ask.RELEASE: _pack.encode,
+    Ask.PROBE: _pack.encode,
+    Ask.WRITE: _pack.encode,
+    Ask.STOP: _nothing,
+    Answer.HOLDING: _pack.encode,
+    Answer.PROBED: _pack.encode,
+    Answer.WRITTEN: _pack.encode,
+    Answer.STOPPED: _nothing,
+    Answer.READY: _nothing,
+    Answer.FAILED: lambda message: str(message).encode(),
+}
+_DECODE: dict[int, Callable[[bytes], Any]] = {
+    Ask.APPEND: _requests.decode,
+    Ask.HOLD: _unpack.decode,
+    Ask.RELEASE: _unpack.decode,
+    Ask.PROBE: _unpack.decode,
+    Ask.WRITE: _guarded,
+    Ask.STOP: _none,
+    Answer.COMMITTED: _unpack.decode,
+    Answer.HOLDING: _unpack.decode,
+    Answer.PROBED: _pair,
+    Answer.WRITTEN: _pair,
+    Answer.STOPPED: _none,
+    Answer.READY: _none,
+    Answer.FAILED: lambda body: body.decode(errors="replace"),
+}
+
+
+def _frame(kind: int, body: bytes = b"") -> bytes:
+    return (len(body) + 1).to_bytes(_HEADER, "big") + bytes((kind,)) + body
+
+
+def _split(buffer: bytearray) -> list[tuple[int, bytes]]:
     """The whole frames at the start of ``buffer``, as (kind, body), taken out of it: what
     is left is the start of a frame still arriving. Both ends cut their stream with this."""
     frames = []
@@ -86,28 +126,24 @@ def _split(buffer: bytearray) -> list[tuple[bytes, bytes]]:
         end = start + _HEADER + int.from_bytes(buffer[start : start + _HEADER], "big")
         if len(buffer) < end:
             break
-        frames.append(
-            (
-                bytes(buffer[start + _HEADER : start + _HEADER + 1]),
-                bytes(buffer[start + _HEADER + 1 : end]),
-            )
-        )
+        frames.append((buffer[start + _HEADER], bytes(buffer[start + _HEADER + 1 : end])))
         start = end
     del buffer[:start]
     return frames
 
 
-class _Frames:
-    """Frames read from a blocking socket, with an optional wait for the next one."""
+# -- the child --------------------------------------------------------------------------------
+
+
+class _ChildInbox:
+    """Messages read from the service's end of the socket (blocking)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._buffer = bytearray()
-        self._ready: deque[tuple[bytes, bytes]] = deque()
+        self._ready: deque[tuple[int, bytes]] = deque()
 
-    def next(self, timeout: float | None) -> tuple[bytes, bytes] | None:
-        """The next frame; None if none arrived within ``timeout`` (None: wait for one).
-        Raises EOFError when the service has closed its end."""
+    def next(self, timeout: float | None) -> tuple[Ask, Any] | None:
         while not self._ready:
             if timeout is not None and not select.select([self._sock], [], [], timeout)[0]:
                 return None
@@ -116,7 +152,19 @@ class _Frames:
                 raise EOFError
             self._buffer += chunk
             self._ready.extend(_split(self._buffer))
-        return self._ready.popleft()
+        kind, body = self._ready.popleft()
+        return Ask(kind), _DECODE[kind](body)
+
+
+class _ChildOutbox:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def committed(self, group: list[Any], outcome: Plan | Exception, seconds: float) -> None:
+        self._sock.sendall(_encode_outcome(len(group), seconds, outcome))
+
+    def answer(self, kind: Answer, body: Any) -> None:
+        self._sock.sendall(_frame(kind, _ENCODE[kind](body)))
 
 
 def _encode_outcome(count: int, seconds: float, outcome: Plan | Exception) -> bytes:
@@ -127,12 +175,13 @@ def _encode_outcome(count: int, seconds: float, outcome: Plan | Exception) -> by
     else:
         body = [_encode_result(result) for result in outcome.outcomes]
     try:
-        return _frame(b"C", _pack.encode([count, seconds, body]))
+        return _frame(Answer.COMMITTED, _pack.encode([count, seconds, body]))
     except (OverflowError, TypeError, msgspec.EncodeError):
         # The transaction has committed: whatever one request's outcome holds that msgpack
         # cannot carry (an integer past 64 bits in a conflict), the others' outcomes must
         # still reach their callers, or their committed events would be reported as failed.
-        return _frame(b"C", _pack.encode([count, seconds, [_encodable(item) for item in body]]))
+        safe = [count, seconds, [_encodable(item) for item in body]]
+        return _frame(Answer.COMMITTED, _pack.encode(safe))
 
 
 def _encodable(encoded: Any) -> Any:
@@ -155,127 +204,38 @@ def _encode_result(result: list[AppendResult] | AppendError) -> Any:
     return result
 
 
-class _Child:
-    def __init__(self, sock: socket.socket, writer: SqliteWriter, max_batch: int) -> None:
-        self._sock = sock
-        self._frames = _Frames(sock)
-        self._writer = writer
-        self._max_batch = max_batch
-        self._waiting: deque[list[NewEvent]] = deque()
-        self._released: set[int] = set()
-        self._turns: deque[int] = deque()
-        self._writes: deque[tuple[int, GuardedWrite]] = deque()
-        self._stopping = False
-
-    def run(self) -> None:
-        while True:
-            # Everything sent by now joins the line; wait only when there is nothing to
-            # write, so a transaction never starts before the requests already sent are in it.
-            timeout = None if not self._waiting and not self._stopping else 0.0
-            while (found := self._frames.next(timeout)) is not None:
-                timeout = 0.0
-                self._handle(*found)
-                while self._turns or self._writes:
-                    if self._turns:
-                        self._hold(self._turns.popleft())
-                    else:
-                        self._write_guarded(*self._writes.popleft())
-            if self._waiting:
-                self._commit()
-            elif self._stopping:
-                return
-
-    def _handle(self, kind: bytes, body: bytes) -> None:
-        if kind == b"A":
-            self._waiting.extend(_requests.decode(body))
-        elif kind == b"P":
-            self._turns.append(msgspec.json.decode(body))
-        elif kind == b"R":
-            self._released.add(msgspec.json.decode(body))
-        elif kind == b"Q":
-            answer = [msgspec.json.decode(body), self._writer.probe()]
-            self._sock.sendall(_frame(b"q", _pack.encode(answer)))
-        elif kind == b"W":
-            write_id, fields = _unpack.decode(body)
-            self._writes.append((write_id, GuardedWrite(*fields)))
-        elif kind == b"S":
-            self._stopping = True
-
-    def _write_guarded(self, write_id: int, write: GuardedWrite) -> None:
-        answer: bool | str
-        try:
-            answer = self._writer.write_guarded(write)
-        except Exception as exc:
-            answer = str(exc)
-        self._sock.sendall(_frame(b"w", _pack.encode([write_id, answer])))
-
-    def _hold(self, turn: int) -> None:
-        """Stop between two transactions until the turn is released (or the busy timeout)."""
-        if turn in self._released:  # given up before it was reached
-            self._released.discard(turn)
-            return
-        self._sock.sendall(_frame(b"H", _pack.encode(turn)))
-        limit = self._writer.busy_ms / 1000
-        deadline = time.monotonic() + limit
-        while turn not in self._released:
-            found = self._frames.next(max(0.0, deadline - time.monotonic()))
-            if found is None:
-                # The lock itself is SQLite's; past this, appends wait for it there instead.
-                logger.warning("a writer held its turn for more than %g s; appending again", limit)
-                return
-            self._handle(*found)
-        self._released.discard(turn)
-
-    def _commit(self) -> None:
-        waiting = self._waiting
-        group = [waiting.popleft()]
-        size = len(group[0])
-        while waiting and size < self._max_batch:
-            request = waiting.popleft()
-            group.append(request)
-            size += len(request)
-        started = time.perf_counter()
-        outcome = self._writer.commit(group)
-        seconds = time.perf_counter() - started
-        self._sock.sendall(_encode_outcome(len(group), seconds, outcome))
-
-
-def serve(sock: socket.socket, path: str, busy_ms: int, max_batch: int, cache_kib: int) -> None:
+def _run_child(sock: socket.socket, path: str, busy_ms: int, max_batch: int, kib: int) -> None:
     """The child's work: connect, then append until told to stop or the service is gone."""
     # Ctrl-C reaches the whole process group; the service stops this process itself, after
     # the appends it has already handed over are committed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    writer = SqliteWriter(Path(path), busy_timeout_ms=busy_ms, cache_kib=cache_kib)
+    writer = SqliteWriter(Path(path), busy_timeout_ms=busy_ms, cache_kib=kib)
+    outbox = _ChildOutbox(sock)
     try:
         writer.connect()
     except Exception as exc:
-        sock.sendall(_frame(b"E", f"the event log could not be opened: {exc}".encode()))
+        outbox.answer(Answer.FAILED, f"the event log could not be opened: {exc}")
         return
-    sock.sendall(_frame(b"r"))
+    outbox.answer(Answer.READY, None)
     try:
-        _Child(sock, writer, max_batch).run()
+        serve(writer, _ChildInbox(sock), outbox, max_batch=max_batch, events_of=_same)
     except (EOFError, ConnectionError):
         return  # the service is gone: nobody waits for an outcome any more
     finally:
         writer.close()
-    sock.sendall(_frame(b"s"))
+
+
+def _same(events: Sequence[NewEvent]) -> Sequence[NewEvent]:
+    return events
 
 
 # -- the service's side -----------------------------------------------------------------------
 
 
 def _command(fd: int, path: str, busy_ms: int, max_batch: int, cache_kib: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        __name__,
-        str(fd),
-        path,
-        str(busy_ms),
-        str(max_batch),
-        str(cache_kib),
-    ]
+    arguments = (fd, path, busy_ms, max_batch, cache_kib)
+    return [sys.executable, "-m", __name__, *map(str, arguments)]
 
 
 def _environment() -> dict[str, str]:
@@ -284,7 +244,7 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
-class ProcessSqliteAppender:
+class ProcessAppender(LinkedAppender):
     """Runs each batch as one transaction in a child process (see the module's docstring)."""
 
     def __init__(
@@ -295,16 +255,12 @@ class ProcessSqliteAppender:
         max_batch_events: int = 2000,
         cache_kib: int = 64 * 1024,
     ) -> None:
+        super().__init__()
         self._args = (str(path), int(busy_timeout_seconds * 1000), max_batch_events, cache_kib)
-        self._on_commit: OnCommit | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.WriteTransport | None = None
         # Requests sent and not yet answered, in the order the child answers them.
         self._in_flight: deque[AppendRequest] = deque()
-        self._ids = 0
-        self._holding: dict[int, asyncio.Future[None]] = {}
-        self._probes: dict[int, asyncio.Future[str | None]] = {}
-        self._writes: dict[int, asyncio.Future[bool | str]] = {}
         self._stopped: asyncio.Future[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._queued: list[AppendRequest] = []
@@ -319,10 +275,10 @@ class ProcessSqliteAppender:
         for end in (ours, theirs):
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUFFER_BYTES)
             end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER_BYTES)
-        # A fresh interpreter running this module (it imports no more than the writer needs,
-        # ~0.1 s): a fork of the service would copy its threads' locks mid-use, and
-        # multiprocessing's own start methods run the service's main script again in the
-        # child, which a script without a ``__main__`` guard does not survive.
+        # A fresh interpreter running this module (it imports no more than the writer needs):
+        # a fork of the service would copy its threads' locks mid-use, and multiprocessing's
+        # own start methods run the service's main script again in the child, which a script
+        # without a ``__main__`` guard does not survive.
         try:
             process = await asyncio.to_thread(
                 subprocess.Popen,
@@ -337,7 +293,7 @@ class ProcessSqliteAppender:
         finally:
             theirs.close()
         loop = asyncio.get_running_loop()
-        ready: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+        ready: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         replies = _Replies(ready)
         transport, _ = await loop.create_unix_connection(lambda: replies, sock=ours)
         try:
@@ -348,10 +304,10 @@ class ProcessSqliteAppender:
             raise LogUnavailable(
                 f"the event log's writer process exited on start (exit code {code})"
             ) from exc
-        if kind != b"r":
+        if kind != Answer.READY:
             transport.close()
             await asyncio.to_thread(process.wait)
-            raise LogUnavailable(body.decode(errors="replace"))
+            raise LogUnavailable(_DECODE[kind](body))
         self._process = process
         self._transport = transport
         self._stopped = loop.create_future()
@@ -359,18 +315,32 @@ class ProcessSqliteAppender:
             lambda kind, body: self._reply(transport, kind, body), lambda: self._gone(transport)
         )
 
+    @property
+    def _connected(self) -> bool:
+        return self._transport is not None
+
+    def _unavailable(self) -> str:
+        if self._closed:
+            return "the event log is closed"
+        return "the event log's writer process is not running (the next append starts it)"
+
+    def _send(self, kind: Ask, body: Any) -> None:
+        assert self._transport is not None
+        self._transport.write(_frame(kind, _ENCODE[kind](body)))
+
     def submit(self, requests: list[AppendRequest]) -> None:
         if self._transport is None:
             # Between a child that died and its successor: sent once the new one is ready.
             self._queued.extend(requests)
             self._restart()
             return
-        self._send(requests)
+        self._send_requests(requests)
 
-    def _send(self, requests: list[AppendRequest]) -> None:
+    def _send_requests(self, requests: list[AppendRequest]) -> None:
         assert self._transport is not None
         self._in_flight.extend(requests)
-        self._transport.write(_frame(b"A", _json.encode([request.events for request in requests])))
+        body = _json.encode([request.events for request in requests])
+        self._transport.write(_frame(Ask.APPEND, body))
 
     def _restart(self) -> None:
         if self._starting is None and not self._closed:
@@ -389,22 +359,26 @@ class ProcessSqliteAppender:
         else:
             queued, self._queued = self._queued, []
             if queued:
-                self._send(queued)
+                self._send_requests(queued)
         finally:
             self._starting = None
 
-    def _reply(self, transport: asyncio.BaseTransport, kind: bytes, body: bytes) -> None:
+    async def _ensure_writer(self) -> None:
+        """Start a new child if the last one died (as an append does): projection steps,
+        which write through it, must not wait for the next append."""
+        if self._transport is None and not self._closed:
+            self._restart()
+            if self._starting is not None:
+                await asyncio.shield(self._starting)
+
+    def _reply(self, transport: asyncio.BaseTransport, kind: int, body: bytes) -> None:
         """One frame from the child (on the event loop, in the order it was sent)."""
-        if kind == b"C":
+        if kind == Answer.COMMITTED:
             self._committed(body)
-        elif kind == b"H":
-            _answer(self._holding, _unpack.decode(body), None)
-        elif kind == b"q":
-            _answer(self._probes, *_unpack.decode(body))
-        elif kind == b"w":
-            _answer(self._writes, *_unpack.decode(body))
-        elif kind == b"s":
+        elif kind == Answer.STOPPED:
             self._gone(transport)
+        else:
+            self._answered(Answer(kind), _DECODE[kind](body))
 
     def _gone(self, transport: asyncio.BaseTransport) -> None:
         """The child has stopped (as asked, or not): refuse whatever it left unanswered."""
@@ -431,16 +405,14 @@ class ProcessSqliteAppender:
                     "or may not have been written (a retry with the same event_id is safe)"
                 ),
             )
-        _answer_all(self._holding, None)
-        _answer_all(self._probes, "the event log's writer process is not running")
-        _answer_all(self._writes, "the event log's writer process stopped before answering")
-
-    def _refuse(self, requests: Sequence[AppendRequest], failure: LogUnavailable) -> None:
-        if requests and self._on_commit is not None:
-            self._on_commit(list(requests), failure, 0.0)
+        self._answer_everyone(
+            "the event log's writer process stopped before answering"
+            if not self._closed
+            else self._unavailable()
+        )
 
     def _committed(self, body: bytes) -> None:
-        count, seconds, encoded = _unpack.decode(body)
+        count, seconds, encoded = _DECODE[Answer.COMMITTED](body)
         in_flight = self._in_flight
         group = [in_flight.popleft() for _ in range(count)]
         outcome: Plan | Exception
@@ -452,62 +424,6 @@ class ProcessSqliteAppender:
         assert self._on_commit is not None
         self._on_commit(group, outcome, seconds)
 
-    def _next_id(self) -> int:
-        self._ids += 1
-        return self._ids
-
-    @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
-        """Hold appends between two transactions while the caller writes (as
-        :meth:`SqliteAppender.turn`): the child stops until the turn is released."""
-        writer = self._transport
-        if writer is None:  # closed or between two children: no appends to hold
-            yield
-            return
-        turn = self._next_id()
-        holding: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._holding[turn] = holding
-        writer.write(_frame(b"P", _json.encode(turn)))
-        try:
-            await holding
-            yield
-        finally:
-            self._holding.pop(turn, None)
-            # Also when the turn was given up before the child reached it: it then skips it.
-            if self._transport is writer:
-                writer.write(_frame(b"R", _json.encode(turn)))
-
-    async def probe(self) -> str | None:
-        if self._transport is None:
-            if self._closed:
-                return "the event log is closed"
-            return "the event log's writer process is not running (the next append starts it)"
-        probe_id = self._next_id()
-        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._probes[probe_id] = answer
-        self._transport.write(_frame(b"Q", _json.encode(probe_id)))
-        return await answer
-
-    async def write_guarded(self, write: GuardedWrite) -> bool:
-        """Run ``write`` in the child, between two of its transactions: False (nothing
-        written) if its guard did not read what it expected. Starts a new child if the last
-        one died (as an append does): projection steps must not wait for the next append."""
-        if self._transport is None and not self._closed:
-            self._restart()
-            if self._starting is not None:
-                await asyncio.shield(self._starting)
-        transport = self._transport
-        if transport is None:
-            raise LogUnavailable("the event log's writer process is not running")
-        write_id = self._next_id()
-        done: asyncio.Future[bool | str] = asyncio.get_running_loop().create_future()
-        self._writes[write_id] = done
-        transport.write(_frame(b"W", _pack.encode([write_id, write])))
-        written = await done
-        if isinstance(written, str):
-            raise LogUnavailable(written)
-        return written
-
     async def close(self) -> None:
         """Commit every request sent so far, then stop the child."""
         if self._closed:
@@ -516,7 +432,7 @@ class ProcessSqliteAppender:
         if self._starting is not None:
             await self._starting
         if self._transport is not None:
-            self._transport.write(_frame(b"S"))
+            self._send(Ask.STOP, None)
         if self._stopped is not None:
             await self._stopped
         if self._process is not None:
@@ -527,13 +443,13 @@ class _Replies(asyncio.Protocol):
     """The child's frames, cut from the socket's stream as they arrive: the first one answers
     ``ready``, every later one goes to ``on_frame``, and ``on_lost`` hears of the end."""
 
-    def __init__(self, ready: asyncio.Future[tuple[bytes, bytes]]) -> None:
+    def __init__(self, ready: asyncio.Future[tuple[int, bytes]]) -> None:
         self._ready = ready
         self._buffer = bytearray()
-        self._on_frame: Callable[[bytes, bytes], None] | None = None
+        self._on_frame: Callable[[int, bytes], None] | None = None
         self._on_lost: Callable[[], None] | None = None
 
-    def follow(self, on_frame: Callable[[bytes, bytes], None], on_lost: Callable[[], None]) -> None:
+    def follow(self, on_frame: Callable[[int, bytes], None], on_lost: Callable[[], None]) -> None:
         self._on_frame, self._on_lost = on_frame, on_lost
 
     def data_received(self, data: bytes) -> None:
@@ -549,18 +465,6 @@ class _Replies(asyncio.Protocol):
             self._ready.set_exception(ConnectionError("the writer process closed its socket"))
         elif self._on_lost is not None:
             self._on_lost()
-
-
-def _answer(pending: dict[int, asyncio.Future[Any]], key: int, value: Any) -> None:
-    """Answer the caller waiting under ``key`` (gone if it stopped waiting)."""
-    waiting = pending.pop(key, None)
-    if waiting is not None and not waiting.done():
-        waiting.set_result(value)
-
-
-def _answer_all(pending: dict[int, asyncio.Future[Any]], value: Any) -> None:
-    for key in list(pending):
-        _answer(pending, key, value)
 
 
 _make = tuple.__new__
@@ -605,11 +509,11 @@ def _decode_error(encoded: list[Any]) -> AppendError:
 
 
 def main(arguments: Sequence[str]) -> None:
-    """``python -m app.eventlog.writer_process FD PATH BUSY_MS MAX_BATCH CACHE_KIB``, as the
+    """``python -m app.backends.sqlite.process FD PATH BUSY_MS MAX_BATCH CACHE_KIB``, as the
     service starts it, FD being its end of the socket pair."""
     fd, path, busy_ms, max_batch, cache_kib = arguments
     with socket.socket(fileno=int(fd)) as sock:
-        serve(sock, path, int(busy_ms), int(max_batch), int(cache_kib))
+        _run_child(sock, path, int(busy_ms), int(max_batch), int(cache_kib))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""Configuration, read once from the environment (:mod:`.settings`)."""
+
+from __future__ import annotations
+
+from app.config.settings import (
+    AgentSettings,
+    ContentSettings,
+    DatabaseSettings,
+    IngestSettings,
+    LimitsSettings,
+    SecuritySettings,
+    ServerSettings,
+    Settings,
+    SettingsError,
+    get_settings,
+    load_settings,
+    read_env_file,
+)
+
+__all__ = [
+    "AgentSettings",
+    "ContentSettings",
+    "DatabaseSettings",
+    "IngestSettings",
+    "LimitsSettings",
+    "SecuritySettings",
+    "ServerSettings",
+    "Settings",
+    "SettingsError",
+    "get_settings",
+    "load_settings",
+    "read_env_file",
+]
