@@ -46,7 +46,7 @@ class LogEntry(msgspec.Struct, gc=False):
     An entry read from the table for one replay (``shared=False``) has one reader: its frames
     are built when asked for and not kept, which spares a cache per event. A struct, not a
     class with ``__slots__``: one is made per event appended and per event replayed, and a
-    struct is made in C (0.09 against 0.8 us per entry, measured on a replayed page).
+    struct is made in C, for a fraction of what a Python ``__init__`` costs.
     """
 
     event: Event
@@ -287,7 +287,7 @@ class LogFeed:
         if start == 0:
             return list(ring)
         # Taken from the right-hand end, where the wanted entries are: indexing a deque walks
-        # it from an end for each entry (96 against 4 ns per entry, taking 10,000 of 50,000).
+        # it from an end for each entry, which grows with the ring.
         found = list(islice(reversed(ring), len(ring) - start))
         found.reverse()
         return found

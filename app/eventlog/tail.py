@@ -83,8 +83,8 @@ async def replay_then_tail(
     subscription = feed.subscribe(after)
     # Rows per table read, sized so that a page holds about PAGE_BYTES: a subscriber that is
     # far behind (or stalled) holds one page, whatever the payloads' size. Up to ``chunk``
-    # rows: each read costs a few hops to the database and back, and pages of 4,000 small
-    # events replay 1.4x as fast as pages of 1,000 (bench/README.md, replay).
+    # rows: each read costs a few hops to the database and back, which larger pages of small
+    # events spread thinner.
     limit = min(chunk, FIRST_PAGE)
     # While a page is written to the subscriber, the next one is read (the query runs on the
     # database's side, or SQLite's thread, alongside): a replay does not wait for each read.

@@ -113,8 +113,8 @@ def canonical_payload(payload: Any) -> msgspec.Raw:
 
 def canonical_decoded(payload: dict[str, Any]) -> msgspec.Raw:
     """:func:`canonical_payload` for an object just decoded from JSON text, whose keys are
-    text by construction: only its nesting is checked, and only if it nests at all (0.31
-    against 0.72 us for an agent's usual flat payload of four fields)."""
+    text by construction: only its nesting is checked, and only if it nests at all, which an
+    agent's usual flat payload does not."""
     for value in payload.values():
         if type(value) is dict or type(value) is list:
             _check_depth(payload, 1)

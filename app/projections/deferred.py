@@ -3,7 +3,7 @@
 Where the log's appender and the projections share one write lock (SQLite), a step that writes
 through a connection of its own holds that lock, and with it every append, for as long as
 its transaction lasts, and each statement it makes on the event loop first waits for the
-loop to come round to it: under load a step held appends for ~25 ms, ten times a second.
+loop to come round to it, which under load holds appends for many milliseconds per step.
 :class:`DeferredWrites` stands in for the step's connection instead: its reads go to a
 connection already reading at the checkpoints the step started from, and its writes are
 compiled to SQL and rows of parameters and kept. The runner then hands them to the appender

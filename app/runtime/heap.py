@@ -10,8 +10,7 @@ collector than in building frames.
 While the service runs, what was alive when it started stays alive until it stops. It is
 frozen (set aside from every collection), and the young generation is collected every
 :data:`YOUNG_THRESHOLD` allocations instead of 700. Reference cycles made later are still
-collected. What it buys is measured by ``python -m bench.run --only replay,http``
-(bench/README.md): replay and batch appends both went up by a third or more.
+collected. ``python -m bench.run --only replay,http`` measures what it buys.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def envelope_frame(entry: LogEntry) -> bytes:
     """``id`` + ``event`` + the whole envelope as ``data``."""
     if not entry.shared:
         # A replayed page's entry (one reader, nothing cached): built here without the two
-        # calls through the cache, which cost a replay ~0.5 us per event.
+        # calls through the cache, which a replay would pay for every event.
         event = entry.event
         return _FRAME % (event.position, event.event.encode(), encode_event(event))
     return entry.frame("envelope", _build_envelope_frame)

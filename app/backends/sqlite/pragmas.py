@@ -16,10 +16,10 @@ SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
-    # Checkpoint once the WAL holds 10,000 pages (~40 MiB), not SQLite's 1,000: the commit
-    # that crosses the mark copies the WAL into the database file and syncs it, and a hot
-    # index page rewritten by many commits is copied once per checkpoint. Measured on
-    # durable appends from 100 producers: 37k -> 43k events/s. Durability is unchanged: a
-    # commit is on disk once its WAL frames are synced.
+    # Checkpoint once the WAL holds 10,000 pages (about 40 MiB), not SQLite's 1,000: the
+    # commit that crosses the mark copies the WAL into the database file and syncs it, and a
+    # hot index page rewritten by many commits is copied once per checkpoint rather than
+    # once per thousand pages. Durability is unchanged: a commit is on disk once its WAL
+    # frames are synced.
     "PRAGMA wal_autocheckpoint=10000",
 )
