@@ -199,12 +199,21 @@ async def running_server(settings: Settings) -> AsyncIterator[InProcessServer]:
 
 @dataclass
 class ServerProcess:
-    """``python -m app serve`` as a child process (for kill -9 and restart tests)."""
+    """``python -m app serve`` as a child process (for kill -9 and restart tests).
+
+    Its stderr goes to a file (:meth:`stderr`), not a pipe: a server that logs more than a
+    pipe holds while nobody reads it would block on its next line.
+    """
 
     env: Mapping[str, str]
     port: int = field(default_factory=free_port)
     cwd: Path = ROOT
     process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def stderr(self) -> str:
+        """What the server has written to stderr so far."""
+        return self.log.read_text(errors="replace") if self.log is not None else ""
 
     @property
     def base_url(self) -> str:
@@ -217,6 +226,8 @@ class ServerProcess:
             "ARCHIVE_DIR": tempfile.mkdtemp(prefix="activity-archive-"),
         }
         env = {**os.environ, **defaults, **self.env}
+        fd, name = tempfile.mkstemp(prefix="activity-serve-", suffix=".log")
+        self.log = Path(name)
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -231,8 +242,9 @@ class ServerProcess:
             cwd=self.cwd,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=fd,
         )
+        os.close(fd)
 
     async def wait_ready(self, within: float = 30.0) -> None:
         deadline = time.monotonic() + within
@@ -240,8 +252,9 @@ class ServerProcess:
             while time.monotonic() < deadline:
                 assert self.process is not None
                 if self.process.poll() is not None:
-                    stderr = self.process.stderr.read().decode() if self.process.stderr else ""
-                    raise RuntimeError(f"server exited with {self.process.returncode}: {stderr}")
+                    raise RuntimeError(
+                        f"server exited with {self.process.returncode}: {self.stderr()}"
+                    )
                 with contextlib.suppress(httpx.TransportError):
                     if (await client.get("/health")).status_code == 200:
                         return
@@ -253,8 +266,7 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
-        if self.process is not None and self.process.stderr is not None:
-            self.process.stderr.close()
+        self._forget_log()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -264,8 +276,12 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
-        if self.process is not None and self.process.stderr is not None:
-            self.process.stderr.close()
+        self._forget_log()
+
+    def _forget_log(self) -> None:
+        if self.log is not None:
+            self.log.unlink(missing_ok=True)
+            self.log = None
 
 
 class SseFrame(msgspec.Struct):

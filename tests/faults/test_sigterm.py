@@ -95,8 +95,7 @@ async def test_sigterm_ends_streams_with_a_retry_hint_and_releases_job_leases(
         streams_ended = time.monotonic() - signalled
         code = await asyncio.to_thread(first.process.wait, 30)
         exited = time.monotonic() - signalled
-        assert first.process.stderr is not None
-        stderr = first.process.stderr.read().decode()
+        stderr = first.stderr()
     finally:
         first.kill()
 
