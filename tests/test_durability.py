@@ -200,7 +200,9 @@ async def test_acknowledged_events_survive_sigkill(database_url: str) -> None:
     assert load.acked >= KILL_AFTER_ACKED
     assert live, "the live subscriber saw nothing before the kill"
 
-    second = ServerProcess(env)
+    # Heartbeats far apart: the watchdog must not mark the killed server's agents stalled
+    # (an append of its own) between the reading of the log and the append after it.
+    second = ServerProcess({**env, "HEARTBEAT_SECONDS": "60"})
     second.start()
     try:
         await second.wait_ready()
