@@ -51,6 +51,10 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     # Where a SQLite log's appends are written: "process" (a child process of their own) or
     # "thread" (a thread of the service's process, sharing its GIL).
     sqlite_appender: str = "process"
+    # Every append carries its chain value (app/events/chain.py); off only to measure what
+    # the chain costs. Events appended with it off get theirs when an appender with it on
+    # next appends.
+    audit_chain: bool = True
 
 
 class ServerSettings(msgspec.Struct, frozen=True):
@@ -156,6 +160,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "APPEND_MAX_BATCH": ("database", "max_batch_events"),
     "SQLITE_BUSY_TIMEOUT_SECONDS": ("database", "busy_timeout_seconds"),
     "SQLITE_APPENDER": ("database", "sqlite_appender"),
+    "AUDIT_CHAIN": ("database", "audit_chain"),
     "HEARTBEAT_SECONDS": ("server", "heartbeat_seconds"),
     "SSE_RETRY_MS": ("server", "retry_ms"),
     "SSE_WRITE_TIMEOUT_SECONDS": ("server", "write_timeout_seconds"),
