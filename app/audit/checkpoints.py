@@ -22,11 +22,11 @@ from pathlib import Path
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.audit.keys import InvalidKey, public_key_text
 from app.audit.verify import Checkpointed
 from app.eventlog import EventStore, NewEvent, VersionConflict, canonical_payload
 from app.eventlog.tables import events
@@ -40,10 +40,9 @@ __all__ = [
     "Checkpoint",
     "CheckpointWriter",
     "InvalidCheckpoint",
-    "load_private_key",
-    "load_public_key",
+    "LoggedCheckpoint",
     "parse_checkpoint",
-    "public_key_text",
+    "read_checkpoints",
     "sign_checkpoint",
     "verified_checkpoint",
 ]
@@ -57,8 +56,8 @@ CHECKPOINT_EVENT = "checkpoint"
 _PREFIX = "activity-log checkpoint"
 
 
-class InvalidCheckpoint(ValueError):
-    """A checkpoint or key that cannot be read, or a signature that does not verify."""
+class InvalidCheckpoint(InvalidKey):
+    """A checkpoint that cannot be read, or whose signature does not verify."""
 
 
 class Checkpoint(msgspec.Struct, frozen=True):
@@ -76,68 +75,29 @@ class Checkpoint(msgspec.Struct, frozen=True):
         return f"{_PREFIX}\n{self.position}\n{self.chain}\n{self.time}".encode()
 
 
-_decoder = msgspec.json.Decoder(Checkpoint)
+class LoggedCheckpoint(Checkpoint, frozen=True):
+    """A checkpoint as the log holds it: ``logged_at`` is the position of its own event."""
+
+    logged_at: int = 0
 
 
-def _key_bytes(value: str, what: str) -> bytes:
-    """``value``'s key material: the contents of the file it names, or itself."""
-    text = value.strip()
-    path = Path(text)
-    if "/" in text or path.is_file():
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise InvalidCheckpoint(f"{what}: cannot read {text}: {exc.strerror}") from None
-    return text.encode()
+_logged = msgspec.json.Decoder(LoggedCheckpoint)
 
 
-def _raw(material: bytes, what: str) -> bytes:
-    try:
-        raw = base64.b64decode(material.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidCheckpoint(
-            f"{what} must be a PEM file or 32 bytes in base64 (a raw Ed25519 key)"
-        ) from None
-    if len(raw) != 32:
-        raise InvalidCheckpoint(f"{what} must be 32 bytes in base64, got {len(raw)} bytes")
-    return raw
-
-
-def load_private_key(value: str) -> Ed25519PrivateKey:
-    """AUDIT_SIGNING_KEY: a path to a PEM (PKCS#8) file or to a file holding the base64 raw
-    key, or the base64 raw key itself."""
-    what = "AUDIT_SIGNING_KEY"
-    material = _key_bytes(value, what)
-    if material.lstrip().startswith(b"-----BEGIN"):
-        try:
-            key = serialization.load_pem_private_key(material, password=None)
-        except (ValueError, TypeError) as exc:
-            raise InvalidCheckpoint(f"{what}: not a readable PEM private key ({exc})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise InvalidCheckpoint(f"{what}: the PEM key is not an Ed25519 key")
-        return key
-    return Ed25519PrivateKey.from_private_bytes(_raw(material, what))
-
-
-def load_public_key(value: str) -> Ed25519PublicKey:
-    """The auditor's trusted key: a PEM file, a file holding the base64 raw key, or the
-    base64 raw key itself (as ``GET /audit/checkpoints`` shows it)."""
-    what = "the public key"
-    material = _key_bytes(value, what)
-    if material.lstrip().startswith(b"-----BEGIN"):
-        try:
-            key = serialization.load_pem_public_key(material)
-        except ValueError as exc:
-            raise InvalidCheckpoint(f"{what}: not a readable PEM public key ({exc})") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise InvalidCheckpoint(f"{what}: the PEM key is not an Ed25519 key")
-        return key
-    return Ed25519PublicKey.from_public_bytes(_raw(material, what))
-
-
-def public_key_text(key: Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode()
+async def read_checkpoints(engine: AsyncEngine, limit: int) -> list[LoggedCheckpoint]:
+    """The newest ``limit`` checkpoints in the log, newest first."""
+    query = (
+        select(events.c.position, events.c.payload)
+        .where(events.c.stream == CHECKPOINT_STREAM, events.c.source_id == CHECKPOINT_SOURCE)
+        .order_by(events.c.position.desc())
+        .limit(limit)
+    )
+    async with engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+    return [
+        msgspec.structs.replace(_logged.decode(payload), logged_at=position)
+        for position, payload in rows
+    ]
 
 
 def sign_checkpoint(key: Ed25519PrivateKey, position: int, chain: bytes, time: str) -> Checkpoint:
@@ -192,6 +152,10 @@ class CheckpointWriter:
         self._key = key
         self._interval = interval
         self._task = Background("audit-checkpoints")
+
+    @property
+    def public_key(self) -> str:
+        return public_key_text(self._key.public_key())
 
     def start(self) -> None:
         self._task.start(self._loop())

@@ -16,12 +16,8 @@ __all__ = ["register"]
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from app.audit.checkpoints import (
-        InvalidCheckpoint,
-        load_public_key,
-        parse_checkpoint,
-        verified_checkpoint,
-    )
+    from app.audit.checkpoints import parse_checkpoint, verified_checkpoint
+    from app.audit.keys import InvalidKey, load_public_key
     from app.audit.verify import Verified
 
     if args.checkpoint and not args.public_key:
@@ -33,7 +29,7 @@ def _verify(args: argparse.Namespace) -> int:
             for value in args.checkpoint
             if key is not None
         ]
-    except InvalidCheckpoint as exc:
+    except InvalidKey as exc:
         raise CliError(str(exc)) from None
     outcome = asyncio.run(_recompute(checkpoints))
     print_line(outcome.describe())
@@ -68,7 +64,7 @@ def _keygen(_: argparse.Namespace) -> int:
         PrivateFormat,
     )
 
-    from app.audit.checkpoints import public_key_text
+    from app.audit.keys import public_key_text
 
     key = Ed25519PrivateKey.generate()
     print_line(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode())
