@@ -8,7 +8,8 @@ Figures (bench/README.md explains each): ``append`` durable in-process appends a
 sqlite3 and Redis Streams; ``http`` appends over HTTP against the naive peer; ``fanout``
 SSE fan-out against the naive peer and nchan; ``replay`` one client reading the log over SSE
 against the naive peer, Redis XRANGE and nchan's buffer; ``idle`` idle SSE connections;
-``growth`` latencies as the log grows; ``servers`` uvicorn against granian. A peer that
+``growth`` latencies as the log grows; ``servers`` uvicorn against granian; ``chain`` the
+audit chain on against off. A peer that
 cannot be installed or started is skipped with the reason. Prints medians and ratios, and
 the load clients' own ceilings, so that no figure is just a client's limit; the figures are
 also written to ``bench/results/latest.json``.
@@ -48,7 +49,7 @@ from bench.service import Servers, service_append_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-ALL = ("append", "http", "fanout", "replay", "idle", "growth", "servers")
+ALL = ("append", "http", "fanout", "replay", "idle", "growth", "servers", "chain")
 
 NAIVE = "naive (in-memory list, asyncio.Condition)"
 #: The service with its append endpoints routed through Litestar like every other route.
@@ -56,6 +57,8 @@ ROUTED = "service, appends through the router (DIRECT_APPENDS=0)"
 #: The service with its SQLite appender on a thread of its own process, sharing the event
 #: loop's GIL (the default gives it a process of its own).
 THREAD = "service, appender on a thread (SQLITE_APPENDER=thread)"
+#: The service without the audit chain: what computing and storing it costs.
+CHAIN_OFF = "service, chain off (AUDIT_CHAIN=0)"
 RAW_1000 = "raw sqlite3, batches of 1000, synchronous=FULL"
 RAW_100 = "raw sqlite3, batches of 100, synchronous=FULL"
 #: nchan replays a channel's buffer in time quadratic in its length (200,000 messages take
@@ -179,6 +182,57 @@ async def http_figures(quick: bool, rounds: int, servers: Servers) -> list[Figur
     return [single, batch, projected, fresh_p99, stale]
 
 
+async def chain_figures(quick: bool, rounds: int, scratch: Path, servers: Servers) -> list[Figure]:
+    """What the audit chain costs: the service as it runs (chain on) beside itself with
+    AUDIT_CHAIN=0, in-process and over HTTP, the order flipped every round (A B B A ...)."""
+    events = 20_000 if quick else 100_000
+    batch_n = 50_000 if quick else 200_000
+    target = "chain on >= 0.95 of chain off"
+    in_process = Figure(
+        "chain_append",
+        "8. the chain's cost: durable append, in-process API, 100 concurrent producers",
+        "events/s",
+        target=target,
+    )
+    in_thread = Figure(
+        "chain_append_thread",
+        "8. the chain's cost: the same, appender on a thread (SQLITE_APPENDER=thread)",
+        "events/s",
+        target=target,
+    )
+    http = Figure(
+        "chain_http_batch",
+        "8. the chain's cost: append over HTTP, batch endpoint (100 per request), 50 clients",
+        "events/s",
+        target=target,
+    )
+
+    async def post_batch(base_url: str) -> float:
+        return await post_events_raw(base_url, 50, batch_n, 100)
+
+    count = 0
+
+    async def measure(chain: bool) -> None:
+        nonlocal count
+        count += 1
+        contender = SERVICE if chain else CHAIN_OFF
+        rate = await service_append_rate(scratch / f"c-{count}.db", events, chain=chain)
+        in_process.add(contender, rate)
+        rate = await service_append_rate(
+            scratch / f"ct-{count}.db", events, appender="thread", chain=chain
+        )
+        in_thread.add(contender, rate)
+        env = {} if chain else {"AUDIT_CHAIN": "0"}
+        http.add(contender, await servers.run_service(post_batch, env=env))
+
+    for round_number in range(rounds):
+        print(f"chain: round {round_number + 1}/{rounds}", file=sys.stderr)
+        order = (True, False) if round_number % 2 == 0 else (False, True)
+        for chain in order:
+            await measure(chain)
+    return [in_process, in_thread, http]
+
+
 async def replay_figures(quick: bool, rounds: int, servers: Servers) -> list[Figure]:
     events = 200_000 if quick else 1_000_000
     figure = Figure(
@@ -240,6 +294,8 @@ async def run(quick: bool, rounds: int, only: tuple[str, ...]) -> list[Figure]:
                 from bench import growth
 
                 figures += await growth.run(quick, rounds)
+            elif name == "chain":
+                figures += await chain_figures(quick, rounds, scratch, servers)
             elif name == "servers":
                 from bench import servers as server_choice
 

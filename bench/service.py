@@ -34,20 +34,23 @@ def _payload(n: int) -> msgspec.Raw:
     )
 
 
-async def _open_store(path: Path, appender: str = "process") -> tuple[EventStore, object]:
+async def _open_store(
+    path: Path, appender: str = "process", chain: bool = True
+) -> tuple[EventStore, object]:
     url = f"sqlite+aiosqlite:///{path}"
     await upgrade_database(url)
     engine = create_engine(url, pool_size=4)
-    store = await EventStore.open(engine, DatabaseSettings(sqlite_appender=appender))
+    settings = DatabaseSettings(sqlite_appender=appender, audit_chain=chain)
+    store = await EventStore.open(engine, settings)
     return store, engine
 
 
 async def service_append_rate(
-    path: Path, rows: int, producers: int = 100, appender: str = "process"
+    path: Path, rows: int, producers: int = 100, appender: str = "process", chain: bool = True
 ) -> float:
     """Durable appends through the store: ``producers`` tasks, one event per call, written
-    by the SQLite ``appender`` (``process`` or ``thread``)."""
-    store, engine = await _open_store(path, appender)
+    by the SQLite ``appender`` (``process`` or ``thread``), chained or not (AUDIT_CHAIN)."""
+    store, engine = await _open_store(path, appender, chain)
     events = [
         NewEvent(
             stream="agent", source_id=f"bench-{n % 100}", event="progress", payload=_payload(n)

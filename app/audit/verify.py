@@ -49,9 +49,10 @@ class ArchivedRange(NamedTuple):
     first: int
     last: int
     size: int
-    #: The chain values of its first and last events, as the manifest holds them.
+    #: The chain values of its first and last events, as the manifest holds them (None: the
+    #: events were appended without a chain; the table's first row still has to follow).
     first_chain: bytes | None
-    last_chain: bytes
+    last_chain: bytes | None
     events: Callable[[], Iterator[Event]]
     problem: str | None = None
 
@@ -193,7 +194,7 @@ def _verify_segment(state: _State, segment: ArchivedRange) -> Broken | None:
             f"holds {count} events up to position {state.expected - 1}; its manifest says "
             f"{segment.size} up to {segment.last}"
         )
-    if state.chain != segment.last_chain:
+    if segment.last_chain is not None and state.chain != segment.last_chain:
         return tampered("its events do not give the chain value its manifest holds at its end")
     return None
 

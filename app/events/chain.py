@@ -43,8 +43,8 @@ def canonical_bytes(
     payload: str,
 ) -> bytes:
     """The bytes the chain hashes for one event (see the module's docstring)."""
-    text = f"{position}\n{stream}\n{source_id}\n{version}\n{event}\n{event_id}\n{timestamp}\n"
-    return (text + payload).encode()
+    # One f-string, encoded once: the appender pays this for every event it writes.
+    return f"{position}\n{stream}\n{source_id}\n{version}\n{event}\n{event_id}\n{timestamp}\n{payload}".encode()  # noqa: E501
 
 
 def link(previous: bytes, canonical: bytes) -> bytes:

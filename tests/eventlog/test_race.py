@@ -20,7 +20,10 @@ from typing import cast
 
 import pytest
 
+from app.audit.history import read_chained
+from app.audit.verify import Verified, verify_history
 from app.config import DatabaseSettings
+from app.database import create_engine
 from app.eventlog import (
     Event,
     EventStore,
@@ -226,3 +229,13 @@ async def test_writers_in_two_stores_and_another_process(log_settings: DatabaseS
             for writer, store in enumerate([first, first, first, second, second, second])
         ]
         await race([*writers, child.run], [first, second])
+    # Each writer chained its commits from the head it found under the write lock, whoever
+    # had moved it: the chain runs unbroken over the whole log.
+    engine = create_engine(log_settings.url, pool_size=1)
+    try:
+        rows = await read_chained(engine, 0, 100_000)
+    finally:
+        await engine.dispose()
+    found = verify_history(rows)
+    assert isinstance(found, Verified), found
+    assert found.verified == len(rows) == rows[-1].event.position
