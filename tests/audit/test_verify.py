@@ -20,8 +20,9 @@ from sqlalchemy.engine import make_url
 from app.audit.history import read_chained
 from app.audit.verify import ArchivedRange, Broken, ChainedEvent, Verified, verify_history
 from app.config import DatabaseSettings
-from app.database import create_engine
+from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent, VersionConflict, canonical_payload
+from app.eventlog.imports import import_events
 from app.events.chain import chain_rows
 from app.events.envelope import Event, decode_event, encode_event
 from tests.conftest import _admin, drop_postgres_database
@@ -321,3 +322,18 @@ async def test_a_tampered_segment_is_named_at_its_first_position(
     assert isinstance(found, Broken)
     assert (found.position, found.kind, found.verified) == (21, "tampered segment", 20)
     assert found.detail.startswith(second.name)
+
+
+async def test_an_imported_log_holds_the_chain_values_its_original_held(
+    real_log: str, tmp_path: Path
+) -> None:
+    original = await _rows(real_log)
+    copy = f"sqlite+aiosqlite:///{tmp_path / 'imported.db'}"
+    await upgrade_database(copy)
+    engine = create_engine(copy, pool_size=1)
+    try:
+        await import_events(engine, (row.event for row in original))
+    finally:
+        await engine.dispose()
+
+    assert await _rows(copy) == original
