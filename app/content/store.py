@@ -3,6 +3,9 @@
 Records are ``video:<video_id>``, ``channel:<channel_id>`` and ``article:<url hash>``. Every
 statement addresses them through ``RecordID`` values and query parameters: the SDK pastes a
 string resource into the statement unescaped, so a key is never formatted into SurrealQL.
+Opening the store defines its schema (:mod:`app.content.schema`). Storing a video or an
+article writes its search document in the same transaction, and a record stored with an
+``ingested_at`` gets its place in the listing there too.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ from surrealdb import (
     SurrealError,
     Table,
 )
+from surrealdb.errors import parse_query_error, parse_rpc_error
 
 from app.config import ContentSettings
+from app.content.schema import DOCUMENT, LISTING, SCHEMA, SEARCHABLE, listing_key
 
 __all__ = [
     "TABLES",
@@ -60,6 +65,8 @@ _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _HEALTH_TIMEOUT_SECONDS: Final = 5.0
 _CONFLICT_ATTEMPTS: Final = 10
 _CONFLICT_BASE_SECONDS: Final = 0.002
+# A lost connection (a server restarted) is opened again on the next call, at most this often.
+_RECONNECT_SECONDS: Final = 1.0
 
 # What a broken connection or a failed statement raises, from the SDK, the network or the
 # embedded engine.
@@ -271,10 +278,21 @@ class ContentStore:
     ``query_table(where_missing=...)`` finds it.
     """
 
-    def __init__(self, db: _Connection, url: str, lock: _PathLock | None) -> None:
+    def __init__(
+        self,
+        db: _Connection,
+        url: str,
+        lock: _PathLock | None,
+        settings: ContentSettings | None = None,
+    ) -> None:
         self._db: _Connection | None = db
         self._url = url
         self._lock = lock
+        self._settings = settings
+        # Set when the connection failed (not a statement): the next call opens a new one.
+        self._lost: str | None = None
+        self._reconnected_at = 0.0
+        self._reconnecting = asyncio.Lock()
         # Writes to one record wait for each other: with concurrent merges into one record,
         # the embedded SurrealKV engine (SDK 2.0) was seen to drop one that reported success.
         self._writing = _RecordLocks()
@@ -292,26 +310,50 @@ class ContentStore:
         """
         url = settings.surrealdb_url
         lock = _lock_local_path(url)
-        db: _Connection | None = None
         try:
-            db = AsyncSurreal(url)
-            if not isinstance(db, AsyncHttpSurrealConnection):
-                await db.connect()
-            if url.startswith(_REMOTE_SCHEMES) and settings.user and settings.password:
-                await db.signin({"username": settings.user, "password": settings.password})
-            await db.use(settings.namespace, settings.database)
-        except BaseException as exc:
-            if db is not None:
-                with contextlib.suppress(*_STORE_ERRORS, NotImplementedError):
-                    await _close_connection(db)
+            db = await _connect(settings)
+        except BaseException:
             if lock is not None:
                 lock.release()
-            if isinstance(exc, _STORE_ERRORS):
-                raise ContentUnavailable(
-                    f"content store {_redacted(url)} is unavailable: {exc}"
-                ) from exc
             raise
-        return cls(db, url, lock)
+        store = cls(db, url, lock, settings)
+        try:
+            await store._index_earlier_records()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _index_earlier_records(self) -> None:
+        """List and index the records stored before the store kept a listing and search
+        documents; once, then the schema version says it is done."""
+        (version,) = await self.read("read the schema version", _VERSION_STATEMENT, {})
+        if isinstance(version, int) and version >= _SCHEMA_VERSION:
+            return
+        for table in sorted(TABLES):
+            (items,) = await self.read(
+                f"list {table} records",
+                "SELECT VALUE id FROM type::table($table)",
+                {"table": table},
+            )
+            for item in items or []:
+                key = str(item).partition(":")[2]
+                record = await self.get(table, key)
+                if record is None:
+                    continue
+                content = _content(record)
+                variables = {
+                    "listed": _listing_id(content.get("ingested_at"), f"{table}:{key}"),
+                    "entry": _entry(table, key, content),
+                    **_document(table, key, content),
+                }
+                await self._call(f"index {table} {key!r}", _statements(_INDEX_STATEMENT, variables))
+        await self._call(
+            "write the schema version",
+            lambda db: db.query(
+                "UPSERT content_meta:schema SET version = $version", {"version": _SCHEMA_VERSION}
+            ),
+        )
 
     @staticmethod
     def check_not_in_use(settings: ContentSettings) -> None:
@@ -334,15 +376,16 @@ class ContentStore:
 
     async def health(self) -> None:
         """Raise :class:`ContentUnavailable` unless a trivial query answers in time."""
-        db = self._connection()
         try:
             async with asyncio.timeout(_HEALTH_TIMEOUT_SECONDS):
+                db = await self._connected()
                 answer = await db.query("RETURN $probe", {"probe": 1})
         except TimeoutError:
             raise ContentUnavailable(
                 f"content store {self.url} did not answer within {_HEALTH_TIMEOUT_SECONDS:g} s"
             ) from None
         except _STORE_ERRORS as exc:
+            self._note_lost(exc)
             raise ContentUnavailable(f"content store {self.url} failed: {exc}") from exc
         if answer != 1:
             raise ContentUnavailable(f"content store {self.url} answered {answer!r} to a probe")
@@ -362,12 +405,33 @@ class ContentStore:
         return bool(result)
 
     async def put(self, table: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Create or replace the whole record; returns it as stored."""
+        """Create or replace the whole record; returns it as stored.
+
+        A record with an ``ingested_at`` (ISO 8601) is listed under that time, in the same
+        transaction that writes it; its place under an earlier time is let go.
+        """
         record_id = _record_id(table, key)
         content = _content(record)
+        item = f"{table}:{key}"
+        listed = _listing_id(content.get("ingested_at"), item)
         async with self._writing.hold(record_id):
+            previous = await self._call(
+                f"read {_describe(record_id)}",
+                lambda db: db.query("SELECT VALUE ingested_at FROM $record", {"record": record_id}),
+            )
+            earlier = previous[0] if isinstance(previous, list) and previous else None
+            unlisted = _listing_id(earlier, item)
+            variables = {
+                "record": record_id,
+                "content": content,
+                "unlisted": unlisted if unlisted != listed else None,
+                "listed": listed,
+                "entry": _entry(table, key, content),
+                **_document(table, key, content),
+            }
             result = await self._call(
-                f"write {_describe(record_id)}", lambda db: db.upsert(record_id, content)
+                f"write {_describe(record_id)}",
+                lambda db: _run_statements(db, _PUT_STATEMENT, variables),
             )
         stored = _one(result)
         if stored is None:
@@ -410,13 +474,55 @@ class ContentStore:
         rows = result if isinstance(result, list) else []
         return [plain for plain in (_one(row) for row in rows) if plain is not None]
 
-    def _connection(self) -> _Connection:
+    async def read(self, action: str, statement: str, variables: dict[str, Any]) -> list[Any]:
+        """The result of each statement of a read-only ``statement``, values made plain.
+
+        ``statement`` is fixed text; everything a caller was given goes in ``variables``.
+        """
+        results = await self._call(
+            action, lambda db: _run_statements(db, statement, variables, every=True)
+        )
+        plain: list[Any] = _to_plain(results)
+        return plain
+
+    async def _connected(self) -> _Connection:
         if self._db is None:
             raise ContentUnavailable(f"content store {self.url} is closed")
+        if self._lost is not None:
+            await self._reconnect()
         return self._db
 
+    def _note_lost(self, exc: BaseException) -> None:
+        # A statement the database refused leaves the connection as good as it was.
+        if self._settings is not None and not isinstance(exc, ServerError):
+            self._lost = str(exc) or type(exc).__name__
+
+    async def _reconnect(self) -> None:
+        """Open a new connection in place of a lost one, at most every _RECONNECT_SECONDS."""
+        assert self._settings is not None
+        async with self._reconnecting:
+            if self._lost is None or self._db is None:
+                return
+            loop = asyncio.get_running_loop()
+            wait = self._reconnected_at + _RECONNECT_SECONDS - loop.time()
+            if wait > 0:
+                raise ContentUnavailable(
+                    f"content store {self.url} is unavailable: {self._lost}; "
+                    f"reconnecting in {wait:.1f} s"
+                )
+            self._reconnected_at = loop.time()
+            # The old connection goes first: an embedded path has one opener at a time.
+            with contextlib.suppress(*_STORE_ERRORS, NotImplementedError):
+                await _close_connection(self._db)
+            try:
+                self._db = await _connect(self._settings)
+            except ContentUnavailable as exc:
+                self._lost = str(exc.__cause__ or exc)
+                raise
+            self._lost = None
+
     async def _call(self, action: str, operation: Callable[[_Connection], Awaitable[Any]]) -> Any:
-        db = self._connection()
+        db = await self._connected()
         for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
             try:
                 return await operation(db)
@@ -426,10 +532,130 @@ class ContentStore:
                     # to a new table) at once make all but one fail; each is safe to repeat.
                     await asyncio.sleep(random.uniform(0, _CONFLICT_BASE_SECONDS * 2**attempt))
                     continue
+                self._note_lost(exc)
                 raise ContentUnavailable(
                     f"content store {self.url} failed to {action}: {exc}"
                 ) from exc
         raise AssertionError("unreachable")
+
+
+# Writing a record and its listing entry is one transaction: a listed id always names a
+# stored record, and a record is listed once, under its latest ingest time.
+_PUT_STATEMENT: Final = """
+BEGIN TRANSACTION;
+IF $unlisted != NONE { DELETE $unlisted; };
+IF $listed != NONE { UPSERT $listed CONTENT $entry; };
+IF $document != NONE { UPSERT $document CONTENT $searchable; };
+UPSERT ONLY $record CONTENT $content;
+COMMIT TRANSACTION;
+"""
+
+
+# Records stored before version 1 have no listing entry or search document yet.
+_SCHEMA_VERSION: Final = 1
+_VERSION_STATEMENT: Final = "RETURN content_meta:schema.version"
+_INDEX_STATEMENT: Final = """
+BEGIN TRANSACTION;
+IF $listed != NONE { UPSERT $listed CONTENT $entry; };
+IF $document != NONE { UPSERT $document CONTENT $searchable; };
+COMMIT TRANSACTION;
+"""
+
+
+def _entry(table: str, key: str, content: dict[str, Any]) -> dict[str, Any]:
+    """A record's listing entry: the record, its type and when it was ingested."""
+    return {"item": RecordID(table, key), "type": table, "ingested_at": content.get("ingested_at")}
+
+
+def _document(table: str, key: str, content: dict[str, Any]) -> dict[str, Any]:
+    """The search document of a record of a searchable table: its title and text."""
+    field = SEARCHABLE.get(table)
+    if field is None:
+        return {"document": None, "searchable": None}
+    title, body = content.get("title"), content.get(field)
+    return {
+        "document": RecordID(DOCUMENT, [table, key]),
+        "searchable": {
+            "item": RecordID(table, key),
+            "type": table,
+            "title": title if isinstance(title, str) else None,
+            "body": body if isinstance(body, str) else None,
+            "ingested_at": content.get("ingested_at"),
+        },
+    }
+
+
+def _listing_id(ingested_at: Any, item: str) -> RecordID | None:
+    if not isinstance(ingested_at, str):
+        return None
+    try:
+        return RecordID(LISTING, listing_key(ingested_at, item))
+    except ValueError:
+        return None
+
+
+async def _connect(settings: ContentSettings) -> _Connection:
+    """A connection, signed in when a user and password are set, with namespace, database
+    and schema in place; :class:`ContentUnavailable` when the database cannot be reached."""
+    url = settings.surrealdb_url
+    db: _Connection | None = None
+    try:
+        db = AsyncSurreal(url)
+        if not isinstance(db, AsyncHttpSurrealConnection):
+            await db.connect()
+        if url.startswith(_REMOTE_SCHEMES) and settings.user and settings.password:
+            await db.signin({"username": settings.user, "password": settings.password})
+        await db.use(settings.namespace, settings.database)
+        await _define_schema(db)
+    except BaseException as exc:
+        if db is not None:
+            with contextlib.suppress(*_STORE_ERRORS, NotImplementedError):
+                await _close_connection(db)
+        if isinstance(exc, _STORE_ERRORS):
+            raise ContentUnavailable(
+                f"content store {_redacted(url)} is unavailable: {exc}"
+            ) from exc
+        raise
+    return db
+
+
+async def _define_schema(db: _Connection) -> None:
+    for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+        try:
+            await _run_statements(db, SCHEMA, {})
+            return
+        except ServerError as exc:
+            # Instances starting together define the same things at once; one wins.
+            if attempt == _CONFLICT_ATTEMPTS or not _is_conflict(exc):
+                raise
+            await asyncio.sleep(random.uniform(0, _CONFLICT_BASE_SECONDS * 2**attempt))
+
+
+def _statements(
+    statement: str, variables: dict[str, Any]
+) -> Callable[[_Connection], Awaitable[Any]]:
+    """An operation for :meth:`ContentStore._call` that runs ``statement``."""
+    return lambda db: _run_statements(db, statement, variables)
+
+
+async def _run_statements(
+    db: _Connection, statement: str, variables: dict[str, Any], *, every: bool = False
+) -> Any:
+    """Run every statement of ``statement``, raising the first error of any of them (the
+    SDK's ``query`` reports only the first); the last one's result, or each one's."""
+    response = await db.query_raw(statement, variables)
+    if response.get("error") is not None:
+        raise parse_rpc_error(response["error"])
+    results = response.get("result")
+    if not isinstance(results, list):
+        raise SurrealError(f"no result for a query: {response!r}")
+    for result in results:
+        if isinstance(result, dict) and result.get("status") == "ERR":
+            raise parse_query_error(result)
+    values = [result.get("result") if isinstance(result, dict) else None for result in results]
+    if every:
+        return values
+    return values[-1] if values else None
 
 
 def _describe(record_id: RecordID) -> str:
