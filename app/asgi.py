@@ -14,6 +14,7 @@ from litestar.openapi import OpenAPIConfig
 
 from app.api import AgentsController, EventsController, exception_handlers, health
 from app.api.bodies import JsonRequest
+from app.api.content import ContentController
 from app.api.dashboard import dashboard_routes
 from app.api.deps import provide_services
 from app.api.direct import DirectAppends
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             IngestController,
             IngestsController,
             StatsController,
+            ContentController,
             health,
             metrics,
             *dashboard_routes(),
