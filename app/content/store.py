@@ -356,6 +356,13 @@ class ContentStore:
         )
 
     @staticmethod
+    def missing(settings: ContentSettings) -> str | None:
+        """The local path of an embedded store that has not been created yet, else None:
+        reading commands must not create an empty store where none was."""
+        path = _local_path(settings.surrealdb_url)
+        return path if path is not None and not Path(path).exists() else None
+
+    @staticmethod
     def check_not_in_use(settings: ContentSettings) -> None:
         """Raise :class:`ContentStoreLocked` as :meth:`open` would, if another opener holds
         the local path now, without opening the database (the lock is taken and let go)."""
