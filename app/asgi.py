@@ -13,6 +13,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
 from app.api import AgentsController, EventsController, exception_handlers, health
+from app.api.audit import AuditController
 from app.api.bodies import JsonRequest
 from app.api.content import ContentController
 from app.api.dashboard import dashboard_routes
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             IngestsController,
             StatsController,
             ContentController,
+            AuditController,
             health,
             metrics,
             *dashboard_routes(),

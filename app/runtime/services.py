@@ -13,6 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.agents.coordinator import AgentRuns
 from app.agents.tracker import ActivityTracker
 from app.agents.watchdog import StalledWatchdog
+from app.audit.checkpoints import CheckpointWriter
+from app.audit.keys import load_private_key
 from app.config import Settings
 from app.content import Archive, ContentStore
 from app.database import create_engine, upgrade_database
@@ -48,6 +50,8 @@ class Services:
     runs: AgentRuns
     watchdog: StalledWatchdog
     instance: str
+    #: Appends signed checkpoints of the chain; None without AUDIT_SIGNING_KEY.
+    checkpoints: CheckpointWriter | None = None
 
 
 @asynccontextmanager
@@ -119,6 +123,17 @@ async def open_services(
             watchdog.start()
         stack.push_async_callback(jobs.close)
         stack.push_async_callback(watchdog.close)
+        checkpoints = None
+        if settings.audit.signing_key is not None:
+            checkpoints = CheckpointWriter(
+                engine,
+                store,
+                load_private_key(settings.audit.signing_key),
+                interval=settings.audit.checkpoint_seconds,
+            )
+            if run_jobs:
+                checkpoints.start()
+            stack.push_async_callback(checkpoints.close)
         yield Services(
             settings=settings,
             engine=engine,
@@ -132,4 +147,5 @@ async def open_services(
             runs=runs,
             watchdog=watchdog,
             instance=instance,
+            checkpoints=checkpoints,
         )
