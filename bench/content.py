@@ -323,8 +323,12 @@ async def run(sizes: tuple[int, ...], rounds: int, data_dir: Path | None) -> lis
         services = []
         for size in sizes:
             path = stores / f"content-{size}"
-            if not path.exists():
+            filled = stores / f"content-{size}.filled"
+            if not filled.exists():
+                # A store left half-filled by an interrupted run is filled again from empty.
+                shutil.rmtree(path, ignore_errors=True)
                 seconds = await fill_store(path, size)
+                filled.write_text(f"{seconds:.1f}\n")
                 print(f"filled {size:,} items in {seconds:.0f} s", file=sys.stderr, flush=True)
             work = scratch / f"service-{size}"
             work.mkdir(parents=True, exist_ok=True)

@@ -14,37 +14,36 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
-import errno
-import fcntl
 import hashlib
-import os
-import random
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
-import websockets.exceptions
-from surrealdb import (
-    AsyncEmbeddedSurrealConnection,
-    AsyncHttpSurrealConnection,
-    AsyncSurreal,
-    AsyncWsSurrealConnection,
-    Duration,
-    RecordID,
-    ServerError,
-    SurrealError,
-    Table,
-)
-from surrealdb.errors import parse_query_error, parse_rpc_error
+from surrealdb import Duration, RecordID, ServerError, Table
 
 from app.config import ContentSettings
-from app.content.schema import DOCUMENT, LISTING, SCHEMA, SEARCHABLE, listing_key
+from app.content._connection import (
+    CONFLICT_ATTEMPTS,
+    STORE_ERRORS,
+    Connection,
+    ContentStoreLocked,
+    ContentUnavailable,
+    PathLock,
+    close_connection,
+    connect,
+    is_conflict,
+    local_path,
+    lock_local_path,
+    redacted,
+    retry_delay,
+    run_statements,
+    statements,
+)
+from app.content.schema import DOCUMENT, LISTING, SEARCHABLE, listing_key
 
 __all__ = [
     "TABLES",
@@ -57,33 +56,10 @@ __all__ = [
 
 TABLES: Final = frozenset({"video", "channel", "article"})
 
-# Engines that keep their data in a local path. SurrealKV takes no lock of its own, so two
-# processes opening one path would each write their own view of it and silently diverge.
-_LOCAL_SCHEMES: Final = ("surrealkv://", "surrealkv+versioned://", "file://")
-_REMOTE_SCHEMES: Final = ("ws://", "wss://", "http://", "https://")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _HEALTH_TIMEOUT_SECONDS: Final = 5.0
-_CONFLICT_ATTEMPTS: Final = 10
-_CONFLICT_BASE_SECONDS: Final = 0.002
 # A lost connection (a server restarted) is opened again on the next call, at most this often.
 _RECONNECT_SECONDS: Final = 1.0
-
-# What a broken connection or a failed statement raises, from the SDK, the network or the
-# embedded engine.
-_STORE_ERRORS: Final = (
-    SurrealError,
-    OSError,
-    websockets.exceptions.WebSocketException,
-    aiohttp.ClientError,
-)
-
-
-class ContentStoreLocked(RuntimeError):
-    """Another process (or another store in this one) holds the local content store path."""
-
-
-class ContentUnavailable(RuntimeError):
-    """The content store cannot be reached or did not answer."""
 
 
 def normalize_article_url(url: str) -> str:
@@ -101,96 +77,6 @@ def article_key(url: str) -> str:
     """The record key of an article: the first 32 hex digits of sha256(normalized URL)."""
     normalized = normalize_article_url(url)
     return hashlib.sha256(normalized.encode("utf-8")).hexdigest()[:32]
-
-
-@dataclass
-class _PathLock:
-    path: Path
-    fd: int
-
-    def release(self) -> None:
-        try:
-            # A later holder writes its own pid; an empty file never names a stale one.
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
-
-
-def _local_path(url: str) -> str | None:
-    for scheme in _LOCAL_SCHEMES:
-        if url.startswith(scheme):
-            path = url[len(scheme) :].split("?", 1)[0]
-            if not path:
-                raise ValueError(f"SURREALDB_URL {url!r} names no path")
-            return path
-    return None
-
-
-def _lock_path(path: str) -> _PathLock:
-    """Take an exclusive, non-blocking lock on ``<path>.lock`` and write our pid into it.
-
-    ``flock`` locks belong to the open file, so a second opener in this same process is
-    refused too, and the kernel drops the lock when the holder dies, however it dies.
-    """
-    data_path = Path(path)
-    data_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = data_path.with_name(data_path.name + ".lock")
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = _read_pid(fd)
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        raise ContentStoreLocked(_locked_message(path, holder)) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return _PathLock(lock_file, fd)
-
-
-def _lock_local_path(url: str) -> _PathLock | None:
-    """The lock on ``url``'s local path, None for a store that has no path."""
-    local_path = _local_path(url)
-    if local_path is None:
-        return None
-    # A non-blocking flock and a few bytes on a local file: no thread needed, and none
-    # that could take the lock after a cancelled open() stopped waiting for it.
-    try:
-        return _lock_path(local_path)
-    except OSError as exc:
-        raise ContentUnavailable(f"content store {local_path} cannot be opened: {exc}") from exc
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _locked_message(path: str, pid: int | None) -> str:
-    if pid == os.getpid():
-        holder = f"is already open in this process (pid {pid})"
-        advice = "close the other store first or set SURREALDB_URL to another path"
-    else:
-        who = f" (pid {pid})" if pid is not None else ""
-        holder = f"is in use by another process{who}"
-        advice = "stop it or set SURREALDB_URL to another path"
-    return f"content store {path} {holder}; {advice}"
-
-
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _check_table(table: str) -> str:
@@ -245,9 +131,6 @@ def _content(record: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in record.items() if name != "id"}
 
 
-_Connection = AsyncEmbeddedSurrealConnection | AsyncWsSurrealConnection | AsyncHttpSurrealConnection
-
-
 class _RecordLocks:
     """One asyncio lock per record, held only while someone is waiting for or holding it."""
 
@@ -280,12 +163,12 @@ class ContentStore:
 
     def __init__(
         self,
-        db: _Connection,
+        db: Connection,
         url: str,
-        lock: _PathLock | None,
+        lock: PathLock | None,
         settings: ContentSettings | None = None,
     ) -> None:
-        self._db: _Connection | None = db
+        self._db: Connection | None = db
         self._url = url
         self._lock = lock
         self._settings = settings
@@ -299,7 +182,7 @@ class ContentStore:
 
     @property
     def url(self) -> str:
-        return _redacted(self._url)
+        return redacted(self._url)
 
     @classmethod
     async def open(cls, settings: ContentSettings) -> ContentStore:
@@ -309,9 +192,9 @@ class ContentStore:
         :class:`ContentUnavailable` when the database cannot be reached.
         """
         url = settings.surrealdb_url
-        lock = _lock_local_path(url)
+        lock = lock_local_path(url)
         try:
-            db = await _connect(settings)
+            db = await connect(settings)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -347,7 +230,7 @@ class ContentStore:
                     "entry": _entry(table, key, content),
                     **_document(table, key, content),
                 }
-                await self._call(f"index {table} {key!r}", _statements(_INDEX_STATEMENT, variables))
+                await self._call(f"index {table} {key!r}", statements(_INDEX_STATEMENT, variables))
         await self._call(
             "write the schema version",
             lambda db: db.query(
@@ -359,14 +242,14 @@ class ContentStore:
     def missing(settings: ContentSettings) -> str | None:
         """The local path of an embedded store that has not been created yet, else None:
         reading commands must not create an empty store where none was."""
-        path = _local_path(settings.surrealdb_url)
+        path = local_path(settings.surrealdb_url)
         return path if path is not None and not Path(path).exists() else None
 
     @staticmethod
     def check_not_in_use(settings: ContentSettings) -> None:
         """Raise :class:`ContentStoreLocked` as :meth:`open` would, if another opener holds
         the local path now, without opening the database (the lock is taken and let go)."""
-        lock = _lock_local_path(settings.surrealdb_url)
+        lock = lock_local_path(settings.surrealdb_url)
         if lock is not None:
             lock.release()
 
@@ -376,7 +259,7 @@ class ContentStore:
         lock, self._lock = self._lock, None
         try:
             if db is not None:
-                await _close_connection(db)
+                await close_connection(db)
         finally:
             if lock is not None:
                 lock.release()
@@ -391,7 +274,7 @@ class ContentStore:
             raise ContentUnavailable(
                 f"content store {self.url} did not answer within {_HEALTH_TIMEOUT_SECONDS:g} s"
             ) from None
-        except _STORE_ERRORS as exc:
+        except STORE_ERRORS as exc:
             self._note_lost(exc)
             raise ContentUnavailable(f"content store {self.url} failed: {exc}") from exc
         if answer != 1:
@@ -438,7 +321,7 @@ class ContentStore:
             }
             result = await self._call(
                 f"write {_describe(record_id)}",
-                lambda db: _run_statements(db, _PUT_STATEMENT, variables),
+                lambda db: run_statements(db, _PUT_STATEMENT, variables),
             )
         stored = _one(result)
         if stored is None:
@@ -487,12 +370,12 @@ class ContentStore:
         ``statement`` is fixed text; everything a caller was given goes in ``variables``.
         """
         results = await self._call(
-            action, lambda db: _run_statements(db, statement, variables, every=True)
+            action, lambda db: run_statements(db, statement, variables, every=True)
         )
         plain: list[Any] = _to_plain(results)
         return plain
 
-    async def _connected(self) -> _Connection:
+    async def _connected(self) -> Connection:
         if self._db is None:
             raise ContentUnavailable(f"content store {self.url} is closed")
         if self._lost is not None:
@@ -519,25 +402,25 @@ class ContentStore:
                 )
             self._reconnected_at = loop.time()
             # The old connection goes first: an embedded path has one opener at a time.
-            with contextlib.suppress(*_STORE_ERRORS, NotImplementedError):
-                await _close_connection(self._db)
+            with contextlib.suppress(*STORE_ERRORS, NotImplementedError):
+                await close_connection(self._db)
             try:
-                self._db = await _connect(self._settings)
+                self._db = await connect(self._settings)
             except ContentUnavailable as exc:
                 self._lost = str(exc.__cause__ or exc)
                 raise
             self._lost = None
 
-    async def _call(self, action: str, operation: Callable[[_Connection], Awaitable[Any]]) -> Any:
+    async def _call(self, action: str, operation: Callable[[Connection], Awaitable[Any]]) -> Any:
         db = await self._connected()
-        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             try:
                 return await operation(db)
-            except _STORE_ERRORS as exc:
-                if attempt < _CONFLICT_ATTEMPTS and _is_conflict(exc):
+            except STORE_ERRORS as exc:
+                if attempt < CONFLICT_ATTEMPTS and is_conflict(exc):
                     # Optimistic transactions: two writes to one record (or the first writes
                     # to a new table) at once make all but one fail; each is safe to repeat.
-                    await asyncio.sleep(random.uniform(0, _CONFLICT_BASE_SECONDS * 2**attempt))
+                    await asyncio.sleep(retry_delay(attempt))
                     continue
                 self._note_lost(exc)
                 raise ContentUnavailable(
@@ -601,79 +484,5 @@ def _listing_id(ingested_at: Any, item: str) -> RecordID | None:
         return None
 
 
-async def _connect(settings: ContentSettings) -> _Connection:
-    """A connection, signed in when a user and password are set, with namespace, database
-    and schema in place; :class:`ContentUnavailable` when the database cannot be reached."""
-    url = settings.surrealdb_url
-    db: _Connection | None = None
-    try:
-        db = AsyncSurreal(url)
-        if not isinstance(db, AsyncHttpSurrealConnection):
-            await db.connect()
-        if url.startswith(_REMOTE_SCHEMES) and settings.user and settings.password:
-            await db.signin({"username": settings.user, "password": settings.password})
-        await db.use(settings.namespace, settings.database)
-        await _define_schema(db)
-    except BaseException as exc:
-        if db is not None:
-            with contextlib.suppress(*_STORE_ERRORS, NotImplementedError):
-                await _close_connection(db)
-        if isinstance(exc, _STORE_ERRORS):
-            raise ContentUnavailable(
-                f"content store {_redacted(url)} is unavailable: {exc}"
-            ) from exc
-        raise
-    return db
-
-
-async def _define_schema(db: _Connection) -> None:
-    for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
-        try:
-            await _run_statements(db, SCHEMA, {})
-            return
-        except ServerError as exc:
-            # Instances starting together define the same things at once; one wins.
-            if attempt == _CONFLICT_ATTEMPTS or not _is_conflict(exc):
-                raise
-            await asyncio.sleep(random.uniform(0, _CONFLICT_BASE_SECONDS * 2**attempt))
-
-
-def _statements(
-    statement: str, variables: dict[str, Any]
-) -> Callable[[_Connection], Awaitable[Any]]:
-    """An operation for :meth:`ContentStore._call` that runs ``statement``."""
-    return lambda db: _run_statements(db, statement, variables)
-
-
-async def _run_statements(
-    db: _Connection, statement: str, variables: dict[str, Any], *, every: bool = False
-) -> Any:
-    """Run every statement of ``statement``, raising the first error of any of them (the
-    SDK's ``query`` reports only the first); the last one's result, or each one's."""
-    response = await db.query_raw(statement, variables)
-    if response.get("error") is not None:
-        raise parse_rpc_error(response["error"])
-    results = response.get("result")
-    if not isinstance(results, list):
-        raise SurrealError(f"no result for a query: {response!r}")
-    for result in results:
-        if isinstance(result, dict) and result.get("status") == "ERR":
-            raise parse_query_error(result)
-    values = [result.get("result") if isinstance(result, dict) else None for result in results]
-    if every:
-        return values
-    return values[-1] if values else None
-
-
 def _describe(record_id: RecordID) -> str:
     return f"{record_id.table_name} {record_id.id!r}"
-
-
-def _is_conflict(exc: BaseException) -> bool:
-    return isinstance(exc, ServerError) and "can be retried" in str(exc)
-
-
-async def _close_connection(db: _Connection) -> None:
-    # The HTTP client opens a session per request and has nothing to close.
-    if not isinstance(db, AsyncHttpSurrealConnection):
-        await db.close()
