@@ -9,6 +9,7 @@ transcript's match is placed in its segment, so a hit can open the video at that
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 from collections.abc import Mapping, Sequence
@@ -67,14 +68,22 @@ def _statement(filters: ContentFilter) -> tuple[str, dict[str, Any]]:
         where.append("ingested_at <= $until")
         variables["until"] = filters.until
     conditions = "".join(f" AND {condition}" for condition in where)
+    # Only the scores here: whatever else is selected is worked out for every match before
+    # the best are picked, and an item's fields are a read of the whole item.
     statement = (
-        "SELECT item, type, search::score(0) + search::score(1) AS score, "
-        "search::offsets(0) AS title_offsets, search::offsets(1) AS body_offsets, "
-        f"item.{{{_HIT_FIELDS}}} AS record "
+        "SELECT record::id(id) AS key, search::score(0) + search::score(1) AS score "
         f"FROM {DOCUMENT} WHERE (title @0@ $q OR body @1@ $q){conditions} "
         "ORDER BY score DESC LIMIT $limit"
     )
     return statement, variables
+
+
+# The best hits' matched positions, text and fields, read once they are known.
+_HITS_STATEMENT: Final = (
+    "SELECT id, item, search::offsets(0) AS title_offsets, search::offsets(1) AS body_offsets, "
+    f"body, segment_index, item.{{{_HIT_FIELDS}}} AS record "
+    f"FROM {DOCUMENT} WHERE id IN $ids AND (title @0@ $q OR body @1@ $q)"
+)
 
 
 def _spans(offsets: Any) -> list[tuple[int, int]]:
@@ -123,29 +132,27 @@ def _snippet(text: str, spans: Sequence[tuple[int, int]]) -> str:
     return ("…" if start > 0 else "") + snippet + ("…" if end < len(text) else "")
 
 
-def _segment_at(video_id: str, segments: Any, offset: int) -> Segment | None:
-    """The segment holding character ``offset`` of the transcript, which is the segments'
-    texts joined by single spaces (empty ones left out)."""
-    if not isinstance(segments, list):
+def _segment_at(video_id: str, index: Any, text: str, offset: int) -> Segment | None:
+    """The segment holding character ``offset`` of the transcript ``text``, from the
+    document's segment index (``position:start:duration`` entries, in order)."""
+    if not isinstance(index, str) or not index:
         return None
-    position = 0
-    for segment in segments:
-        if not isinstance(segment, Mapping) or not isinstance(segment.get("text"), str):
-            continue
-        words = segment["text"]
-        if not words:
-            continue
-        end = position + len(words)
-        if offset < end + 1:
-            start = float(segment.get("start") or 0.0)
-            return Segment(
-                start=start,
-                duration=float(segment.get("duration") or 0.0),
-                text=words,
-                url=watch_url(video_id, start),
-            )
-        position = end + 1
-    return None
+    entries = []
+    for entry in index.split(" "):
+        at, _, rest = entry.partition(":")
+        second, _, length = rest.partition(":")
+        try:
+            entries.append((int(at), float(second), float(length or 0)))
+        except ValueError:
+            return None
+    found = bisect.bisect_right([position for position, _, _ in entries], offset) - 1
+    if found < 0:
+        return None
+    position, start, duration = entries[found]
+    end = entries[found + 1][0] - 1 if found + 1 < len(entries) else len(text)
+    return Segment(
+        start=start, duration=duration, text=text[position:end], url=watch_url(video_id, start)
+    )
 
 
 async def search_content(
@@ -159,27 +166,28 @@ async def search_content(
     if filters.types and not set(filters.types) & set(SEARCHABLE):
         return SearchResults(query=query, hits=[])
     statement, variables = _statement(filters)
-    (rows,) = await store.read(
-        "search content", statement, {**variables, "q": _words(query), "limit": limit}
+    words = _words(query)
+    (ranked,) = await store.read(
+        "search content", statement, {**variables, "q": words, "limit": limit}
     )
-    found = [row for row in rows or [] if isinstance(row, dict) and row.get("record")]
-    bodies = await _bodies(store, [row["item"] for row in found if row.get("body_offsets")])
+    scores = {
+        ":".join(row["key"]): row.get("score")
+        for row in ranked or []
+        if isinstance(row, dict) and isinstance(row.get("key"), list) and len(row["key"]) == 2
+    }
+    if not scores:
+        return SearchResults(query=query, hits=[])
+    ids = [RecordID(DOCUMENT, item.split(":", 1)) for item in scores]
+    (rows,) = await store.read("read search hits", _HITS_STATEMENT, {"ids": ids, "q": words})
+    found = {row["item"]: row for row in rows or [] if isinstance(row, dict) and row.get("record")}
     return SearchResults(
-        query=query, hits=[_hit(row, bodies.get(row["item"], {})) for row in found]
+        query=query,
+        hits=[
+            _hit({**found[item], "score": score}, found[item])
+            for item, score in scores.items()
+            if item in found
+        ],
     )
-
-
-async def _bodies(store: ContentStore, items: list[str]) -> dict[str, dict[str, Any]]:
-    """The text of the hits whose text matched (and a video's segments), in one read."""
-    if not items:
-        return {}
-    ids = [RecordID(DOCUMENT, item.split(":", 1)) for item in items]
-    (rows,) = await store.read(
-        "read matched texts",
-        "SELECT item, body, item.segments AS segments FROM $ids",
-        {"ids": ids},
-    )
-    return {row["item"]: row for row in rows or [] if isinstance(row, dict)}
 
 
 def _hit(row: Mapping[str, Any], body: Mapping[str, Any]) -> SearchHit:
@@ -192,7 +200,7 @@ def _hit(row: Mapping[str, Any], body: Mapping[str, Any]) -> SearchHit:
     if isinstance(text, str) and spans:
         snippet = _snippet(text, spans)
         if kind == "video":
-            segment = _segment_at(key, body.get("segments"), spans[0][0])
+            segment = _segment_at(key, body.get("segment_index"), text, spans[0][0])
     else:
         title = record["title"] if isinstance(record.get("title"), str) else ""
         snippet = _marked(title, _spans(row.get("title_offsets")), 0, len(title))

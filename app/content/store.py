@@ -213,6 +213,35 @@ class ContentStore:
         (version,) = await self.read("read the schema version", _VERSION_STATEMENT, {})
         if isinstance(version, int) and version >= _SCHEMA_VERSION:
             return
+        if version == 1:
+            await self._index_segments()
+        else:
+            await self._index_records()
+        await self._call(
+            "write the schema version",
+            lambda db: db.query(
+                "UPSERT content_meta:schema SET version = $version", {"version": _SCHEMA_VERSION}
+            ),
+        )
+
+    async def _index_segments(self) -> None:
+        """Version 2: each video's search document learns where its segments start."""
+        (items,) = await self.read("list videos", "SELECT VALUE id FROM video", {})
+        for item in items or []:
+            key = str(item).partition(":")[2]
+            record = await self.get("video", key)
+            if record is None:
+                continue
+            variables = {
+                "document": RecordID(DOCUMENT, ["video", key]),
+                "index": _segment_index(record.get("segments")),
+            }
+            await self._call(
+                f"index video {key!r}",
+                statements("UPDATE $document SET segment_index = $index", variables),
+            )
+
+    async def _index_records(self) -> None:
         for table in sorted(TABLES):
             (items,) = await self.read(
                 f"list {table} records",
@@ -231,12 +260,6 @@ class ContentStore:
                     **_document(table, key, content),
                 }
                 await self._call(f"index {table} {key!r}", statements(_INDEX_STATEMENT, variables))
-        await self._call(
-            "write the schema version",
-            lambda db: db.query(
-                "UPSERT content_meta:schema SET version = $version", {"version": _SCHEMA_VERSION}
-            ),
-        )
 
     @staticmethod
     def missing(settings: ContentSettings) -> str | None:
@@ -441,8 +464,9 @@ COMMIT TRANSACTION;
 """
 
 
-# Records stored before version 1 have no listing entry or search document yet.
-_SCHEMA_VERSION: Final = 1
+# Records stored before version 1 have no listing entry or search document yet; search
+# documents of version 1 have no segment index.
+_SCHEMA_VERSION: Final = 2
 _VERSION_STATEMENT: Final = "RETURN content_meta:schema.version"
 _INDEX_STATEMENT: Final = """
 BEGIN TRANSACTION;
@@ -471,8 +495,29 @@ def _document(table: str, key: str, content: dict[str, Any]) -> dict[str, Any]:
             "title": title if isinstance(title, str) else None,
             "body": body if isinstance(body, str) else None,
             "ingested_at": content.get("ingested_at"),
+            "segment_index": _segment_index(content.get("segments")),
         },
     }
+
+
+def _segment_index(segments: Any) -> str | None:
+    """Where each transcript segment starts in the text and in the video, as one string of
+    ``position:start:duration`` entries: a search hit finds its segment from it without
+    reading (and decoding) the segments themselves. The text is the segments' texts joined
+    by single spaces, empty ones left out."""
+    if not isinstance(segments, list):
+        return None
+    entries = []
+    position = 0
+    for segment in segments:
+        if not isinstance(segment, dict) or not isinstance(segment.get("text"), str):
+            continue
+        if not segment["text"] or not isinstance(segment.get("start"), int | float):
+            continue
+        duration = segment.get("duration") or 0
+        entries.append(f"{position}:{segment['start']}:{duration}")
+        position += len(segment["text"]) + 1
+    return " ".join(entries)
 
 
 def _listing_id(ingested_at: Any, item: str) -> RecordID | None:
