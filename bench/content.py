@@ -278,11 +278,11 @@ async def _serving(services: list[Service]) -> AsyncIterator[None]:
             await service.stop()
 
 
-async def measure(services: list[Service], rounds: int, seed: int) -> None:
+async def measure(services: list[Service], rounds: int, seed: int, count: int) -> None:
     async with _serving(services):
         for round_number in range(rounds):
-            queries = _queries(QUERIES, seed + round_number)
-            for index in range(QUERIES):
+            queries = _queries(count, seed + round_number)
+            for index in range(count):
                 for service in services:
                     if index % 10 == 0:
                         await service.list_pages()
@@ -316,7 +316,9 @@ def figures(services: list[Service]) -> list[Figure]:
     return made
 
 
-async def run(sizes: tuple[int, ...], rounds: int, data_dir: Path | None) -> list[Figure]:
+async def run(
+    sizes: tuple[int, ...], rounds: int, data_dir: Path | None, queries: int = QUERIES
+) -> list[Figure]:
     scratch = Path(tempfile.mkdtemp(prefix="bench-content-"))
     stores = data_dir or scratch
     try:
@@ -333,7 +335,7 @@ async def run(sizes: tuple[int, ...], rounds: int, data_dir: Path | None) -> lis
             work = scratch / f"service-{size}"
             work.mkdir(parents=True, exist_ok=True)
             services.append(Service(size, path, work))
-        await measure(services, rounds, SEED)
+        await measure(services, rounds, SEED, queries)
         return figures(services)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -347,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sizes", help="comma-separated item counts instead (e.g. 100,300,1000)", default=None
     )
+    parser.add_argument("--queries", type=int, default=QUERIES, help="searches a round")
     args = parser.parse_args(argv)
     sizes = QUICK_SIZES if args.quick else SIZES
     if args.sizes:
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 3)
     if args.data_dir is not None:
         args.data_dir.mkdir(parents=True, exist_ok=True)
-    made = asyncio.run(run(sizes, rounds, args.data_dir))
+    made = asyncio.run(run(sizes, rounds, args.data_dir, args.queries))
     print(render(made))
     results = REPO_ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)

@@ -68,21 +68,21 @@ def _statement(filters: ContentFilter) -> tuple[str, dict[str, Any]]:
         where.append("ingested_at <= $until")
         variables["until"] = filters.until
     conditions = "".join(f" AND {condition}" for condition in where)
-    # Only the scores here: whatever else is selected is worked out for every match before
-    # the best are picked, and an item's fields are a read of the whole item.
+    # No item fields here: whatever is selected is worked out for every match before the best
+    # are picked, and an item's fields are a read of the whole item.
     statement = (
-        "SELECT record::id(id) AS key, search::score(0) + search::score(1) AS score "
+        "SELECT record::id(id) AS key, search::score(0) + search::score(1) AS score, "
+        "search::offsets(0) AS title_offsets, search::offsets(1) AS body_offsets "
         f"FROM {DOCUMENT} WHERE (title @0@ $q OR body @1@ $q){conditions} "
         "ORDER BY score DESC LIMIT $limit"
     )
     return statement, variables
 
 
-# The best hits' matched positions, text and fields, read once they are known.
+# The best hits' text and fields, read by id once they are known.
 _HITS_STATEMENT: Final = (
-    "SELECT id, item, search::offsets(0) AS title_offsets, search::offsets(1) AS body_offsets, "
-    f"body, segment_index, item.{{{_HIT_FIELDS}}} AS record "
-    f"FROM {DOCUMENT} WHERE id IN $ids AND (title @0@ $q OR body @1@ $q)"
+    "SELECT record::id(id) AS key, item, body, segment_index, "
+    f"item.{{{_HIT_FIELDS}}} AS record FROM $ids"
 )
 
 
@@ -170,21 +170,21 @@ async def search_content(
     (ranked,) = await store.read(
         "search content", statement, {**variables, "q": words, "limit": limit}
     )
-    scores = {
-        ":".join(row["key"]): row.get("score")
+    matched = {
+        ":".join(row["key"]): row
         for row in ranked or []
         if isinstance(row, dict) and isinstance(row.get("key"), list) and len(row["key"]) == 2
     }
-    if not scores:
+    if not matched:
         return SearchResults(query=query, hits=[])
-    ids = [RecordID(DOCUMENT, item.split(":", 1)) for item in scores]
-    (rows,) = await store.read("read search hits", _HITS_STATEMENT, {"ids": ids, "q": words})
+    ids = [RecordID(DOCUMENT, item.split(":", 1)) for item in matched]
+    (rows,) = await store.read("read search hits", _HITS_STATEMENT, {"ids": ids})
     found = {row["item"]: row for row in rows or [] if isinstance(row, dict) and row.get("record")}
     return SearchResults(
         query=query,
         hits=[
-            _hit({**found[item], "score": score}, found[item])
-            for item, score in scores.items()
+            _hit({**found[item], **match}, found[item])
+            for item, match in matched.items()
             if item in found
         ],
     )
