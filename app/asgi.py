@@ -15,6 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from app.api import AgentsController, EventsController, exception_handlers, health
 from app.api.audit import AuditController
 from app.api.bodies import JsonRequest
+from app.api.content import ContentController
 from app.api.dashboard import dashboard_routes
 from app.api.deps import provide_services
 from app.api.direct import DirectAppends
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             IngestController,
             IngestsController,
             StatsController,
+            ContentController,
             AuditController,
             health,
             metrics,

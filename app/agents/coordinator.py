@@ -24,8 +24,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.agents.tracker import ActivityTracker, agent_event
 from app.agents.workers import AGENTS, CONTENT_TABLES, PRODUCES, AgentContext, AgentFn, record_text
-from app.content import ContentStore
+from app.content import AGENT_FIELDS, ContentStore
 from app.eventlog import Event, EventStore, NewEvent
+from app.events.envelope import utc_now
 from app.jobs import job_leases
 from app.projections.agents import AGENT_STREAM, TERMINAL_STATUSES, agent_activities
 
@@ -298,6 +299,12 @@ class AgentRuns:
                 agent, source_id=child, message=f"{agent} on {item}", item=item, run=run_id
             ) as activity:
                 fields = await self._agents[agent](context, activity, record)
+                # The item names the activity that wrote it, so a reader can go to its log.
+                fields[AGENT_FIELDS.get(agent, f"{agent}_run")] = {
+                    "source_id": child,
+                    "run_id": run_id,
+                    "at": utc_now(),
+                }
                 await self._content.merge(table, key, fields)
         except asyncio.CancelledError:
             raise

@@ -16,6 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from app.agents.reports import InvalidReport
 from app.api.limits import body_too_large_detail
 from app.api.security import access_for
+from app.content import ContentUnavailable, InvalidContentQuery
 from app.eventlog import EventIdReused, LogUnavailable, VersionConflict
 from app.ingest.urls import InvalidUrl
 
@@ -85,6 +86,18 @@ def _invalid_url(_: Request[Any, Any, Any], exc: InvalidUrl) -> Response[Any]:
     return error_response(400, f"url: {exc}", {"field": "url"})
 
 
+def _invalid_content_query(_: Request[Any, Any, Any], exc: InvalidContentQuery) -> Response[Any]:
+    return error_response(400, str(exc), {"field": exc.field})
+
+
+def _content_unavailable(_: Request[Any, Any, Any], exc: ContentUnavailable) -> Response[Any]:
+    # The store's own words: which store, and what failed (never a password: URLs are redacted).
+    logger.warning("content store unavailable: %s", exc)
+    response = error_response(503, str(exc), {"store": "content"})
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 def _validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     # Name the offending field in the detail itself, not only in ``extra``.
     problems = exc.extra if isinstance(exc.extra, list) else []
@@ -139,6 +152,8 @@ exception_handlers: ExceptionHandlersMap = {
     HTTPException: _http_error,
     InvalidReport: _invalid_report,
     InvalidUrl: _invalid_url,
+    InvalidContentQuery: _invalid_content_query,
+    ContentUnavailable: _content_unavailable,
     ValidationException: _validation,
     VersionConflict: _append_refused,
     EventIdReused: _append_refused,

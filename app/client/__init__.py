@@ -17,14 +17,31 @@ from __future__ import annotations
 
 from app.client.agent import AgentActivity
 from app.client.client import ActivityClient, IngestProgress
-from app.client.models import ActivityError, Envelope, Reset, StreamEvent
+from app.client.models import (
+    ActivityError,
+    ContentItem,
+    ContentPage,
+    ContentSummary,
+    Envelope,
+    Reset,
+    SearchHit,
+    SearchResults,
+    Segment,
+    StreamEvent,
+)
 
 __all__ = [
     "ActivityClient",
     "ActivityError",
     "AgentActivity",
+    "ContentItem",
+    "ContentPage",
+    "ContentSummary",
     "Envelope",
     "IngestProgress",
     "Reset",
+    "SearchHit",
+    "SearchResults",
+    "Segment",
     "StreamEvent",
 ]

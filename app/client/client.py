@@ -7,12 +7,21 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
 
 from app.client.agent import AgentActivity, report_activity
-from app.client.models import ActivityError, Envelope, Reset, StreamEvent
+from app.client.models import (
+    ActivityError,
+    ContentItem,
+    ContentPage,
+    Envelope,
+    Reset,
+    SearchResults,
+    StreamEvent,
+)
 from app.client.streams import RETRYABLE_STATUS, Backoff, error_from, follow_stream
 
 __all__ = ["ActivityClient", "IngestProgress"]
@@ -29,6 +38,26 @@ class _Page(msgspec.Struct):
 
 
 _page_decoder = msgspec.json.Decoder(_Page)
+_content_page = msgspec.json.Decoder(ContentPage)
+_content_item = msgspec.json.Decoder(ContentItem)
+_search_results = msgspec.json.Decoder(SearchResults)
+
+
+def _content_params(
+    type: str | Sequence[str] | None,
+    channel: str | Sequence[str] | None,
+    tag: str | Sequence[str] | None,
+    since: str | None,
+    until: str | None,
+) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, value in (("type", type), ("channel", channel), ("tag", tag)):
+        if value:
+            params[name] = [value] if isinstance(value, str) else list(value)
+    for name, moment in (("since", since), ("until", until)):
+        if moment:
+            params[name] = moment
+    return params
 
 
 class ActivityClient:
@@ -134,6 +163,48 @@ class ActivityClient:
             if page.next_after <= after or (page.head is not None and page.next_after >= page.head):
                 return
             after = page.next_after
+
+    # -- stored content ---------------------------------------------------------------------
+
+    async def list_content(
+        self,
+        *,
+        type: str | Sequence[str] | None = None,
+        channel: str | Sequence[str] | None = None,
+        tag: str | Sequence[str] | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        cursor: str | None = None,
+        limit: int = 20,
+    ) -> ContentPage:
+        """``GET /content``: a page of items, newest first; pass ``page.next`` as ``cursor``
+        for the next one (None when there is no more)."""
+        params = _content_params(type, channel, tag, since, until)
+        params |= {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        response = await self.request("GET", "/content", params=params)
+        return _content_page.decode(response.content)
+
+    async def get_content(self, content_id: str) -> ContentItem:
+        """``GET /content/{id}``: the item whole; an unknown id raises ActivityError (404)."""
+        response = await self.request("GET", f"/content/{quote(content_id, safe=':')}")
+        return _content_item.decode(response.content)
+
+    async def search_content(
+        self,
+        query: str,
+        *,
+        type: str | Sequence[str] | None = None,
+        channel: str | Sequence[str] | None = None,
+        tag: str | Sequence[str] | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 20,
+    ) -> SearchResults:
+        """``GET /content/search``: the best matches first, each with its passage and, for a
+        transcript, the segment (and the video's URL at that second)."""
+        params = {"q": query, "limit": limit, **_content_params(type, channel, tag, since, until)}
+        response = await self.request("GET", "/content/search", params=params)
+        return _search_results.decode(response.content)
 
     # -- streams ----------------------------------------------------------------------------
 

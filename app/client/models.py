@@ -1,4 +1,7 @@
-"""What the client hands back: stream items, log envelopes and errors."""
+"""What the client hands back: stream items, log envelopes, stored content and errors.
+
+The content structs are the server's own wire shapes (:mod:`app.content.items`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,31 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["ActivityError", "Envelope", "Reset", "StreamEvent"]
+from app.content.items import (
+    AgentRun,
+    ChannelVideo,
+    ContentItem,
+    ContentPage,
+    ContentSummary,
+    SearchHit,
+    SearchResults,
+    Segment,
+)
+
+__all__ = [
+    "ActivityError",
+    "AgentRun",
+    "ChannelVideo",
+    "ContentItem",
+    "ContentPage",
+    "ContentSummary",
+    "Envelope",
+    "Reset",
+    "SearchHit",
+    "SearchResults",
+    "Segment",
+    "StreamEvent",
+]
 
 
 class ActivityError(Exception):

@@ -3,6 +3,9 @@
 Records are ``video:<video_id>``, ``channel:<channel_id>`` and ``article:<url hash>``. Every
 statement addresses them through ``RecordID`` values and query parameters: the SDK pastes a
 string resource into the statement unescaped, so a key is never formatted into SurrealQL.
+Opening the store defines its schema (:mod:`app.content.schema`). Storing a video or an
+article writes its search document in the same transaction, and a record stored with an
+``ingested_at`` gets its place in the listing there too.
 """
 
 from __future__ import annotations
@@ -11,35 +14,36 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
-import errno
-import fcntl
 import hashlib
-import os
-import random
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
-import websockets.exceptions
-from surrealdb import (
-    AsyncEmbeddedSurrealConnection,
-    AsyncHttpSurrealConnection,
-    AsyncSurreal,
-    AsyncWsSurrealConnection,
-    Duration,
-    RecordID,
-    ServerError,
-    SurrealError,
-    Table,
-)
+from surrealdb import Duration, RecordID, ServerError, Table
 
 from app.config import ContentSettings
+from app.content._connection import (
+    CONFLICT_ATTEMPTS,
+    STORE_ERRORS,
+    Connection,
+    ContentStoreLocked,
+    ContentUnavailable,
+    PathLock,
+    close_connection,
+    connect,
+    is_conflict,
+    local_path,
+    lock_local_path,
+    redacted,
+    retry_delay,
+    run_statements,
+    statements,
+)
+from app.content.schema import DOCUMENT, LISTING, SEARCHABLE, listing_key
 
 __all__ = [
     "TABLES",
@@ -52,31 +56,10 @@ __all__ = [
 
 TABLES: Final = frozenset({"video", "channel", "article"})
 
-# Engines that keep their data in a local path. SurrealKV takes no lock of its own, so two
-# processes opening one path would each write their own view of it and silently diverge.
-_LOCAL_SCHEMES: Final = ("surrealkv://", "surrealkv+versioned://", "file://")
-_REMOTE_SCHEMES: Final = ("ws://", "wss://", "http://", "https://")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _HEALTH_TIMEOUT_SECONDS: Final = 5.0
-_CONFLICT_ATTEMPTS: Final = 10
-_CONFLICT_BASE_SECONDS: Final = 0.002
-
-# What a broken connection or a failed statement raises, from the SDK, the network or the
-# embedded engine.
-_STORE_ERRORS: Final = (
-    SurrealError,
-    OSError,
-    websockets.exceptions.WebSocketException,
-    aiohttp.ClientError,
-)
-
-
-class ContentStoreLocked(RuntimeError):
-    """Another process (or another store in this one) holds the local content store path."""
-
-
-class ContentUnavailable(RuntimeError):
-    """The content store cannot be reached or did not answer."""
+# A lost connection (a server restarted) is opened again on the next call, at most this often.
+_RECONNECT_SECONDS: Final = 1.0
 
 
 def normalize_article_url(url: str) -> str:
@@ -94,96 +77,6 @@ def article_key(url: str) -> str:
     """The record key of an article: the first 32 hex digits of sha256(normalized URL)."""
     normalized = normalize_article_url(url)
     return hashlib.sha256(normalized.encode("utf-8")).hexdigest()[:32]
-
-
-@dataclass
-class _PathLock:
-    path: Path
-    fd: int
-
-    def release(self) -> None:
-        try:
-            # A later holder writes its own pid; an empty file never names a stale one.
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
-
-
-def _local_path(url: str) -> str | None:
-    for scheme in _LOCAL_SCHEMES:
-        if url.startswith(scheme):
-            path = url[len(scheme) :].split("?", 1)[0]
-            if not path:
-                raise ValueError(f"SURREALDB_URL {url!r} names no path")
-            return path
-    return None
-
-
-def _lock_path(path: str) -> _PathLock:
-    """Take an exclusive, non-blocking lock on ``<path>.lock`` and write our pid into it.
-
-    ``flock`` locks belong to the open file, so a second opener in this same process is
-    refused too, and the kernel drops the lock when the holder dies, however it dies.
-    """
-    data_path = Path(path)
-    data_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_file = data_path.with_name(data_path.name + ".lock")
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = _read_pid(fd)
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        raise ContentStoreLocked(_locked_message(path, holder)) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return _PathLock(lock_file, fd)
-
-
-def _lock_local_path(url: str) -> _PathLock | None:
-    """The lock on ``url``'s local path, None for a store that has no path."""
-    local_path = _local_path(url)
-    if local_path is None:
-        return None
-    # A non-blocking flock and a few bytes on a local file: no thread needed, and none
-    # that could take the lock after a cancelled open() stopped waiting for it.
-    try:
-        return _lock_path(local_path)
-    except OSError as exc:
-        raise ContentUnavailable(f"content store {local_path} cannot be opened: {exc}") from exc
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _locked_message(path: str, pid: int | None) -> str:
-    if pid == os.getpid():
-        holder = f"is already open in this process (pid {pid})"
-        advice = "close the other store first or set SURREALDB_URL to another path"
-    else:
-        who = f" (pid {pid})" if pid is not None else ""
-        holder = f"is in use by another process{who}"
-        advice = "stop it or set SURREALDB_URL to another path"
-    return f"content store {path} {holder}; {advice}"
-
-
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _check_table(table: str) -> str:
@@ -238,9 +131,6 @@ def _content(record: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in record.items() if name != "id"}
 
 
-_Connection = AsyncEmbeddedSurrealConnection | AsyncWsSurrealConnection | AsyncHttpSurrealConnection
-
-
 class _RecordLocks:
     """One asyncio lock per record, held only while someone is waiting for or holding it."""
 
@@ -271,17 +161,28 @@ class ContentStore:
     ``query_table(where_missing=...)`` finds it.
     """
 
-    def __init__(self, db: _Connection, url: str, lock: _PathLock | None) -> None:
-        self._db: _Connection | None = db
+    def __init__(
+        self,
+        db: Connection,
+        url: str,
+        lock: PathLock | None,
+        settings: ContentSettings | None = None,
+    ) -> None:
+        self._db: Connection | None = db
         self._url = url
         self._lock = lock
+        self._settings = settings
+        # Set when the connection failed (not a statement): the next call opens a new one.
+        self._lost: str | None = None
+        self._reconnected_at = 0.0
+        self._reconnecting = asyncio.Lock()
         # Writes to one record wait for each other: with concurrent merges into one record,
         # the embedded SurrealKV engine (SDK 2.0) was seen to drop one that reported success.
         self._writing = _RecordLocks()
 
     @property
     def url(self) -> str:
-        return _redacted(self._url)
+        return redacted(self._url)
 
     @classmethod
     async def open(cls, settings: ContentSettings) -> ContentStore:
@@ -291,33 +192,87 @@ class ContentStore:
         :class:`ContentUnavailable` when the database cannot be reached.
         """
         url = settings.surrealdb_url
-        lock = _lock_local_path(url)
-        db: _Connection | None = None
+        lock = lock_local_path(url)
         try:
-            db = AsyncSurreal(url)
-            if not isinstance(db, AsyncHttpSurrealConnection):
-                await db.connect()
-            if url.startswith(_REMOTE_SCHEMES) and settings.user and settings.password:
-                await db.signin({"username": settings.user, "password": settings.password})
-            await db.use(settings.namespace, settings.database)
-        except BaseException as exc:
-            if db is not None:
-                with contextlib.suppress(*_STORE_ERRORS, NotImplementedError):
-                    await _close_connection(db)
+            db = await connect(settings)
+        except BaseException:
             if lock is not None:
                 lock.release()
-            if isinstance(exc, _STORE_ERRORS):
-                raise ContentUnavailable(
-                    f"content store {_redacted(url)} is unavailable: {exc}"
-                ) from exc
             raise
-        return cls(db, url, lock)
+        store = cls(db, url, lock, settings)
+        try:
+            await store._index_earlier_records()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _index_earlier_records(self) -> None:
+        """List and index the records stored before the store kept a listing and search
+        documents; once, then the schema version says it is done."""
+        (version,) = await self.read("read the schema version", _VERSION_STATEMENT, {})
+        if isinstance(version, int) and version >= _SCHEMA_VERSION:
+            return
+        if version == 1:
+            await self._index_segments()
+        else:
+            await self._index_records()
+        await self._call(
+            "write the schema version",
+            lambda db: db.query(
+                "UPSERT content_meta:schema SET version = $version", {"version": _SCHEMA_VERSION}
+            ),
+        )
+
+    async def _index_segments(self) -> None:
+        """Version 2: each video's search document learns where its segments start."""
+        (items,) = await self.read("list videos", "SELECT VALUE id FROM video", {})
+        for item in items or []:
+            key = str(item).partition(":")[2]
+            record = await self.get("video", key)
+            if record is None:
+                continue
+            variables = {
+                "document": RecordID(DOCUMENT, ["video", key]),
+                "index": _segment_index(record.get("segments")),
+            }
+            await self._call(
+                f"index video {key!r}",
+                statements("UPDATE $document SET segment_index = $index", variables),
+            )
+
+    async def _index_records(self) -> None:
+        for table in sorted(TABLES):
+            (items,) = await self.read(
+                f"list {table} records",
+                "SELECT VALUE id FROM type::table($table)",
+                {"table": table},
+            )
+            for item in items or []:
+                key = str(item).partition(":")[2]
+                record = await self.get(table, key)
+                if record is None:
+                    continue
+                content = _content(record)
+                variables = {
+                    "listed": _listing_id(content.get("ingested_at"), f"{table}:{key}"),
+                    "entry": _entry(table, key, content),
+                    **_document(table, key, content),
+                }
+                await self._call(f"index {table} {key!r}", statements(_INDEX_STATEMENT, variables))
+
+    @staticmethod
+    def missing(settings: ContentSettings) -> str | None:
+        """The local path of an embedded store that has not been created yet, else None:
+        reading commands must not create an empty store where none was."""
+        path = local_path(settings.surrealdb_url)
+        return path if path is not None and not Path(path).exists() else None
 
     @staticmethod
     def check_not_in_use(settings: ContentSettings) -> None:
         """Raise :class:`ContentStoreLocked` as :meth:`open` would, if another opener holds
         the local path now, without opening the database (the lock is taken and let go)."""
-        lock = _lock_local_path(settings.surrealdb_url)
+        lock = lock_local_path(settings.surrealdb_url)
         if lock is not None:
             lock.release()
 
@@ -327,22 +282,23 @@ class ContentStore:
         lock, self._lock = self._lock, None
         try:
             if db is not None:
-                await _close_connection(db)
+                await close_connection(db)
         finally:
             if lock is not None:
                 lock.release()
 
     async def health(self) -> None:
         """Raise :class:`ContentUnavailable` unless a trivial query answers in time."""
-        db = self._connection()
         try:
             async with asyncio.timeout(_HEALTH_TIMEOUT_SECONDS):
+                db = await self._connected()
                 answer = await db.query("RETURN $probe", {"probe": 1})
         except TimeoutError:
             raise ContentUnavailable(
                 f"content store {self.url} did not answer within {_HEALTH_TIMEOUT_SECONDS:g} s"
             ) from None
-        except _STORE_ERRORS as exc:
+        except STORE_ERRORS as exc:
+            self._note_lost(exc)
             raise ContentUnavailable(f"content store {self.url} failed: {exc}") from exc
         if answer != 1:
             raise ContentUnavailable(f"content store {self.url} answered {answer!r} to a probe")
@@ -362,12 +318,33 @@ class ContentStore:
         return bool(result)
 
     async def put(self, table: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Create or replace the whole record; returns it as stored."""
+        """Create or replace the whole record; returns it as stored.
+
+        A record with an ``ingested_at`` (ISO 8601) is listed under that time, in the same
+        transaction that writes it; its place under an earlier time is let go.
+        """
         record_id = _record_id(table, key)
         content = _content(record)
+        item = f"{table}:{key}"
+        listed = _listing_id(content.get("ingested_at"), item)
         async with self._writing.hold(record_id):
+            previous = await self._call(
+                f"read {_describe(record_id)}",
+                lambda db: db.query("SELECT VALUE ingested_at FROM $record", {"record": record_id}),
+            )
+            earlier = previous[0] if isinstance(previous, list) and previous else None
+            unlisted = _listing_id(earlier, item)
+            variables = {
+                "record": record_id,
+                "content": content,
+                "unlisted": unlisted if unlisted != listed else None,
+                "listed": listed,
+                "entry": _entry(table, key, content),
+                **_document(table, key, content),
+            }
             result = await self._call(
-                f"write {_describe(record_id)}", lambda db: db.upsert(record_id, content)
+                f"write {_describe(record_id)}",
+                lambda db: run_statements(db, _PUT_STATEMENT, variables),
             )
         stored = _one(result)
         if stored is None:
@@ -410,37 +387,147 @@ class ContentStore:
         rows = result if isinstance(result, list) else []
         return [plain for plain in (_one(row) for row in rows) if plain is not None]
 
-    def _connection(self) -> _Connection:
+    async def read(self, action: str, statement: str, variables: dict[str, Any]) -> list[Any]:
+        """The result of each statement of a read-only ``statement``, values made plain.
+
+        ``statement`` is fixed text; everything a caller was given goes in ``variables``.
+        """
+        results = await self._call(
+            action, lambda db: run_statements(db, statement, variables, every=True)
+        )
+        plain: list[Any] = _to_plain(results)
+        return plain
+
+    async def _connected(self) -> Connection:
         if self._db is None:
             raise ContentUnavailable(f"content store {self.url} is closed")
+        if self._lost is not None:
+            await self._reconnect()
         return self._db
 
-    async def _call(self, action: str, operation: Callable[[_Connection], Awaitable[Any]]) -> Any:
-        db = self._connection()
-        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+    def _note_lost(self, exc: BaseException) -> None:
+        # A statement the database refused leaves the connection as good as it was.
+        if self._settings is not None and not isinstance(exc, ServerError):
+            self._lost = str(exc) or type(exc).__name__
+
+    async def _reconnect(self) -> None:
+        """Open a new connection in place of a lost one, at most every _RECONNECT_SECONDS."""
+        assert self._settings is not None
+        async with self._reconnecting:
+            if self._lost is None or self._db is None:
+                return
+            loop = asyncio.get_running_loop()
+            wait = self._reconnected_at + _RECONNECT_SECONDS - loop.time()
+            if wait > 0:
+                raise ContentUnavailable(
+                    f"content store {self.url} is unavailable: {self._lost}; "
+                    f"reconnecting in {wait:.1f} s"
+                )
+            self._reconnected_at = loop.time()
+            # The old connection goes first: an embedded path has one opener at a time.
+            with contextlib.suppress(*STORE_ERRORS, NotImplementedError):
+                await close_connection(self._db)
+            try:
+                self._db = await connect(self._settings)
+            except ContentUnavailable as exc:
+                self._lost = str(exc.__cause__ or exc)
+                raise
+            self._lost = None
+
+    async def _call(self, action: str, operation: Callable[[Connection], Awaitable[Any]]) -> Any:
+        db = await self._connected()
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             try:
                 return await operation(db)
-            except _STORE_ERRORS as exc:
-                if attempt < _CONFLICT_ATTEMPTS and _is_conflict(exc):
+            except STORE_ERRORS as exc:
+                if attempt < CONFLICT_ATTEMPTS and is_conflict(exc):
                     # Optimistic transactions: two writes to one record (or the first writes
                     # to a new table) at once make all but one fail; each is safe to repeat.
-                    await asyncio.sleep(random.uniform(0, _CONFLICT_BASE_SECONDS * 2**attempt))
+                    await asyncio.sleep(retry_delay(attempt))
                     continue
+                self._note_lost(exc)
                 raise ContentUnavailable(
                     f"content store {self.url} failed to {action}: {exc}"
                 ) from exc
         raise AssertionError("unreachable")
 
 
+# Writing a record and its listing entry is one transaction: a listed id always names a
+# stored record, and a record is listed once, under its latest ingest time.
+_PUT_STATEMENT: Final = """
+BEGIN TRANSACTION;
+IF $unlisted != NONE { DELETE $unlisted; };
+IF $listed != NONE { UPSERT $listed CONTENT $entry; };
+IF $document != NONE { UPSERT $document CONTENT $searchable; };
+UPSERT ONLY $record CONTENT $content;
+COMMIT TRANSACTION;
+"""
+
+
+# Records stored before version 1 have no listing entry or search document yet; search
+# documents of version 1 have no segment index.
+_SCHEMA_VERSION: Final = 2
+_VERSION_STATEMENT: Final = "RETURN content_meta:schema.version"
+_INDEX_STATEMENT: Final = """
+BEGIN TRANSACTION;
+IF $listed != NONE { UPSERT $listed CONTENT $entry; };
+IF $document != NONE { UPSERT $document CONTENT $searchable; };
+COMMIT TRANSACTION;
+"""
+
+
+def _entry(table: str, key: str, content: dict[str, Any]) -> dict[str, Any]:
+    """A record's listing entry: the record, its type and when it was ingested."""
+    return {"item": RecordID(table, key), "type": table, "ingested_at": content.get("ingested_at")}
+
+
+def _document(table: str, key: str, content: dict[str, Any]) -> dict[str, Any]:
+    """The search document of a record of a searchable table: its title and text."""
+    field = SEARCHABLE.get(table)
+    if field is None:
+        return {"document": None, "searchable": None}
+    title, body = content.get("title"), content.get(field)
+    return {
+        "document": RecordID(DOCUMENT, [table, key]),
+        "searchable": {
+            "item": RecordID(table, key),
+            "type": table,
+            "title": title if isinstance(title, str) else None,
+            "body": body if isinstance(body, str) else None,
+            "ingested_at": content.get("ingested_at"),
+            "segment_index": _segment_index(content.get("segments")),
+        },
+    }
+
+
+def _segment_index(segments: Any) -> str | None:
+    """Where each transcript segment starts in the text and in the video, as one string of
+    ``position:start:duration`` entries: a search hit finds its segment from it without
+    reading (and decoding) the segments themselves. The text is the segments' texts joined
+    by single spaces, empty ones left out."""
+    if not isinstance(segments, list):
+        return None
+    entries = []
+    position = 0
+    for segment in segments:
+        if not isinstance(segment, dict) or not isinstance(segment.get("text"), str):
+            continue
+        if not segment["text"] or not isinstance(segment.get("start"), int | float):
+            continue
+        duration = segment.get("duration") or 0
+        entries.append(f"{position}:{segment['start']}:{duration}")
+        position += len(segment["text"]) + 1
+    return " ".join(entries)
+
+
+def _listing_id(ingested_at: Any, item: str) -> RecordID | None:
+    if not isinstance(ingested_at, str):
+        return None
+    try:
+        return RecordID(LISTING, listing_key(ingested_at, item))
+    except ValueError:
+        return None
+
+
 def _describe(record_id: RecordID) -> str:
     return f"{record_id.table_name} {record_id.id!r}"
-
-
-def _is_conflict(exc: BaseException) -> bool:
-    return isinstance(exc, ServerError) and "can be retried" in str(exc)
-
-
-async def _close_connection(db: _Connection) -> None:
-    # The HTTP client opens a session per request and has nothing to close.
-    if not isinstance(db, AsyncHttpSurrealConnection):
-        await db.close()

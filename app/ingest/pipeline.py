@@ -167,6 +167,13 @@ class IngestPipeline:
                 **record,
                 "transcript": text,
                 "transcript_length": len(text),
+                # The transcript is these texts joined by single spaces, so a position in it
+                # (a search match) finds its segment and the second it is spoken at.
+                "segments": [
+                    {"start": s.start, "duration": s.duration, "text": words}
+                    for s in transcript.snippets
+                    if (words := " ".join(s.text.split()))
+                ],
                 "archive_path": str(path),
             },
             message=f"Ingested {record['title'] or video_id}",

@@ -2,6 +2,7 @@
 
 import { startAgents } from "./agents.js";
 import { askToken } from "./api.js";
+import { startContent } from "./content.js";
 import { openAudit, routeHash } from "./audit.js";
 import { $ } from "./dom.js";
 import { dismissIngest, resumeIngest, submitIngest } from "./ingest.js";
@@ -23,6 +24,7 @@ function main() {
   startStats();
   startAgents();
   startLog();
+  startContent();
   resumeIngest();
   routeHash();
 }

@@ -12,8 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from surrealdb import AsyncSurreal
 
-from tests.support import LocalSite, agent_event, make_settings, running_server
+from tests.support import LocalSite, agent_event, free_port, make_settings, running_server
 
 ARTICLE = Path(__file__).resolve().parent.parent / "fixtures" / "articles" / "fog_signals.html"
 
@@ -78,3 +79,47 @@ async def test_an_unavailable_content_store_fails_ingests_and_health_clearly(
     tagged = [r for r in caplog.records if getattr(r, "ingest_id", None) == ingest_id]
     assert tagged, "no log line carried the ingest's id"
     assert any("content store" in (r.exc_text or r.getMessage()) for r in tagged)
+
+
+async def test_content_reads_answer_503_while_the_store_is_down_and_recover_by_themselves(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        f"sqlite+aiosqlite:///{tmp_path / 'events.db'}",
+        INGEST_ALLOW_PRIVATE_URLS="true",
+        ARCHIVE_DIR=str(tmp_path / "archive"),
+        SURREALDB_URL=f"surrealkv://{tmp_path / 'content'}",
+    )
+    with LocalSite({"/fog": (200, "text/html; charset=utf-8", ARTICLE.read_bytes())}) as site:
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url, timeout=30) as client,
+        ):
+            done = (await client.post("/ingest", json={"url": f"{site.base_url}/fog"})).json()
+            assert done["status"] == "success"
+            listed = (await client.get("/content")).json()
+            assert [item["id"] for item in listed["items"]] == [done["details"]["record"]]
+
+            # What a SurrealDB server that went down looks like from the service: the
+            # store's connection now leads to a port where nothing listens.
+            store = server.services.content
+            await store._db.close()  # type: ignore[union-attr]
+            store._db = AsyncSurreal(f"ws://127.0.0.1:{free_port()}")
+
+            down = await client.get("/content")
+            assert down.status_code == 503
+            assert down.headers["retry-after"] == "1"
+            assert down.json()["detail"].startswith(
+                f"content store surrealkv://{tmp_path / 'content'} failed to list content:"
+            )
+
+            # Nobody restarts anything: a later request opens a new connection.
+            deadline = time.monotonic() + 10
+            while (again := await client.get("/content")).status_code != 200:
+                assert again.status_code == 503, again.text
+                assert time.monotonic() < deadline, again.text
+                await asyncio.sleep(0.2)
+            assert again.json() == listed
+            assert (await client.get("/health")).status_code == 200
+            hits = (await client.get("/content/search", params={"q": "fog"})).json()["hits"]
+            assert [hit["id"] for hit in hits] == [done["details"]["record"]]

@@ -42,7 +42,13 @@ WRITES = {
     ("POST", "/ingests"),
     ("DELETE", "/ingests/{ingest_id}"),
 }
-PATH_VALUES = {"source_id": "probe", "ingest_id": "probe", "file_path": "app.js", "path": "x"}
+PATH_VALUES = {
+    "source_id": "probe",
+    "ingest_id": "probe",
+    "content_id": "video:probe",
+    "file_path": "app.js",
+    "path": "x",
+}
 
 
 def route_table(app: Litestar) -> list[tuple[str, str]]:

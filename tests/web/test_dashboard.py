@@ -500,7 +500,7 @@ async def test_a_screenshot_of_a_known_state(
         "data-status", "running"
     )
 
-    await page.get_by_role("link", name=TITLE).click()
+    await page.locator("#recent-list").get_by_role("link", name=TITLE).click()
     await expect(page.locator("#audit-view table.timeline tbody tr")).to_have_count(
         len(STEPS["article"]) + 3
     )
