@@ -18,6 +18,7 @@ import msgspec
 from sqlalchemy.exc import ArgumentError
 
 from app.backends import check_database
+from app.config.retention import RetentionRule, parse_rule
 
 __all__ = [
     "AgentSettings",
@@ -25,6 +26,7 @@ __all__ = [
     "DatabaseSettings",
     "IngestSettings",
     "LimitsSettings",
+    "RetentionSettings",
     "SecuritySettings",
     "ServerSettings",
     "Settings",
@@ -139,6 +141,26 @@ class AgentSettings(msgspec.Struct, frozen=True):
     run_concurrency: int = 2
 
 
+class RetentionSettings(msgspec.Struct, frozen=True):
+    # STREAM[/EVENT]=AGE rules (app/config/retention.py); none: every event is kept.
+    rules: tuple[str, ...] = ()
+    # Where expired events are archived (segments and their manifests) before they are
+    # removed from the table.
+    archive_dir: str = "./data/log-archive"
+    # How often the rules are applied.
+    interval_seconds: float = 60.0
+    # Events archived and removed per batch: one segment and one short write transaction.
+    batch_events: int = 2000
+    # A projection snapshot is taken once its checkpoint has moved this many events past its
+    # newest snapshot (and after a purge removed events it has folded); 0: only on demand.
+    snapshot_every_events: int = 100_000
+    # Snapshots kept per projection, newest first.
+    snapshots_kept: int = 3
+
+    def parsed_rules(self) -> list[RetentionRule]:
+        return [parse_rule(rule) for rule in self.rules]
+
+
 class Settings(msgspec.Struct, frozen=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
@@ -147,6 +169,7 @@ class Settings(msgspec.Struct, frozen=True):
     agents: AgentSettings = msgspec.field(default_factory=AgentSettings)
     security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    retention: RetentionSettings = msgspec.field(default_factory=RetentionSettings)
 
 
 # Environment variable -> (section, field). Unlisted variables are ignored.
@@ -195,6 +218,12 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "REQUEST_MAX_BODY_BYTES": ("limits", "max_body_bytes"),
     "EVENT_MAX_PAYLOAD_BYTES": ("limits", "max_payload_bytes"),
     "SSE_MAX_CONNECTIONS": ("limits", "sse_max_connections"),
+    "RETENTION_RULES": ("retention", "rules"),
+    "LOG_ARCHIVE_DIR": ("retention", "archive_dir"),
+    "RETENTION_INTERVAL_SECONDS": ("retention", "interval_seconds"),
+    "RETENTION_BATCH_EVENTS": ("retention", "batch_events"),
+    "SNAPSHOT_EVERY_EVENTS": ("retention", "snapshot_every_events"),
+    "SNAPSHOTS_KEPT": ("retention", "snapshots_kept"),
 }
 
 # Comma-separated variables, read as tuples.
@@ -204,6 +233,7 @@ _LIST_FIELDS = {
     "READ_TOKENS",
     "CORS_ORIGINS",
     "CORS_ALLOW_ORIGINS",
+    "RETENTION_RULES",
 }
 
 # A token travels in an Authorization header or a query string: printable ASCII, no blanks.
@@ -291,11 +321,37 @@ def _check(settings: Settings) -> None:
     if not (math.isfinite(busy) and busy >= 0):
         raise SettingsError(f"SQLITE_BUSY_TIMEOUT_SECONDS must be 0 or more seconds, got {busy}")
     _check_security(settings.security)
+    _check_retention(settings.retention)
     limits = settings.limits
     for name, value, least in (
         ("REQUEST_MAX_BODY_BYTES", limits.max_body_bytes, 1024),
         ("EVENT_MAX_PAYLOAD_BYTES", limits.max_payload_bytes, 256),
         ("SSE_MAX_CONNECTIONS", limits.sse_max_connections, 1),
+    ):
+        if value < least:
+            raise SettingsError(f"{name} must be at least {least}, got {value}")
+
+
+def _check_retention(retention: RetentionSettings) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for text in retention.rules:
+        try:
+            rule = parse_rule(text)
+        except ValueError as exc:
+            raise SettingsError(f"RETENTION_RULES: {exc}") from None
+        key = (rule.stream, rule.event)
+        if key in seen:
+            raise SettingsError(f"RETENTION_RULES: {text!r} and {seen[key]!r} name the same events")
+        seen[key] = text
+    seconds = retention.interval_seconds
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SettingsError(
+            f"RETENTION_INTERVAL_SECONDS must be a number of seconds greater than 0, got {seconds}"
+        )
+    for name, value, least in (
+        ("RETENTION_BATCH_EVENTS", retention.batch_events, 1),
+        ("SNAPSHOT_EVERY_EVENTS", retention.snapshot_every_events, 0),
+        ("SNAPSHOTS_KEPT", retention.snapshots_kept, 1),
     ):
         if value < least:
             raise SettingsError(f"{name} must be at least {least}, got {value}")

@@ -22,6 +22,7 @@ from app.ingest.service import IngestJobs, IngestService
 from app.jobs import JobRunner, Leases, new_instance_id
 from app.observability import log_context
 from app.projections import ProjectionRunner, all_projections
+from app.runtime.maintenance import LogMaintenance
 
 __all__ = ["Services", "open_services"]
 
@@ -47,6 +48,7 @@ class Services:
     tracker: ActivityTracker
     runs: AgentRuns
     watchdog: StalledWatchdog
+    maintenance: LogMaintenance
     instance: str
 
 
@@ -114,11 +116,17 @@ async def open_services(
         watchdog = StalledWatchdog(
             engine, store, projections, heartbeat_seconds=settings.server.heartbeat_seconds
         )
+        # Long enough for a purge's batch and the snapshots after it; renewed per batch.
+        maintenance = LogMaintenance(
+            store, projections, Leases(engine, instance, 300.0), settings.retention
+        )
         if run_jobs:
             jobs.start()
             watchdog.start()
+            maintenance.start()
         stack.push_async_callback(jobs.close)
         stack.push_async_callback(watchdog.close)
+        stack.push_async_callback(maintenance.close)
         yield Services(
             settings=settings,
             engine=engine,
@@ -131,5 +139,6 @@ async def open_services(
             tracker=tracker,
             runs=runs,
             watchdog=watchdog,
+            maintenance=maintenance,
             instance=instance,
         )

@@ -1,0 +1,257 @@
+"""Retention: events past their rule's age are archived, then removed from the table.
+
+A purge works in batches, each of them the lowest expired positions (at most
+``RETENTION_BATCH_EVENTS``): read in a short read transaction, written as an archive segment
+(:mod:`app.eventlog.archives`: synced and renamed, manifest last) while nothing is locked,
+then removed, and recorded in ``archived_segments``, in one short write transaction made by
+the log's appender (:meth:`~app.eventlog.EventStore.write_guarded`): where the log has one
+write lock (SQLite) between two of its transactions, so a purge never fights the appends for
+the lock, and appends wait for one batch's deletes at most.
+
+A source's newest event is never removed: the appender counts a source's versions on from it,
+and it is what a reader of the source sees last. So the log's head (the newest event of its
+source) never moves back, and no position or version is ever given out twice.
+
+One instance purges at a time (a lease in ``job_leases``); what an interrupted purge left in
+the archive directory (a temporary file, a segment whose rows were not removed) is removed
+before the next one starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import NamedTuple
+
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    false,
+    func,
+    not_,
+    or_,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.orm import aliased
+
+from app.backends import GuardedWrite
+from app.config.retention import ANY, RetentionRule
+from app.database.statements import compile_write
+from app.eventlog import archives
+from app.eventlog.archives import Segment, archived_segments
+from app.eventlog.store import EVENT_COLUMNS, EventStore, to_event
+from app.eventlog.tables import events
+from app.events.envelope import Event, format_timestamp
+
+__all__ = ["PurgeResult", "Retention", "expired_events", "pending_by_rule", "rule_conditions"]
+
+logger = logging.getLogger(__name__)
+
+#: The lease one instance's purge holds (``job_leases``).
+LEASE = "log-retention"
+
+
+class PurgeResult(NamedTuple):
+    removed: int
+    segments: list[Segment]
+
+
+def _matches(rule: RetentionRule) -> ColumnElement[bool]:
+    conditions = []
+    if rule.stream != ANY:
+        conditions.append(events.c.stream == rule.stream)
+    if rule.event != ANY:
+        conditions.append(events.c.event == rule.event)
+    return and_(*conditions) if conditions else ~false()
+
+
+def _overlap(a: RetentionRule, b: RetentionRule) -> bool:
+    """Whether some event is named by both rules."""
+    return (ANY in (a.stream, b.stream) or a.stream == b.stream) and (
+        ANY in (a.event, b.event) or a.event == b.event
+    )
+
+
+def rule_conditions(
+    rules: Sequence[RetentionRule], now: datetime
+) -> list[tuple[RetentionRule, ColumnElement[bool]]]:
+    """Each rule with an age, and the condition its expired events meet: named by it and by
+    no more specific rule, older than its age."""
+    found = []
+    for rule in rules:
+        if rule.max_age_seconds is None:
+            continue
+        wins = [
+            other
+            for other in rules
+            if other.specificity > rule.specificity and _overlap(rule, other)
+        ]
+        cutoff = format_timestamp(now - timedelta(seconds=rule.max_age_seconds))
+        found.append(
+            (
+                rule,
+                and_(
+                    _matches(rule),
+                    *[not_(_matches(other)) for other in wins],
+                    events.c.timestamp < cutoff,
+                ),
+            )
+        )
+    return found
+
+
+def _not_newest() -> ColumnElement[bool]:
+    """The event is not its source's newest (which is kept: see the module's docstring)."""
+    newer = aliased(events)
+    return exists().where(
+        newer.c.stream == events.c.stream,
+        newer.c.source_id == events.c.source_id,
+        newer.c.version > events.c.version,
+    )
+
+
+async def expired_events(
+    connection: AsyncConnection, rules: Sequence[RetentionRule], now: datetime, limit: int
+) -> list[Event]:
+    """The lowest expired positions, at most ``limit`` of them, in position order."""
+    conditions = [condition for _, condition in rule_conditions(rules, now)]
+    if not conditions:
+        return []
+    query = (
+        select(*EVENT_COLUMNS)
+        .where(or_(*conditions), _not_newest())
+        .order_by(events.c.position)
+        .limit(limit)
+    )
+    return [to_event(row) for row in (await connection.execute(query)).all()]
+
+
+async def pending_by_rule(
+    connection: AsyncConnection, rules: Sequence[RetentionRule], now: datetime
+) -> list[tuple[RetentionRule, int]]:
+    """How many events each rule with an age would remove now."""
+    found = []
+    for rule, condition in rule_conditions(rules, now):
+        query = select(func.count()).select_from(events).where(condition, _not_newest())
+        found.append((rule, int((await connection.execute(query)).scalar_one())))
+    return found
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Retention:
+    """Applies the rules to ``store``'s log, archiving under ``directory``."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        rules: Sequence[RetentionRule],
+        directory: Path,
+        *,
+        batch_events: int = 2000,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self._store = store
+        self._engine = store.engine
+        self.rules = list(rules)
+        self.directory = Path(directory)
+        self._batch = batch_events
+        self._clock = clock
+        self._statements = _Statements(store)
+
+    async def purge(
+        self,
+        *,
+        max_batches: int | None = None,
+        between_batches: Callable[[], Awaitable[object]] | None = None,
+    ) -> PurgeResult:
+        """Archive and remove what the rules say has expired, batch by batch, until nothing
+        has (or ``max_batches`` are done). The caller holds the purge's lease (and renews it
+        in ``between_batches``)."""
+        await self._remove_leftovers()
+        removed = 0
+        written: list[Segment] = []
+        now = self._clock()
+        while max_batches is None or len(written) < max_batches:
+            async with self._engine.connect() as connection:
+                batch = await expired_events(connection, self.rules, now, self._batch)
+            if not batch:
+                break
+            segment = await self._archive(batch)
+            if not await self._remove(segment, batch):
+                logger.warning("segment %s was recorded by another purge; stopping", segment.name)
+                break
+            self._store.feed.forget_through(segment.last_position)
+            removed += len(batch)
+            written.append(segment)
+            if between_batches is not None:
+                await between_batches()
+            logger.info(
+                "archived and removed %d events (positions %d-%d) into %s",
+                segment.count,
+                segment.first_position,
+                segment.last_position,
+                segment.name,
+            )
+        return PurgeResult(removed, written)
+
+    async def _archive(self, batch: list[Event]) -> Segment:
+        """The batch as a complete segment on disk (built and written off the event loop)."""
+        segment, data = await asyncio.to_thread(archives.build_segment, batch)
+        await asyncio.to_thread(archives.write_segment, self.directory, segment, data)
+        return segment
+
+    async def _remove(self, segment: Segment, batch: list[Event]) -> bool:
+        """Remove the batch's rows and record its segment, in one transaction made by the
+        log's appender; False (nothing done) if the segment is recorded already."""
+        return await self._store.write_guarded(self._statements.removal(segment, batch))
+
+    async def _remove_leftovers(self) -> None:
+        async with self._engine.connect() as connection:
+            recorded = set((await connection.execute(select(archived_segments.c.name))).scalars())
+        removed = await asyncio.to_thread(archives.remove_unrecorded, self.directory, recorded)
+        if removed:
+            logger.warning(
+                "removed what an interrupted purge left in %s (its events are still in the "
+                "log): %s",
+                self.directory,
+                ", ".join(removed),
+            )
+
+
+class _Statements:
+    """A batch's removal as a guarded write, compiled for the store's database."""
+
+    def __init__(self, store: EventStore) -> None:
+        dialect = store.engine.dialect
+        self._guard, _ = compile_write(
+            select(archived_segments.c.name)
+            .where(archived_segments.c.name == bindparam("name"))
+            .with_for_update(),
+            {"name": ""},
+            dialect,
+        )
+        self._delete, _ = compile_write(
+            delete(events).where(events.c.position == bindparam("p")), {"p": 0}, dialect
+        )
+        self._dialect = dialect
+
+    def removal(self, segment: Segment, batch: list[Event]) -> GuardedWrite:
+        record = compile_write(
+            archived_segments.insert(), archives.segment_row(segment), self._dialect
+        )
+        return GuardedWrite(
+            self._guard,
+            [segment.name],
+            [],
+            [(self._delete, [[event.position] for event in batch]), record],
+        )
