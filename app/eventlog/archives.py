@@ -32,7 +32,7 @@ from app.database import metadata
 from app.eventlog.filters import EventFilter
 from app.eventlog.store import read_page
 from app.events.envelope import Event, decode_event, encode_event, utc_now
-from app.runtime.files import write_atomically
+from app.runtime import files
 
 __all__ = [
     "ArchiveDamaged",
@@ -135,8 +135,8 @@ def build_segment(events: Sequence[Event]) -> tuple[Segment, bytes]:
 
 def write_segment(directory: Path, segment: Segment, data: bytes) -> None:
     """The segment, then its manifest, each written atomically and synced (blocking)."""
-    write_atomically(directory / segment.name, data)
-    write_atomically(
+    files.write_atomically(directory / segment.name, data)
+    files.write_atomically(
         manifest_path(directory, segment.name), _manifest_encoder.encode(segment) + b"\n"
     )
 
