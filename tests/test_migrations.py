@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import os
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -216,4 +220,66 @@ async def test_stalled_rows_projected_before_stalled_at_are_migrated_as_a_rebuil
     await upgrade_database(database_url)
 
     assert await _inspect(database_url, _activity_rows) == rebuilt
+    await _assert_at_head_without_drift(database_url)
+
+
+def _compact(payload: dict[str, Any]) -> str:
+    return str(canonical_payload(payload), "utf-8")
+
+
+def _chained_events(connection: Connection) -> list[tuple[Any, ...]]:
+    query = text(
+        "SELECT position, stream, source_id, version, event, event_id, timestamp, payload, chain"
+        " FROM events ORDER BY position"
+    )
+    return [tuple(row) for row in connection.execute(query)]
+
+
+def _chain_as_documented(rows: list[tuple[Any, ...]]) -> list[bytes]:
+    """The chain computed from docs/architecture.md's description alone, as an auditor would."""
+    previous, values = bytes(32), []
+    for row in rows:
+        canonical = "\n".join(str(field) for field in row[:8]).encode("utf-8")
+        previous = hashlib.sha256(previous + canonical).digest()
+        values.append(previous)
+    return values
+
+
+async def test_the_chain_revision_computes_every_existing_events_chain_in_position_order(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    before_chain = "2664f5e7e900"
+    await upgrade_database(database_url)
+    await asyncio.to_thread(_migrate, database_url, before_chain, down=True)
+    engine = create_engine(database_url, pool_size=2)
+    try:
+        async with engine.begin() as connection:
+            # Rows as a log written before the chain holds them: no chain column at all.
+            await connection.execute(
+                text(
+                    "INSERT INTO events (position, stream, source_id, version, event, event_id,"
+                    " timestamp, payload) VALUES (:position, 'agent', :source, :version,"
+                    " 'progress', :event_id, '2026-12-07T12:00:00.000Z', :payload)"
+                ),
+                [
+                    {
+                        "position": position,
+                        "source": f"a{position % 7}",
+                        "version": (position + 6) // 7,
+                        "event_id": str(uuid.UUID(int=position)),
+                        "payload": _compact({"message": f'café "{position}"', "n": position}),
+                    }
+                    for position in range(1, 12_001)
+                ],
+            )
+    finally:
+        await engine.dispose()
+
+    with caplog.at_level(logging.INFO, logger="alembic.runtime.migration"):
+        await upgrade_database(database_url)
+
+    rows = await _inspect(database_url, _chained_events)
+    assert [row[8] for row in rows] == _chain_as_documented(rows)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("chain:")]
+    assert progress[-1] == "chain: 12000 of 12000 events (position 12000)"
     await _assert_at_head_without_drift(database_url)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Index, Integer, String, Table, Text
+from sqlalchemy import Column, Index, Integer, LargeBinary, String, Table, Text
 
 from app.backends.schema import POSITION
 from app.database import metadata
@@ -29,6 +29,10 @@ events = Table(
     Column("timestamp", String(24), nullable=False),
     # Canonical compact JSON text (not JSONB, which would reorder keys).
     Column("payload", Text, nullable=False),
+    # SHA-256 of the previous event's chain value and this event's canonical bytes
+    # (app/events/chain.py), set by the appender under the write lock. Empty only for events
+    # appended with AUDIT_CHAIN=0, until an appender with the chain on fills them in.
+    Column("chain", LargeBinary(32), nullable=True),
     Index("uq_events_stream_source_id_version", "stream", "source_id", "version", unique=True),
     Index("ix_events_source_id_position", "source_id", "position"),
     Index("ix_events_stream_position", "stream", "position"),
