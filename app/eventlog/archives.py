@@ -61,6 +61,10 @@ archived_segments = Table(
     # {"stream": {"event": count}}: what a filtered reader may have missed.
     Column("streams", Text, nullable=False),
     Column("archived_at", String(24), nullable=False),
+    # The chain values (hex) of the segment's first and last events, as the log held them;
+    # None for events appended without a chain.
+    Column("first_chain", String(64), nullable=True),
+    Column("last_chain", String(64), nullable=True),
     Index("ix_archived_segments_last_position", "last_position"),
 )
 
@@ -83,6 +87,9 @@ class Segment(msgspec.Struct, frozen=True, kw_only=True):
     bytes: int
     streams: dict[str, dict[str, int]]
     archived_at: str
+    #: The chain values (hex) of the first and last events (app/events/chain.py), or None.
+    first_chain: str | None = None
+    last_chain: str | None = None
     #: How the segment's lines are written: the export format, one envelope a line.
     format: str = "ndjson.gz envelopes (export format)"
 
@@ -110,8 +117,11 @@ def manifest_path(directory: Path, name: str) -> Path:
     return directory / (name.removesuffix(_SUFFIX) + _MANIFEST_SUFFIX)
 
 
-def build_segment(events: Sequence[Event]) -> tuple[Segment, bytes]:
-    """The segment file's bytes for ``events`` (in position order), and its manifest."""
+def build_segment(
+    events: Sequence[Event], chains: tuple[bytes | None, bytes | None] = (None, None)
+) -> tuple[Segment, bytes]:
+    """The segment file's bytes for ``events`` (in position order), and its manifest;
+    ``chains``: the chain values of the first and last events."""
     lines = b"".join(encode_event(event) + b"\n" for event in events)
     # mtime=0: the same events make the same bytes (and checksum), whenever written.
     data = gzip.compress(lines, compresslevel=6, mtime=0)
@@ -129,6 +139,8 @@ def build_segment(events: Sequence[Event]) -> tuple[Segment, bytes]:
         bytes=len(data),
         streams=streams,
         archived_at=utc_now(),
+        first_chain=None if chains[0] is None else chains[0].hex(),
+        last_chain=None if chains[1] is None else chains[1].hex(),
     )
     return segment, data
 
@@ -215,6 +227,8 @@ def _segment(row: Any) -> Segment:
         bytes=int(row.bytes),
         streams=_streams_decoder.decode(row.streams),
         archived_at=row.archived_at,
+        first_chain=row.first_chain,
+        last_chain=row.last_chain,
     )
 
 
@@ -228,6 +242,8 @@ def segment_row(segment: Segment) -> dict[str, Any]:
         "bytes": segment.bytes,
         "streams": _manifest_encoder.encode(segment.streams).decode(),
         "archived_at": segment.archived_at,
+        "first_chain": segment.first_chain,
+        "last_chain": segment.last_chain,
     }
 
 

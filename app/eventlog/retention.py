@@ -50,12 +50,26 @@ from app.eventlog.store import EVENT_COLUMNS, EventStore, to_event
 from app.eventlog.tables import events
 from app.events.envelope import Event, format_timestamp
 
-__all__ = ["PurgeResult", "Retention", "expired_events", "pending_by_rule", "rule_conditions"]
+__all__ = [
+    "Expired",
+    "PurgeResult",
+    "Retention",
+    "expired_events",
+    "pending_by_rule",
+    "rule_conditions",
+]
 
 logger = logging.getLogger(__name__)
 
 #: The lease one instance's purge holds (``job_leases``).
 LEASE = "log-retention"
+
+
+class Expired(NamedTuple):
+    """A batch of expired events, and the chain values of its first and last."""
+
+    events: list[Event]
+    chains: tuple[bytes | None, bytes | None]
 
 
 class PurgeResult(NamedTuple):
@@ -119,18 +133,21 @@ def _not_newest() -> ColumnElement[bool]:
 
 async def expired_events(
     connection: AsyncConnection, rules: Sequence[RetentionRule], now: datetime, limit: int
-) -> list[Event]:
+) -> Expired:
     """The lowest expired positions, at most ``limit`` of them, in position order."""
     conditions = [condition for _, condition in rule_conditions(rules, now)]
     if not conditions:
-        return []
+        return Expired([], (None, None))
     query = (
-        select(*EVENT_COLUMNS)
+        select(*EVENT_COLUMNS, events.c.chain)
         .where(or_(*conditions), _not_newest())
         .order_by(events.c.position)
         .limit(limit)
     )
-    return [to_event(row) for row in (await connection.execute(query)).all()]
+    rows = (await connection.execute(query)).all()
+    if not rows:
+        return Expired([], (None, None))
+    return Expired([to_event(row[:8]) for row in rows], (rows[0][8], rows[-1][8]))
 
 
 async def pending_by_rule(
@@ -183,10 +200,11 @@ class Retention:
         now = self._clock()
         while max_batches is None or len(written) < max_batches:
             async with self._engine.connect() as connection:
-                batch = await expired_events(connection, self.rules, now, self._batch)
+                expired = await expired_events(connection, self.rules, now, self._batch)
+            batch = expired.events
             if not batch:
                 break
-            segment = await self._archive(batch)
+            segment = await self._archive(expired)
             if not await self._remove(segment, batch):
                 logger.warning("segment %s was recorded by another purge; stopping", segment.name)
                 break
@@ -204,9 +222,11 @@ class Retention:
             )
         return PurgeResult(removed, written)
 
-    async def _archive(self, batch: list[Event]) -> Segment:
+    async def _archive(self, expired: Expired) -> Segment:
         """The batch as a complete segment on disk (built and written off the event loop)."""
-        segment, data = await asyncio.to_thread(archives.build_segment, batch)
+        segment, data = await asyncio.to_thread(
+            archives.build_segment, expired.events, expired.chains
+        )
         await asyncio.to_thread(archives.write_segment, self.directory, segment, data)
         return segment
 

@@ -1,7 +1,7 @@
 """archived segments and projection snapshots
 
 Revision ID: c462fc3b7e4f
-Revises: 2664f5e7e900
+Revises: 832912b9ffc0
 Create Date: 2026-12-07 16:56:31.970750
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 
 
 revision: str = 'c462fc3b7e4f'
-down_revision: str | None = '2664f5e7e900'
+down_revision: str | None = '832912b9ffc0'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -29,6 +29,8 @@ def upgrade() -> None:
     sa.Column('bytes', sa.BigInteger(), nullable=False),
     sa.Column('streams', sa.Text(), nullable=False),
     sa.Column('archived_at', sa.String(length=24), nullable=False),
+    sa.Column('first_chain', sa.String(length=64), nullable=True),
+    sa.Column('last_chain', sa.String(length=64), nullable=True),
     sa.PrimaryKeyConstraint('name', name=op.f('pk_archived_segments'))
     )
     with op.batch_alter_table('archived_segments', schema=None) as batch_op:

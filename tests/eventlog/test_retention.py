@@ -53,6 +53,8 @@ async def test_a_purge_archives_expired_events_before_removing_them(
     store: EventStore, tmp_path: Path
 ) -> None:
     written = await fill(store)
+    async with store.engine.connect() as connection:
+        chains = dict((await connection.execute(select(events.c.position, events.c.chain))).all())
     archive = tmp_path / "log-archive"
     retention = Retention(store, RULES, archive, batch_events=25, clock=lambda: days_later(8))
     result = await retention.purge()
@@ -89,6 +91,13 @@ async def test_a_purge_archives_expired_events_before_removing_them(
             manifest["last_position"],
         )
         assert manifest["streams"] == {"agent": {"heartbeat": segment.count}}
+        # The chain values at its ends, as the log held them (app/events/chain.py).
+        for end, position in (
+            ("first_chain", found[0].position),
+            ("last_chain", found[-1].position),
+        ):
+            value = chains[position]
+            assert manifest[end] == (None if value is None else bytes(value).hex())
         archived.extend(found)
     assert archived == expected_gone  # byte for byte, in the export format
 
@@ -165,8 +174,8 @@ async def test_an_interrupted_purge_leaves_nothing_that_looks_complete(
     async with store.engine.connect() as connection:
         from app.eventlog.retention import expired_events
 
-        batch = await expired_events(connection, RULES, days_later(8), 10)
-    segment, data = archives.build_segment(batch)
+        expired = await expired_events(connection, RULES, days_later(8), 10)
+    segment, data = archives.build_segment(expired.events, expired.chains)
     archives.write_segment(archive, segment, data)
     (archive / f".{segment.name}.abc.tmp").write_bytes(data[:20])
 
