@@ -74,10 +74,10 @@ async def read_snapshot_state(
     state: dict[str, _TableState] = {}
     count = 0
     for table in projection.tables:
-        columns = [column.name for column in table.columns]
+        columns = [str(column.name) for column in table.columns]
         key = list(table.primary_key.columns) or list(table.columns)
         rows = (await connection.execute(select(table).order_by(*key))).all()
-        state[table.name] = _TableState(columns, [list(row) for row in rows])
+        state[str(table.name)] = _TableState(columns, [list(row) for row in rows])
         count += len(rows)
     return int(position or 0), gzip.compress(msgspec.json.encode(state), mtime=0), count
 
