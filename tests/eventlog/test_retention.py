@@ -191,3 +191,34 @@ async def test_an_interrupted_purge_leaves_nothing_that_looks_complete(
     async with store.engine.connect() as connection:
         total = (await connection.execute(select(func.count()).select_from(events))).scalar_one()
     assert total + result.removed == len(written)
+
+
+async def test_each_event_follows_the_most_specific_rule_that_names_it(
+    store: EventStore, tmp_path: Path
+) -> None:
+    for round_ in range(4):
+        await store.append(
+            [
+                _event(stream, f"{stream}-{n}", name, round_)
+                for stream in ("agent", "other")
+                for name in ("heartbeat", "progress")
+                for n in range(2)
+            ]
+        )
+    written = await every_event(store)
+    newest = {(e.stream, e.source_id): e.position for e in written}
+    rules = [parse_rule(r) for r in ("agent=keep", "*/heartbeat=7d", "*=90d")]
+
+    async def removed_after(days: int) -> set[tuple[str, str]]:
+        retention = Retention(store, rules, tmp_path / "a", clock=lambda: days_later(days))
+        await retention.purge()
+        kept = {e.position for e in await every_event(store)}
+        return {
+            (e.stream, e.event)
+            for e in written
+            if e.position not in kept and newest[(e.stream, e.source_id)] != e.position
+        }
+
+    # agent=keep wins over */heartbeat for the agent stream; */heartbeat over *.
+    assert await removed_after(8) == {("other", "heartbeat")}
+    assert await removed_after(91) == {("other", "heartbeat"), ("other", "progress")}
