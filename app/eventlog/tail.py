@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import NamedTuple, overload
+from typing import Literal, NamedTuple, overload
 
 from sqlalchemy import ColumnElement
 from sqlalchemy.exc import DBAPIError
@@ -40,8 +40,21 @@ def replay_then_tail(
     idle_timeout: float | None = None,
     chunk: int = 4000,
     frame: None = None,
-    report_truncated: bool = False,
+    report_truncated: Literal[False] = False,
 ) -> AsyncIterator[list[LogEntry]]: ...
+
+
+@overload
+def replay_then_tail(
+    store: EventStore,
+    after: int,
+    event_filter: EventFilter | None = None,
+    *,
+    idle_timeout: float | None = None,
+    chunk: int = 4000,
+    frame: None = None,
+    report_truncated: Literal[True],
+) -> AsyncIterator[list[LogEntry] | Truncated]: ...
 
 
 @overload

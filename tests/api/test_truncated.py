@@ -195,3 +195,29 @@ async def test_a_native_event_source_sees_the_truncated_frame(
     # The frame has no id: the browser's Last-Event-ID is not moved by it.
     assert set(seen["lastEventId"]) == {""}
     assert seen["ids"] == [e.position for e in kept]
+
+
+async def test_the_python_client_yields_what_was_removed_or_logs_it(
+    server: InProcessServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.client import ActivityClient, StreamEvent, Truncated
+
+    _, kept, segments = await trimmed_log(server)
+    async with ActivityClient(server.base_url) as client:
+        items: list[Any] = []
+        async for item in client.stream(last_event_id=0, report_truncated=True):
+            items.append(item)
+            if isinstance(item, StreamEvent) and item.position >= kept[-1].position:
+                break
+        assert [item for item in items if isinstance(item, Truncated)] == [
+            Truncated(**described(segment)) for segment in segments
+        ]
+        assert [item.position for item in items if isinstance(item, StreamEvent)] == [
+            e.position for e in kept
+        ]
+        # Not asked to yield them: never silent, a warning names each segment.
+        async for item in client.stream(last_event_id=0):
+            if item.position >= kept[-1].position:  # type: ignore[union-attr]
+                break
+    for segment in segments:
+        assert any(segment.name in record.getMessage() for record in caplog.records)
