@@ -13,6 +13,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
 from app.api import AgentsController, EventsController, exception_handlers, health
+from app.api.audit import AuditController
 from app.api.bodies import JsonRequest
 from app.api.dashboard import dashboard_routes
 from app.api.deps import provide_services
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             IngestController,
             IngestsController,
             StatsController,
+            AuditController,
             health,
             metrics,
             *dashboard_routes(),

@@ -275,7 +275,7 @@ async def test_the_chain_revision_computes_every_existing_events_chain_in_positi
     finally:
         await engine.dispose()
 
-    with caplog.at_level(logging.INFO, logger="alembic.runtime.migration"):
+    with caplog.at_level(logging.INFO, logger="app.migrations"):
         await upgrade_database(database_url)
 
     rows = await _inspect(database_url, _chained_events)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from app.config.settings import (
     AgentSettings,
+    AuditSettings,
     ContentSettings,
     DatabaseSettings,
     IngestSettings,
@@ -20,6 +21,7 @@ from app.config.settings import (
 
 __all__ = [
     "AgentSettings",
+    "AuditSettings",
     "ContentSettings",
     "DatabaseSettings",
     "IngestSettings",

@@ -22,6 +22,7 @@ from app.config.retention import RetentionRule, parse_rule
 
 __all__ = [
     "AgentSettings",
+    "AuditSettings",
     "ContentSettings",
     "DatabaseSettings",
     "IngestSettings",
@@ -53,6 +54,10 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     # Where a SQLite log's appends are written: "process" (a child process of their own) or
     # "thread" (a thread of the service's process, sharing its GIL).
     sqlite_appender: str = "process"
+    # Every append carries its chain value (app/events/chain.py); off only to measure what
+    # the chain costs. Events appended with it off get theirs when an appender with it on
+    # next appends.
+    audit_chain: bool = True
 
 
 class ServerSettings(msgspec.Struct, frozen=True):
@@ -161,6 +166,14 @@ class RetentionSettings(msgspec.Struct, frozen=True):
         return [parse_rule(rule) for rule in self.rules]
 
 
+class AuditSettings(msgspec.Struct, frozen=True):
+    # The Ed25519 key checkpoints are signed with (app/audit/keys.py says the forms); none:
+    # no checkpoints are written.
+    signing_key: str | None = None
+    # How often a signed checkpoint of the head is appended.
+    checkpoint_seconds: float = 3600.0
+
+
 class Settings(msgspec.Struct, frozen=True):
     database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
@@ -170,6 +183,7 @@ class Settings(msgspec.Struct, frozen=True):
     security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     retention: RetentionSettings = msgspec.field(default_factory=RetentionSettings)
+    audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
 
 
 # Environment variable -> (section, field). Unlisted variables are ignored.
@@ -179,6 +193,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "APPEND_MAX_BATCH": ("database", "max_batch_events"),
     "SQLITE_BUSY_TIMEOUT_SECONDS": ("database", "busy_timeout_seconds"),
     "SQLITE_APPENDER": ("database", "sqlite_appender"),
+    "AUDIT_CHAIN": ("database", "audit_chain"),
     "HEARTBEAT_SECONDS": ("server", "heartbeat_seconds"),
     "SSE_RETRY_MS": ("server", "retry_ms"),
     "SSE_WRITE_TIMEOUT_SECONDS": ("server", "write_timeout_seconds"),
@@ -224,6 +239,8 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "RETENTION_BATCH_EVENTS": ("retention", "batch_events"),
     "SNAPSHOT_EVERY_EVENTS": ("retention", "snapshot_every_events"),
     "SNAPSHOTS_KEPT": ("retention", "snapshots_kept"),
+    "AUDIT_SIGNING_KEY": ("audit", "signing_key"),
+    "AUDIT_CHECKPOINT_SECONDS": ("audit", "checkpoint_seconds"),
 }
 
 # Comma-separated variables, read as tuples.
@@ -281,6 +298,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+def _check_audit(audit: AuditSettings) -> None:
+    seconds = audit.checkpoint_seconds
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SettingsError(
+            f"AUDIT_CHECKPOINT_SECONDS must be a number of seconds greater than 0, got {seconds}"
+        )
+    if audit.signing_key is not None:
+        from app.audit.keys import InvalidKey, load_private_key
+
+        try:
+            load_private_key(audit.signing_key)
+        except InvalidKey as exc:
+            raise SettingsError(str(exc)) from None
+
+
 def _env_name(message: str) -> str:
     # msgspec names the failing field as `$.section.field`; say which variable that is.
     for name, (section, field) in _ENV_FIELDS.items():
@@ -322,6 +354,7 @@ def _check(settings: Settings) -> None:
         raise SettingsError(f"SQLITE_BUSY_TIMEOUT_SECONDS must be 0 or more seconds, got {busy}")
     _check_security(settings.security)
     _check_retention(settings.retention)
+    _check_audit(settings.audit)
     limits = settings.limits
     for name, value, least in (
         ("REQUEST_MAX_BODY_BYTES", limits.max_body_bytes, 1024),

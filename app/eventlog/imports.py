@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.backends import backend_of
 from app.eventlog.store import check_names
 from app.eventlog.tables import events
+from app.events.chain import GENESIS, event_chain
 from app.events.envelope import Event, parse_event_id
 
 __all__ = ["ImportRefused", "ImportResult", "import_events"]
@@ -50,6 +51,9 @@ class _Checks:
     def __init__(self) -> None:
         self.count = 0
         self.head = 0
+        # The chain value of the last event checked: an imported log is chained as its
+        # appender chained it, from the first event on.
+        self.chain = GENESIS
         self._versions: dict[tuple[str, str], int] = {}
 
     def row(self, event: Event) -> dict[str, object]:
@@ -89,6 +93,7 @@ class _Checks:
         self._versions[key] = expected
         self.count += 1
         self.head = event.position
+        self.chain = event_chain(self.chain, event)
         return {
             "position": event.position,
             "stream": event.stream,
@@ -98,6 +103,7 @@ class _Checks:
             "event_id": event.event_id,
             "timestamp": event.timestamp,
             "payload": payload.decode("utf-8"),
+            "chain": self.chain,
         }
 
 

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from app.events.chain import canonical_bytes, link
 from app.events.envelope import Event, NewEvent, new_event_ids
 from app.events.errors import AppendError, EventIdReused, VersionConflict
 
@@ -51,6 +52,8 @@ class Row(NamedTuple):
     event_id: str
     timestamp: str
     payload: str
+    # The event's chain value (app/events/chain.py); None while the chain is off.
+    chain: bytes | None
 
     def to_event(self) -> Event:
         return Event(
@@ -64,7 +67,7 @@ COLUMNS = ", ".join(Row._fields)
 
 def event_from_row(row: Sequence[Any]) -> Event:
     """An event read by an appender's own SQL, its columns in :data:`COLUMNS`' order."""
-    position, stream, source_id, version, event, event_id, timestamp, payload = row
+    position, stream, source_id, version, event, event_id, timestamp, payload = row[:8]
     return Event(
         position, stream, source_id, version, event, event_id, timestamp, msgspec.Raw(payload)
     )
@@ -102,8 +105,12 @@ def plan_batch(
     versions: Mapping[SourceKey, int],
     existing: Mapping[str, Event],
     timestamp: str,
+    chain: bytes | None,
 ) -> Plan:
-    """Assign positions and versions to each request; a request is all or nothing."""
+    """Assign positions and versions to each request; a request is all or nothing.
+
+    ``chain`` is the head's chain value, which each row's chain value follows; None: the
+    chain is off, and the rows carry none."""
     rows: list[Row] = []
     outcomes: list[list[AppendResult] | AppendError] = []
     current = dict(versions)
@@ -113,12 +120,14 @@ def plan_batch(
     for request in batch:
         if all(new.event_id is None and new.expected_version is None for new in request):
             # Nothing in it can be refused: no trial copy of the versions is needed.
-            outcomes.append(_assign(request, head, rows, current, ids, timestamp))
+            outcomes.append(_assign(request, head, rows, current, ids, timestamp, chain))
             continue
         trial = _Trial(current)
         first = len(rows)
         try:
-            results = _plan_checked(request, head, rows, trial, existing, written, ids, timestamp)
+            results = _plan_checked(
+                request, head, rows, trial, existing, written, ids, timestamp, chain
+            )
         except AppendError as exc:
             del rows[first:]
             outcomes.append(exc)
@@ -155,15 +164,34 @@ def _assign(
     current: dict[SourceKey, int],
     ids: Iterator[str],
     timestamp: str,
+    chain: bytes | None,
 ) -> list[AppendResult]:
     results: list[AppendResult] = []
     position = head + len(rows)
+    # Each row's chain value follows the row before it, which is this batch's last row so far
+    # (a refused request's rows are gone from ``rows``), or the head's.
+    previous = rows[-1][8] if rows else chain
     for new in request:
         key = (new.stream, new.source_id)
         version = current.get(key, 0) + 1
         current[key] = version
         position += 1
         event_id = next(ids)
+        payload = str(new.payload, "utf-8")
+        if previous is not None:
+            previous = link(
+                previous,
+                canonical_bytes(
+                    position,
+                    new.stream,
+                    new.source_id,
+                    version,
+                    new.event,
+                    event_id,
+                    timestamp,
+                    payload,
+                ),
+            )
         rows.append(
             _make(
                 Row,
@@ -175,7 +203,8 @@ def _assign(
                     new.event,
                     event_id,
                     timestamp,
-                    str(new.payload, "utf-8"),
+                    payload,
+                    previous,
                 ),
             )
         )
@@ -192,6 +221,7 @@ def _plan_checked(
     written: Mapping[str, Row],
     ids: Iterator[str],
     timestamp: str,
+    chain: bytes | None,
 ) -> list[AppendResult]:
     results: list[AppendResult] = []
     for new in request:
@@ -206,15 +236,34 @@ def _plan_checked(
             raise VersionConflict(new.stream, new.source_id, new.expected_version, version)
         version += 1
         trial.changed[key] = version
+        position = head + len(rows) + 1
+        event_id = new.event_id or next(ids)
+        payload = str(new.payload, "utf-8")
+        previous = rows[-1].chain if rows else chain
+        if previous is not None:
+            previous = link(
+                previous,
+                canonical_bytes(
+                    position,
+                    new.stream,
+                    new.source_id,
+                    version,
+                    new.event,
+                    event_id,
+                    timestamp,
+                    payload,
+                ),
+            )
         row = Row(
-            head + len(rows) + 1,
+            position,
             new.stream,
             new.source_id,
             version,
             new.event,
-            new.event_id or next(ids),
+            event_id,
             timestamp,
-            str(new.payload, "utf-8"),
+            payload,
+            previous,
         )
         rows.append(row)
         results.append(AppendResult(row.position, version, row.event_id, timestamp))
@@ -253,7 +302,8 @@ def _find_earlier(
 
 
 class VersionCache:
-    """Each source's current version, as this appender last committed it.
+    """Each source's current version and the head's chain value, as this appender last
+    committed them.
 
     Valid only while nobody else appends: every batch reads the head under the write lock,
     and a head other than the one this appender last committed means another writer (another
@@ -264,6 +314,7 @@ class VersionCache:
         self._capacity = capacity
         self._versions: dict[SourceKey, int] = {}
         self._head: int | None = None
+        self._chain: bytes | None = None
 
     def begin(
         self, head: int, keys: set[SourceKey]
@@ -274,11 +325,19 @@ class VersionCache:
         known = {key: self._versions[key] for key in keys if key in self._versions}
         return known, [key for key in keys if key not in known]
 
-    def committed(self, plan: Plan, head: int) -> None:
+    def chain_at(self, head: int) -> bytes | None:
+        """The chain value at ``head`` if this appender committed it, else None (read it)."""
+        return self._chain if head == self._head else None
+
+    def committed(self, plan: Plan, head: int, chain: bytes | None) -> None:
+        """After ``plan`` committed over ``head``, whose chain value was ``chain``."""
         if len(self._versions) > self._capacity:
             self._versions.clear()
         self._versions.update(plan.versions)
-        self._head = plan.rows[-1].position if plan.rows else head
+        if plan.rows:
+            self._head, self._chain = plan.rows[-1].position, plan.rows[-1].chain
+        else:
+            self._head, self._chain = head, chain
 
     def forget(self) -> None:
         self._head = None

@@ -13,6 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.agents.coordinator import AgentRuns
 from app.agents.tracker import ActivityTracker
 from app.agents.watchdog import StalledWatchdog
+from app.audit.checkpoints import CheckpointWriter
+from app.audit.keys import load_private_key
 from app.config import Settings
 from app.content import Archive, ContentStore
 from app.database import create_engine, upgrade_database
@@ -50,6 +52,8 @@ class Services:
     watchdog: StalledWatchdog
     maintenance: LogMaintenance
     instance: str
+    #: Appends signed checkpoints of the chain; None without AUDIT_SIGNING_KEY.
+    checkpoints: CheckpointWriter | None = None
 
 
 @asynccontextmanager
@@ -127,6 +131,17 @@ async def open_services(
         stack.push_async_callback(jobs.close)
         stack.push_async_callback(watchdog.close)
         stack.push_async_callback(maintenance.close)
+        checkpoints = None
+        if settings.audit.signing_key is not None:
+            checkpoints = CheckpointWriter(
+                engine,
+                store,
+                load_private_key(settings.audit.signing_key),
+                interval=settings.audit.checkpoint_seconds,
+            )
+            if run_jobs:
+                checkpoints.start()
+            stack.push_async_callback(checkpoints.close)
         yield Services(
             settings=settings,
             engine=engine,
@@ -141,4 +156,5 @@ async def open_services(
             watchdog=watchdog,
             maintenance=maintenance,
             instance=instance,
+            checkpoints=checkpoints,
         )

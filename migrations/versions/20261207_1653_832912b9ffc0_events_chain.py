@@ -23,7 +23,8 @@ down_revision: str | None = "2664f5e7e900"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-logger = logging.getLogger("alembic.runtime.migration")
+# Not under "alembic", whose step-by-step chatter the command line silences: this is news.
+logger = logging.getLogger("app.migrations")
 
 #: Rows read, chained and written back per statement: bounded memory on any size of log.
 BATCH = 5000

@@ -213,5 +213,6 @@ async def test_schema_is_the_openapi_document(client: httpx.AsyncClient) -> None
         ("/events", "get"),
         ("/events/stream", "get"),
         ("/health", "get"),
+        ("/audit/checkpoints", "get"),
     ]:
         assert method in paths.get(path, {}), f"{method.upper()} {path} missing from /schema"

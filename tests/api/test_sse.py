@@ -827,10 +827,13 @@ def streamed(envelope: dict[str, Any], path: str, params: dict[str, str]) -> boo
 
 
 async def test_a_replay_after_a_restart_is_byte_for_byte_what_the_feed_gave(
-    settings: Any,
+    database_url: str, transport: str
 ) -> None:
     """After a restart, replays read the table (as frames the database builds from the rows):
     each client gets exactly the bytes the running service sent from its feed."""
+    # Heartbeats far apart: however slow the machine, neither server's watchdog marks an agent
+    # stalled between the two reads, so both replays read the same log.
+    settings = sse_settings(database_url, transport, HEARTBEAT_SECONDS="60")
     odd = ['odd "source" \\ é', "\x85 sep\u2028", "😀 \U0010ffff", "plain"]
     async with (
         running_server(settings) as first,

@@ -12,10 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.eventlog import Event, EventIdReused, NewEvent, VersionConflict, canonical_payload
+from app.events.chain import chain_rows
 from app.events.plan import AppendResult, Plan, SourceKey, plan_batch
 
 NOW = "2025-01-24T12:34:56.789Z"
 EARLIER = "2025-01-01T00:00:00.000Z"
+#: The chain value of the head the plans follow.
+HEAD_CHAIN = bytes(range(32))
 
 
 def new(
@@ -58,9 +61,15 @@ def plan(
     head: int = 0,
     versions: dict[SourceKey, int] | None = None,
     existing: dict[str, Event] | None = None,
+    chain: bytes | None = HEAD_CHAIN,
 ) -> Plan:
     return plan_batch(
-        batch, head=head, versions=versions or {}, existing=existing or {}, timestamp=NOW
+        batch,
+        head=head,
+        versions=versions or {},
+        existing=existing or {},
+        timestamp=NOW,
+        chain=chain,
     )
 
 
@@ -382,3 +391,13 @@ def test_any_batch_plans_gapless_positions_and_gapless_versions_per_source(
     ]
     assert written == [(row.position, row.version, row.event_id) for row in found.rows]
     assert len(found.outcomes) == len(batch)
+    # Each written row's chain value follows the one written before it, or the head's:
+    # a refused request's rows leave no trace in the chain.
+    assert [row.chain for row in found.rows] == chain_rows(HEAD_CHAIN, found.rows)
+
+
+def test_with_the_chain_off_rows_carry_no_chain_value() -> None:
+    found = plan([[new("a1"), new("a2")], [new("a1", expected_version=1)]], chain=None)
+
+    assert len(found.rows) == 3
+    assert [row.chain for row in found.rows] == [None, None, None]

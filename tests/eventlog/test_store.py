@@ -608,7 +608,10 @@ async def test_a_large_commit_stores_every_event_in_order(store: EventStore) -> 
 def test_insert_rows_writes_blocks_and_the_rest_in_order(tmp_path: Path, count: int) -> None:
     asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"))
     rows = [
-        (n + 1, "agents", f"s{n % 3}", n // 3 + 1, "progress", str(uuid.uuid4()), "t", f"[{n}]")
+        (
+            *(n + 1, "agents", f"s{n % 3}", n // 3 + 1, "progress", str(uuid.uuid4()), "t"),
+            *(f"[{n}]", n.to_bytes(32, "big")),
+        )
         for n in range(count)
     ]
     with contextlib.closing(sqlite3.connect(tmp_path / "events.db")) as connection:
@@ -627,14 +630,14 @@ def test_a_block_that_breaks_a_constraint_rolls_back_the_whole_transaction(
     # block touches was copied into, doubling what a commit writes).
     asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"))
     rows = [
-        (n + 2, "agents", "s", n + 2, "progress", str(uuid.uuid4()), "t", f"[{n}]")
+        (n + 2, "agents", "s", n + 2, "progress", str(uuid.uuid4()), "t", f"[{n}]", None)
         for n in range(1024)
     ]
     rows[700] = (*rows[700][:3], 1, *rows[700][4:])  # the version of the row before them
     with contextlib.closing(sqlite3.connect(tmp_path / "events.db", isolation_level=None)) as db:
         db.execute("BEGIN IMMEDIATE")
         db.execute(
-            "INSERT INTO events VALUES (1, 'agents', 's', 1, 'progress', 'first', 't', '[]')"
+            "INSERT INTO events VALUES (1, 'agents', 's', 1, 'progress', 'first', 't', '[]', NULL)"
         )
         with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
             insert_rows(db, rows, (1024,))

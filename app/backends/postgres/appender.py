@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from app.backends.base import AppendRequest, GuardedWrite, OnCommit, take_group
+from app.events.chain import GENESIS, chain_rows
 from app.events.envelope import Event, NewEvent, utc_now
 from app.events.errors import LogUnavailable
 from app.events.plan import (
@@ -53,8 +54,10 @@ class PostgresAppender:
     second connection of their own: they take no lock appends wait for.
     """
 
-    def __init__(self, url: str, *, max_batch_events: int = 2000) -> None:
+    def __init__(self, url: str, *, max_batch_events: int = 2000, chain: bool = True) -> None:
         self._dsn = postgres_dsn(url)
+        # Whether appends carry chain values (AUDIT_CHAIN).
+        self._chained = chain
         self._max_batch = max_batch_events
         self._connection: Any = None
         self._guarded: Any = None
@@ -109,14 +112,14 @@ class PostgresAppender:
         try:
             connection = await self._connect()
             async with connection.transaction():
-                plan, head = await self._write(connection, batch)
+                plan, head, chain = await self._write(connection, batch)
         except BaseException as exc:
             self._cache.forget()
             if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
                 await self._discard()
                 raise LogUnavailable(f"the event log could not be written: {exc}") from exc
             raise
-        self._cache.committed(plan, head)
+        self._cache.committed(plan, head, chain)
         return plan
 
     async def probe(self) -> str | None:
@@ -161,7 +164,7 @@ class PostgresAppender:
 
     async def _write(
         self, connection: Any, batch: Sequence[Sequence[NewEvent]]
-    ) -> tuple[Plan, int]:
+    ) -> tuple[Plan, int, bytes | None]:
         await connection.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
         head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
         versions, missing = self._cache.begin(head, source_keys(batch))
@@ -181,21 +184,68 @@ class PostgresAppender:
                 f"SELECT {COLUMNS} FROM events WHERE event_id = ANY($1::text[])", list(ids)
             ):
                 existing[record[5]] = event_from_row(record)
+        # Read under the same lock as the head, so the chain follows commit order.
+        chain = await self._head_chain(connection, head)
         plan = plan_batch(
-            batch, head=head, versions=versions, existing=existing, timestamp=utc_now()
+            batch,
+            head=head,
+            versions=versions,
+            existing=existing,
+            timestamp=utc_now(),
+            chain=chain,
         )
         if plan.rows:
             columns = list(zip(*plan.rows, strict=True))
             await connection.execute(
                 f"INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[],"
-                " $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[])",
+                " $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[],"
+                " $9::bytea[])",
                 *columns,
             )
             # Delivered at commit; it only wakes other processes' tails (the table is the data).
             await connection.execute(
                 "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(plan.rows[-1].position)
             )
-        return plan, head
+        return plan, head, chain
+
+    async def _head_chain(self, connection: Any, head: int) -> bytes | None:
+        """The chain value at ``head``: the one this appender committed last, unless another
+        instance moved the head since (then read, under the lock); None if off."""
+        if not self._chained:
+            return None
+        known = self._cache.chain_at(head)
+        if known is not None:
+            return known
+        if head == 0:
+            return GENESIS
+        found: bytes | None = await connection.fetchval(
+            "SELECT chain FROM events WHERE position = $1", head
+        )
+        return found if found is not None else await self._fill_chain(connection)
+
+    @staticmethod
+    async def _fill_chain(connection: Any) -> bytes:
+        """Chain values for the events appended while the chain was off (AUDIT_CHAIN=0),
+        after the newest event that has one, in this transaction; the head's value."""
+        last = await connection.fetchrow(
+            "SELECT position, chain FROM events WHERE chain IS NOT NULL"
+            " ORDER BY position DESC LIMIT 1"
+        )
+        after, previous = (last[0], bytes(last[1])) if last is not None else (0, GENESIS)
+        logger.info("computing the chain values of the events after position %d", after)
+        while rows := await connection.fetch(
+            f"SELECT {COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT 5000",
+            after,
+        ):
+            values = chain_rows(previous, rows)
+            await connection.execute(
+                "UPDATE events SET chain = u.chain FROM unnest($1::bigint[], $2::bytea[])"
+                " AS u(position, chain) WHERE events.position = u.position",
+                [row[0] for row in rows],
+                values,
+            )
+            previous, after = values[-1], rows[-1][0]
+        return previous
 
     async def close(self) -> None:
         if self._guarded is not None:

@@ -46,7 +46,9 @@ class PostgresBackend(Backend):
         )
 
     def appender(self, settings: DatabaseSettings) -> Appender:
-        return PostgresAppender(self.url, max_batch_events=settings.max_batch_events)
+        return PostgresAppender(
+            self.url, max_batch_events=settings.max_batch_events, chain=settings.audit_chain
+        )
 
     def listener(self, on_head: Callable[[int], None]) -> Listener:
         return PostgresListener(postgres_dsn(self.url), NOTIFY_CHANNEL, on_head)

@@ -74,6 +74,7 @@ class SqliteBackend(Backend):
             self.path,
             busy_timeout_seconds=settings.busy_timeout_seconds,
             max_batch_events=settings.max_batch_events,
+            chain=settings.audit_chain,
         )
 
     @staticmethod

@@ -204,13 +204,15 @@ def _encode_result(result: list[AppendResult] | AppendError) -> Any:
     return result
 
 
-def _run_child(sock: socket.socket, path: str, busy_ms: int, max_batch: int, kib: int) -> None:
+def _run_child(
+    sock: socket.socket, path: str, busy_ms: int, max_batch: int, kib: int, chain: bool
+) -> None:
     """The child's work: connect, then append until told to stop or the service is gone."""
     # Ctrl-C reaches the whole process group; the service stops this process itself, after
     # the appends it has already handed over are committed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    writer = SqliteWriter(Path(path), busy_timeout_ms=busy_ms, cache_kib=kib)
+    writer = SqliteWriter(Path(path), busy_timeout_ms=busy_ms, cache_kib=kib, chain=chain)
     outbox = _ChildOutbox(sock)
     try:
         writer.connect()
@@ -233,8 +235,10 @@ def _same(events: Sequence[NewEvent]) -> Sequence[NewEvent]:
 # -- the service's side -----------------------------------------------------------------------
 
 
-def _command(fd: int, path: str, busy_ms: int, max_batch: int, cache_kib: int) -> list[str]:
-    arguments = (fd, path, busy_ms, max_batch, cache_kib)
+def _command(
+    fd: int, path: str, busy_ms: int, max_batch: int, cache_kib: int, chain: bool
+) -> list[str]:
+    arguments = (fd, path, busy_ms, max_batch, cache_kib, int(chain))
     return [sys.executable, "-m", __name__, *map(str, arguments)]
 
 
@@ -254,9 +258,16 @@ class ProcessAppender(LinkedAppender):
         busy_timeout_seconds: float = 10.0,
         max_batch_events: int = 2000,
         cache_kib: int = 64 * 1024,
+        chain: bool = True,
     ) -> None:
         super().__init__()
-        self._args = (str(path), int(busy_timeout_seconds * 1000), max_batch_events, cache_kib)
+        self._args = (
+            str(path),
+            int(busy_timeout_seconds * 1000),
+            max_batch_events,
+            cache_kib,
+            chain,
+        )
         self._process: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.WriteTransport | None = None
         # Requests sent and not yet answered, in the order the child answers them.
@@ -509,11 +520,11 @@ def _decode_error(encoded: list[Any]) -> AppendError:
 
 
 def main(arguments: Sequence[str]) -> None:
-    """``python -m app.backends.sqlite.process FD PATH BUSY_MS MAX_BATCH CACHE_KIB``, as the
-    service starts it, FD being its end of the socket pair."""
-    fd, path, busy_ms, max_batch, cache_kib = arguments
+    """``python -m app.backends.sqlite.process FD PATH BUSY_MS MAX_BATCH CACHE_KIB CHAIN``, as
+    the service starts it, FD being its end of the socket pair, CHAIN 1 or 0."""
+    fd, path, busy_ms, max_batch, cache_kib, chain = arguments
     with socket.socket(fileno=int(fd)) as sock:
-        _run_child(sock, path, int(busy_ms), int(max_batch), int(cache_kib))
+        _run_child(sock, path, int(busy_ms), int(max_batch), int(cache_kib), chain == "1")
 
 
 if __name__ == "__main__":

@@ -43,10 +43,14 @@ class ThreadAppender(LinkedAppender):
         busy_timeout_seconds: float = 10.0,
         max_batch_events: int = 2000,
         cache_kib: int = 64 * 1024,
+        chain: bool = True,
     ) -> None:
         super().__init__()
         self._writer = SqliteWriter(
-            path, busy_timeout_ms=int(busy_timeout_seconds * 1000), cache_kib=cache_kib
+            path,
+            busy_timeout_ms=int(busy_timeout_seconds * 1000),
+            cache_kib=cache_kib,
+            chain=chain,
         )
         self._max_batch = max_batch_events
         self._inbox: queue.SimpleQueue[tuple[Ask, Any]] = queue.SimpleQueue()

@@ -16,6 +16,7 @@ from typing import Any
 
 from app.backends.base import GuardedWrite
 from app.backends.sqlite.pragmas import SQLITE_PRAGMAS
+from app.events.chain import GENESIS, chain_rows
 from app.events.envelope import Event, NewEvent, utc_now
 from app.events.errors import LogUnavailable
 from app.events.plan import (
@@ -93,8 +94,12 @@ class SqliteWriter:
     (:mod:`app.backends.sqlite.serve`).
     """
 
-    def __init__(self, path: Path, *, busy_timeout_ms: int, cache_kib: int) -> None:
+    def __init__(
+        self, path: Path, *, busy_timeout_ms: int, cache_kib: int, chain: bool = True
+    ) -> None:
         self.path = path
+        #: Whether appends carry chain values (AUDIT_CHAIN).
+        self.chain = chain
         self.busy_ms = busy_timeout_ms
         self._cache_kib = cache_kib
         self._connection: sqlite3.Connection | None = None
@@ -179,8 +184,14 @@ class SqliteWriter:
                 ).fetchone()[0]
                 versions[key] = found or 0
             existing = self._existing(connection, supplied_ids(batch))
+            chain = self._head_chain(connection, head)
             plan = plan_batch(
-                batch, head=head, versions=versions, existing=existing, timestamp=utc_now()
+                batch,
+                head=head,
+                versions=versions,
+                existing=existing,
+                timestamp=utc_now(),
+                chain=chain,
             )
             if plan.rows:
                 insert_rows(connection, plan.rows, self._blocks)
@@ -190,8 +201,45 @@ class SqliteWriter:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
-        self._cache.committed(plan, head)
+        self._cache.committed(plan, head, chain)
         return plan
+
+    def _head_chain(self, connection: sqlite3.Connection, head: int) -> bytes | None:
+        """The chain value at ``head``: the one this writer committed last, unless another
+        writer moved the head since (then read, under the write lock); None if off."""
+        if not self.chain:
+            return None
+        known = self._cache.chain_at(head)
+        if known is not None:
+            return known
+        if head == 0:
+            return GENESIS
+        found: bytes | None = connection.execute(
+            "SELECT chain FROM events WHERE position = ?", (head,)
+        ).fetchone()[0]
+        return found if found is not None else self._fill_chain(connection)
+
+    @staticmethod
+    def _fill_chain(connection: sqlite3.Connection) -> bytes:
+        """Chain values for the events appended while the chain was off (AUDIT_CHAIN=0),
+        after the newest event that has one, in this transaction; the head's value."""
+        last = connection.execute(
+            "SELECT position, chain FROM events WHERE chain IS NOT NULL"
+            " ORDER BY position DESC LIMIT 1"
+        ).fetchone()
+        after, previous = last if last is not None else (0, GENESIS)
+        logger.info("computing the chain values of the events after position %d", after)
+        while rows := connection.execute(
+            f"SELECT {COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT 5000",
+            (after,),
+        ).fetchall():
+            values = chain_rows(previous, rows)
+            connection.executemany(
+                "UPDATE events SET chain = ? WHERE position = ?",
+                [(value, row[0]) for row, value in zip(rows, values, strict=True)],
+            )
+            previous, after = values[-1], rows[-1][0]
+        return previous
 
     def write_guarded(self, write: GuardedWrite) -> bool:
         """Run ``write`` in one transaction of its own; False (nothing written) if its guard

@@ -1,0 +1,57 @@
+"""The table's rows with their chain values, in position order, for a verification."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import msgspec
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.audit.verify import ChainedEvent
+from app.eventlog.tables import events
+from app.events.envelope import Event
+
+__all__ = ["read_chained", "table_rows"]
+
+_COLUMNS = (
+    events.c.position,
+    events.c.stream,
+    events.c.source_id,
+    events.c.version,
+    events.c.event,
+    events.c.event_id,
+    events.c.timestamp,
+    events.c.payload,
+    events.c.chain,
+)
+
+
+async def read_chained(engine: AsyncEngine, after: int, limit: int) -> list[ChainedEvent]:
+    """At most ``limit`` rows above position ``after``, as the table holds them."""
+    query = select(*_COLUMNS).where(events.c.position > after).order_by(events.c.position)
+    async with engine.connect() as connection:
+        rows = (await connection.execute(query.limit(limit))).all()
+    return [
+        ChainedEvent(
+            Event(row[0], row[1], row[2], row[3], row[4], row[5], row[6], msgspec.Raw(row[7])),
+            None if row[8] is None else bytes(row[8]),
+        )
+        for row in rows
+    ]
+
+
+def table_rows(
+    engine: AsyncEngine, loop: asyncio.AbstractEventLoop, *, page: int = 5000
+) -> Iterator[ChainedEvent]:
+    """Every row, a page at a time, read on ``loop`` for a caller on another thread (the
+    verification is CPU work that would otherwise hold the loop)."""
+    after = 0
+    while True:
+        future = asyncio.run_coroutine_threadsafe(read_chained(engine, after, page), loop)
+        rows = future.result()
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1].event.position
