@@ -84,6 +84,7 @@ def test_empty_values_mean_default_and_unknown_variables_are_ignored() -> None:
         ("RETENTION_RULES", "a gent=7d"),
         ("RETENTION_INTERVAL_SECONDS", "0"),
         ("RETENTION_BATCH_EVENTS", "0"),
+        ("RETENTION_DELETE_ROWS", "0"),
         ("SNAPSHOT_EVERY_EVENTS", "-1"),
         ("SNAPSHOTS_KEPT", "0"),
     ],

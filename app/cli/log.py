@@ -156,6 +156,7 @@ async def _purge(max_batches: int | None) -> tuple[int, int]:
                 rules,
                 Path(settings.retention.archive_dir),
                 batch_events=settings.retention.batch_events,
+                delete_rows=settings.retention.delete_rows,
             )
             result = await retention.purge(
                 max_batches=max_batches, between_batches=lambda: leases.renew(LEASE)

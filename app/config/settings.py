@@ -154,8 +154,11 @@ class RetentionSettings(msgspec.Struct, frozen=True):
     archive_dir: str = "./data/log-archive"
     # How often the rules are applied.
     interval_seconds: float = 60.0
-    # Events archived and removed per batch: one segment and one short write transaction.
-    batch_events: int = 2000
+    # Events archived per segment (one file, one manifest).
+    batch_events: int = 10_000
+    # A segment's rows are removed this many at a time, each few in a short transaction of
+    # the log's writer: appends wait for one of them at most.
+    delete_rows: int = 100
     # A projection snapshot is taken once its checkpoint has moved this many events past its
     # newest snapshot (and after a purge removed events it has folded); 0: only on demand.
     snapshot_every_events: int = 100_000
@@ -237,6 +240,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "LOG_ARCHIVE_DIR": ("retention", "archive_dir"),
     "RETENTION_INTERVAL_SECONDS": ("retention", "interval_seconds"),
     "RETENTION_BATCH_EVENTS": ("retention", "batch_events"),
+    "RETENTION_DELETE_ROWS": ("retention", "delete_rows"),
     "SNAPSHOT_EVERY_EVENTS": ("retention", "snapshot_every_events"),
     "SNAPSHOTS_KEPT": ("retention", "snapshots_kept"),
     "AUDIT_SIGNING_KEY": ("audit", "signing_key"),
@@ -383,6 +387,7 @@ def _check_retention(retention: RetentionSettings) -> None:
         )
     for name, value, least in (
         ("RETENTION_BATCH_EVENTS", retention.batch_events, 1),
+        ("RETENTION_DELETE_ROWS", retention.delete_rows, 1),
         ("SNAPSHOT_EVERY_EVENTS", retention.snapshot_every_events, 0),
         ("SNAPSHOTS_KEPT", retention.snapshots_kept, 1),
     ):

@@ -65,6 +65,9 @@ archived_segments = Table(
     # None for events appended without a chain.
     Column("first_chain", String(64), nullable=True),
     Column("last_chain", String(64), nullable=True),
+    # When the last of its rows was removed from the table; None while a purge removes them
+    # (a few at a time), or was stopped doing so.
+    Column("removed_at", String(24), nullable=True),
     Index("ix_archived_segments_last_position", "last_position"),
 )
 
@@ -248,11 +251,18 @@ def segment_row(segment: Segment) -> dict[str, Any]:
 
 
 async def list_segments(
-    connection: AsyncConnection, after: int = 0, through: int | None = None
+    connection: AsyncConnection,
+    after: int = 0,
+    through: int | None = None,
+    *,
+    unfinished: bool = False,
 ) -> list[Segment]:
     """The recorded segments holding events above ``after`` (and, given ``through``,
-    starting at or below it), by first position."""
+    starting at or below it; given ``unfinished``, only those whose rows are not all
+    removed yet), by first position."""
     query = select(archived_segments).where(archived_segments.c.last_position > after)
+    if unfinished:
+        query = query.where(archived_segments.c.removed_at.is_(None))
     if through is not None:
         query = query.where(archived_segments.c.first_position <= through)
     rows = (await connection.execute(query.order_by(archived_segments.c.first_position))).all()
@@ -305,6 +315,10 @@ async def history(
                 break
             while pending is not None and pending.position < event.position:
                 out.append(pending)
+                pending = next(archived, None)
+            if pending is not None and pending.position == event.position:
+                # Archived, its row not removed yet (a purge removes a segment's rows a few
+                # at a time): once.
                 pending = next(archived, None)
             out.append(event)
         # Archived events below the next table page's start go before it.

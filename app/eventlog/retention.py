@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -37,6 +37,7 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import aliased
@@ -48,7 +49,7 @@ from app.eventlog import archives
 from app.eventlog.archives import Segment, archived_segments
 from app.eventlog.store import EVENT_COLUMNS, EventStore, to_event
 from app.eventlog.tables import events
-from app.events.envelope import Event, format_timestamp
+from app.events.envelope import Event, format_timestamp, utc_now
 
 __all__ = [
     "Expired",
@@ -166,7 +167,8 @@ def _utc_now() -> datetime:
 
 
 class Retention:
-    """Applies the rules to ``store``'s log, archiving under ``directory``."""
+    """Applies the rules to ``store``'s log, archiving under ``directory``: segments of
+    ``batch_events`` events, whose rows are removed ``delete_rows`` at a time."""
 
     def __init__(
         self,
@@ -174,7 +176,8 @@ class Retention:
         rules: Sequence[RetentionRule],
         directory: Path,
         *,
-        batch_events: int = 2000,
+        batch_events: int = 10_000,
+        delete_rows: int = 100,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._store = store
@@ -182,6 +185,7 @@ class Retention:
         self.rules = list(rules)
         self.directory = Path(directory)
         self._batch = batch_events
+        self._delete_rows = delete_rows
         self._clock = clock
         self._statements = _Statements(store)
 
@@ -194,6 +198,7 @@ class Retention:
         """Archive and remove what the rules say has expired, batch by batch, until nothing
         has (or ``max_batches`` are done). The caller holds the purge's lease (and renews it
         in ``between_batches``)."""
+        await self._finish_interrupted()
         await self._remove_leftovers()
         removed = 0
         written: list[Segment] = []
@@ -205,10 +210,9 @@ class Retention:
             if not batch:
                 break
             segment = await self._archive(expired)
-            if not await self._remove(segment, batch):
+            if not await self._remove(segment, [event.position for event in batch], new=True):
                 logger.warning("segment %s was recorded by another purge; stopping", segment.name)
                 break
-            self._store.feed.forget_through(segment.last_position)
             removed += len(batch)
             written.append(segment)
             if between_batches is not None:
@@ -230,10 +234,42 @@ class Retention:
         await asyncio.to_thread(archives.write_segment, self.directory, segment, data)
         return segment
 
-    async def _remove(self, segment: Segment, batch: list[Event]) -> bool:
-        """Remove the batch's rows and record its segment, in one transaction made by the
-        log's appender; False (nothing done) if the segment is recorded already."""
-        return await self._store.write_guarded(self._statements.removal(segment, batch))
+    async def _remove(self, segment: Segment, positions: list[int], *, new: bool) -> bool:
+        """Remove the rows at ``positions`` (held by ``segment``, complete on disk), a few at
+        a time, each few in a short transaction made by the log's appender: appends wait
+        for one of them at most. The first records the segment (unless it is recorded
+        already: not ``new``), the last marks it removed. False, nothing done, if a ``new``
+        segment is recorded already."""
+        chunks = [
+            positions[start : start + self._delete_rows]
+            for start in range(0, len(positions), self._delete_rows)
+        ] or [[]]
+        for index, chunk in enumerate(chunks):
+            write = self._statements.removal(
+                segment,
+                chunk,
+                record=new and index == 0,
+                done=utc_now() if index == len(chunks) - 1 else None,
+            )
+            if not await self._store.write_guarded(write):
+                return False
+            if chunk:
+                self._store.feed.forget_through(chunk[-1])
+        return True
+
+    async def _finish_interrupted(self) -> None:
+        """Remove the rows a recorded segment still left in the table (a purge stopped
+        between two of its transactions): its events are complete in the segment."""
+        async with self._engine.connect() as connection:
+            unfinished = await archives.list_segments(connection, unfinished=True)
+        for segment in unfinished:
+            try:
+                positions = await asyncio.to_thread(_positions_in, self.directory, segment)
+            except archives.ArchiveDamaged as exc:
+                logger.error("cannot finish removing the rows of %s: %s", segment.name, exc)
+                continue
+            logger.warning("finishing the removal of %s's rows (a purge stopped)", segment.name)
+            await self._remove(segment, positions, new=False)
 
     async def _remove_leftovers(self) -> None:
         async with self._engine.connect() as connection:
@@ -248,8 +284,12 @@ class Retention:
             )
 
 
+def _positions_in(directory: Path, segment: Segment) -> list[int]:
+    return [event.position for event in archives.read_segment(directory, segment)]
+
+
 class _Statements:
-    """A batch's removal as a guarded write, compiled for the store's database."""
+    """A segment's removals as guarded writes, compiled for the store's database."""
 
     def __init__(self, store: EventStore) -> None:
         dialect = store.engine.dialect
@@ -263,15 +303,31 @@ class _Statements:
         self._delete, _ = compile_write(
             delete(events).where(events.c.position == bindparam("p")), {"p": 0}, dialect
         )
+        self._done, _ = compile_write(
+            update(archived_segments)
+            .where(archived_segments.c.name == bindparam("segment"))
+            .values(removed_at=bindparam("at")),
+            {"segment": "", "at": ""},
+            dialect,
+        )
         self._dialect = dialect
 
-    def removal(self, segment: Segment, batch: list[Event]) -> GuardedWrite:
-        record = compile_write(
-            archived_segments.insert(), archives.segment_row(segment), self._dialect
-        )
+    def removal(
+        self, segment: Segment, positions: list[int], *, record: bool, done: str | None
+    ) -> GuardedWrite:
+        """Remove ``positions``; ``record`` the segment first (only if it is not recorded:
+        the guard), or only if it is; mark it ``done`` (its rows all removed) at the end."""
+        statements: list[tuple[str, list[list[Any]]]] = []
+        if record:
+            statements.append(
+                compile_write(
+                    archived_segments.insert(), archives.segment_row(segment), self._dialect
+                )
+            )
+        if positions:
+            statements.append((self._delete, [[position] for position in positions]))
+        if done is not None:
+            statements.append((self._done, [[done, segment.name]]))
         return GuardedWrite(
-            self._guard,
-            [segment.name],
-            [],
-            [(self._delete, [[event.position] for event in batch]), record],
+            self._guard, [segment.name], [] if record else [[segment.name]], statements
         )

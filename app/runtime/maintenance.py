@@ -50,6 +50,7 @@ class LogMaintenance:
             settings.parsed_rules(),
             Path(settings.archive_dir),
             batch_events=settings.batch_events,
+            delete_rows=settings.delete_rows,
         )
         self._task = Background("log-maintenance")
 

@@ -31,6 +31,7 @@ def upgrade() -> None:
     sa.Column('archived_at', sa.String(length=24), nullable=False),
     sa.Column('first_chain', sa.String(length=64), nullable=True),
     sa.Column('last_chain', sa.String(length=64), nullable=True),
+    sa.Column('removed_at', sa.String(length=24), nullable=True),
     sa.PrimaryKeyConstraint('name', name=op.f('pk_archived_segments'))
     )
     with op.batch_alter_table('archived_segments', schema=None) as batch_op:

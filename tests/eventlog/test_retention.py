@@ -56,7 +56,9 @@ async def test_a_purge_archives_expired_events_before_removing_them(
     async with store.engine.connect() as connection:
         chains = dict((await connection.execute(select(events.c.position, events.c.chain))).all())
     archive = tmp_path / "log-archive"
-    retention = Retention(store, RULES, archive, batch_events=25, clock=lambda: days_later(8))
+    retention = Retention(
+        store, RULES, archive, batch_events=25, delete_rows=7, clock=lambda: days_later(8)
+    )
     result = await retention.purge()
 
     kept = await every_event(store)

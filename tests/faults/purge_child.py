@@ -21,6 +21,8 @@ from tests.support import open_store
 
 RULES = [parse_rule(rule) for rule in ("agent/heartbeat=7d", "agent=90d")]
 BATCH = 40
+#: Rows removed per transaction: a segment's rows go in three (15, 15, 10).
+DELETE_ROWS = 15
 
 
 def die() -> None:
@@ -57,6 +59,8 @@ def arm(step: str) -> None:
         kill_on_call(files, "write_atomically", 4)
     elif step == "manifest-unrenamed":
         kill_on_call(files.os, "replace", 4)
+    # A segment's rows go in three transactions (write_guarded calls): the second batch's
+    # are calls 4, 5 and 6; the first of them records the segment, the last marks it done.
     elif step == "rows-not-removed":  # both files complete, the removal not yet asked for
         original = EventStore.write_guarded
         calls = 0
@@ -64,7 +68,7 @@ def arm(step: str) -> None:
         async def before(self: EventStore, write: Any) -> bool:
             nonlocal calls
             calls += 1
-            if calls == 2:
+            if calls == 4:
                 die()
             return await original(self, write)
 
@@ -76,7 +80,7 @@ def arm(step: str) -> None:
         async def during(self: EventStore, write: Any) -> bool:
             nonlocal calls_in_flight
             calls_in_flight += 1
-            if calls_in_flight == 2:
+            if calls_in_flight == 4:
                 in_flight = asyncio.ensure_future(original_in_flight(self, write))
                 await asyncio.sleep(0.005)
                 die()
@@ -84,15 +88,16 @@ def arm(step: str) -> None:
             return await original_in_flight(self, write)
 
         EventStore.write_guarded = during  # type: ignore[method-assign]
-    elif step == "rows-removed":  # the second batch's removal committed
+    elif step.startswith("rows-removed-"):  # after the second batch's Nth removal committed
         original_after = EventStore.write_guarded
         calls_after = 0
+        last = 3 + int(step.removeprefix("rows-removed-"))
 
         async def after(self: EventStore, write: Any) -> bool:
             nonlocal calls_after
             calls_after += 1
             written = await original_after(self, write)
-            if calls_after == 2:
+            if calls_after == last:
                 die()
             return written
 
@@ -110,6 +115,7 @@ async def main(url: str, directory: str, step: str) -> None:
             RULES,
             Path(directory),
             batch_events=BATCH,
+            delete_rows=DELETE_ROWS,
             clock=lambda: datetime.now(UTC) + timedelta(days=8),
         )
         result = await retention.purge()

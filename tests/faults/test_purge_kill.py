@@ -1,4 +1,5 @@
-"""A purge killed (SIGKILL) at each of its steps: every event stays either in the table or in
+"""A purge killed (SIGKILL) at each of its steps (its segment's rows removed in three
+transactions): every event stays either in the table or in
 a complete archive segment, never neither, and no segment that looks complete is not; the
 next purge (after a restart) cleans up and finishes, leaving each event in exactly one place.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import msgspec
 
 from app.eventlog import Event, EventStore, NewEvent, canonical_payload
-from app.eventlog.archives import list_segments
+from app.eventlog.archives import history, list_segments
 from tests.faults.purge_child import BATCH
 from tests.support import ROOT, open_store
 
@@ -28,7 +29,9 @@ STEPS = [
     "manifest-unrenamed",
     "rows-not-removed",
     "removal-in-flight",
-    "rows-removed",
+    "rows-removed-1",  # the segment recorded, its first rows removed, the rest still there
+    "rows-removed-2",
+    "rows-removed-3",  # all removed, the segment marked done
 ]
 
 
@@ -98,6 +101,9 @@ async def test_a_purge_killed_at_each_step_loses_nothing(database_url: str, tmp_
             }
             async with store.engine.connect() as connection:
                 recorded = {segment.name for segment in await list_segments(connection)}
+                # The history reads back whole and once, rows not yet removed included.
+                merged = [e async for page in history(connection, directory) for e in page]
+        assert merged == written, step
         segments = complete_segments(directory)
         archived = {event.position: event for events in segments.values() for event in events}
         assert recorded <= set(segments), f"{step}: a recorded segment is not complete on disk"
