@@ -103,7 +103,9 @@ async def append_load(store: EventStore, stop: asyncio.Event, latencies: list[fl
     return sum(await asyncio.gather(*(produce(n) for n in range(PRODUCERS))))
 
 
-async def one_run(path: Path, archive: Path, *, purge: bool, seconds: float, batch: int) -> Run:
+async def one_run(
+    path: Path, archive: Path, *, purge: bool, seconds: float, batch: int, delete_rows: int
+) -> Run:
     url = f"sqlite+aiosqlite:///{path}"
     engine = create_engine(url, pool_size=4)
     try:
@@ -122,6 +124,7 @@ async def one_run(path: Path, archive: Path, *, purge: bool, seconds: float, bat
                     RULES,
                     archive,
                     batch_events=batch,
+                    delete_rows=delete_rows,
                     clock=lambda: datetime.now(UTC) + timedelta(days=1),
                 )
                 purged = (await retention.purge()).removed
@@ -152,7 +155,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="log size (expired)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=2000, help="RETENTION_BATCH_EVENTS")
+    parser.add_argument("--batch", type=int, default=10_000, help="RETENTION_BATCH_EVENTS")
+    parser.add_argument("--delete-rows", type=int, default=100, help="RETENTION_DELETE_ROWS")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-retention-") as scratch:
         root = Path(scratch)
@@ -170,6 +174,7 @@ def main() -> None:
                     purge=True,
                     seconds=0,
                     batch=args.batch,
+                    delete_rows=args.delete_rows,
                 )
             )
             shutil.rmtree(run_dir)
@@ -180,6 +185,7 @@ def main() -> None:
                     purge=False,
                     seconds=purged.seconds,
                     batch=args.batch,
+                    delete_rows=args.delete_rows,
                 )
             )
             shutil.rmtree(run_dir)
@@ -192,7 +198,8 @@ def main() -> None:
     seconds = _median(purges, "seconds")
     removed = _median(purges, "purged")
     print(
-        f"medians of {args.rounds} rounds, {args.events:,} events, batches of {args.batch}:\n"
+        f"medians of {args.rounds} rounds, {args.events:,} events, segments of {args.batch}, "
+        f"{args.delete_rows} rows removed per transaction:\n"
         f"  append p99 {p99[0]:.2f} ms during the purge, {p99[1]:.2f} ms without "
         f"({p99[0] / p99[1]:.2f}x)\n"
         f"  append p50 {p50[0]:.2f} ms during, {p50[1]:.2f} ms without "

@@ -178,6 +178,7 @@ class Retention:
         *,
         batch_events: int = 10_000,
         delete_rows: int = 100,
+        pause: float = 1.0,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._store = store
@@ -186,6 +187,8 @@ class Retention:
         self.directory = Path(directory)
         self._batch = batch_events
         self._delete_rows = delete_rows
+        #: After each removal, a pause this many times as long as it took.
+        self._pause = pause
         self._clock = clock
         self._statements = _Statements(store)
 
@@ -244,7 +247,9 @@ class Retention:
             positions[start : start + self._delete_rows]
             for start in range(0, len(positions), self._delete_rows)
         ] or [[]]
+        loop = asyncio.get_running_loop()
         for index, chunk in enumerate(chunks):
+            started = loop.time()
             write = self._statements.removal(
                 segment,
                 chunk,
@@ -255,6 +260,9 @@ class Retention:
                 return False
             if chunk:
                 self._store.feed.forget_through(chunk[-1])
+            # As long again for the appends: a purge takes at most about half the writer's
+            # time, however long it runs.
+            await asyncio.sleep((loop.time() - started) * self._pause)
         return True
 
     async def _finish_interrupted(self) -> None:
