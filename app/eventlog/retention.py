@@ -132,6 +132,11 @@ def _not_newest() -> ColumnElement[bool]:
     )
 
 
+#: Rows per read of expired events: a read's rows become events on the event loop, so a
+#: segment's worth is read in short steps that each hold the loop briefly.
+_READ_ROWS = 500
+
+
 async def expired_events(
     connection: AsyncConnection, rules: Sequence[RetentionRule], now: datetime, limit: int
 ) -> Expired:
@@ -139,16 +144,28 @@ async def expired_events(
     conditions = [condition for _, condition in rule_conditions(rules, now)]
     if not conditions:
         return Expired([], (None, None))
-    query = (
-        select(*EVENT_COLUMNS, events.c.chain)
-        .where(or_(*conditions), _not_newest())
-        .order_by(events.c.position)
-        .limit(limit)
-    )
-    rows = (await connection.execute(query)).all()
-    if not rows:
-        return Expired([], (None, None))
-    return Expired([to_event(row[:8]) for row in rows], (rows[0][8], rows[-1][8]))
+    found: list[Event] = []
+    chains: list[bytes | None] = [None, None]
+    after = 0
+    while len(found) < limit:
+        wanted = min(_READ_ROWS, limit - len(found))
+        query = (
+            select(*EVENT_COLUMNS, events.c.chain)
+            .where(events.c.position > after, or_(*conditions), _not_newest())
+            .order_by(events.c.position)
+            .limit(wanted)
+        )
+        rows = (await connection.execute(query)).all()
+        if not rows:
+            break
+        if not found:
+            chains[0] = rows[0][8]
+        chains[1] = rows[-1][8]
+        found.extend(to_event(row[:8]) for row in rows)
+        after = rows[-1][0]
+        if len(rows) < wanted:
+            break
+    return Expired(found, (chains[0], chains[1]))
 
 
 async def pending_by_rule(
