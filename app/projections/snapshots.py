@@ -11,7 +11,8 @@ gives what a fold of the whole history gives: a fold depends on the events alone
 from __future__ import annotations
 
 import gzip
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import msgspec
@@ -82,20 +83,37 @@ async def read_snapshot_state(
     return int(position or 0), gzip.compress(msgspec.json.encode(state), mtime=0), count
 
 
-async def take_snapshot(engine: AsyncEngine, projection: Projection, *, keep: int = 3) -> Snapshot:
-    """Snapshot ``projection`` as it is now; keep its ``keep`` newest snapshots."""
+async def take_snapshot(
+    engine: AsyncEngine,
+    projection: Projection,
+    *,
+    keep: int = 3,
+    turn: Callable[[], AbstractAsyncContextManager[None]] = nullcontext,
+) -> Snapshot:
+    """Snapshot ``projection`` as it is now; keep its ``keep`` newest snapshots. The write
+    is made in ``turn`` (a running log's :meth:`~app.eventlog.EventStore.write_turn`)."""
     async with engine.connect() as connection:
         connection = await backend_of(connection).snapshot_transaction(connection)
         async with connection.begin():
             position, state, count = await read_snapshot_state(connection, projection)
-    return await store_snapshot(engine, projection.name, position, state, count, keep=keep)
+    return await store_snapshot(
+        engine, projection.name, position, state, count, keep=keep, turn=turn
+    )
 
 
 async def store_snapshot(
-    engine: AsyncEngine, name: str, position: int, state: bytes, count: int, *, keep: int = 3
+    engine: AsyncEngine,
+    name: str,
+    position: int,
+    state: bytes,
+    count: int,
+    *,
+    keep: int = 3,
+    turn: Callable[[], AbstractAsyncContextManager[None]] = nullcontext,
 ) -> Snapshot:
     snapshot = Snapshot(name, position, utc_now(), count)
-    async with engine.connect() as connection:
+    # The connection first: a wait for one must not hold the appends.
+    async with engine.connect() as connection, turn():
         connection = await write_transaction(connection)
         async with connection.begin():
             await backend_of(connection).upsert(

@@ -107,7 +107,10 @@ class LogMaintenance:
 
     async def snapshot(self, name: str) -> Snapshot:
         snapshot = await take_snapshot(
-            self._store.engine, self._projections.get(name), keep=self._settings.snapshots_kept
+            self._store.engine,
+            self._projections.get(name),
+            keep=self._settings.snapshots_kept,
+            turn=self._store.write_turn,
         )
         logger.info(
             "snapshot of %s at position %d (%d rows)", name, snapshot.position, snapshot.row_count
