@@ -28,6 +28,7 @@ from app.client.models import (
     SearchResults,
     Segment,
     StreamEvent,
+    Truncated,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "SearchResults",
     "Segment",
     "StreamEvent",
+    "Truncated",
 ]
