@@ -10,9 +10,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 # Every module that defines tables, so that the metadata knows them all.
+import app.eventlog.archives
 import app.eventlog.tables
 import app.jobs
-import app.projections  # noqa: F401
+import app.projections
+import app.projections.snapshots  # noqa: F401
 from app.backends import write_transaction
 from app.config import load_settings
 from app.database import create_engine, metadata

@@ -80,6 +80,19 @@ async def database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def other_database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A second fresh database on the same backend as ``database_url`` (an import's target)."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'imported.db'}"
+        return
+    url, name = await fresh_postgres_url()
+    try:
+        yield url
+    finally:
+        await drop_postgres_database(name)
+
+
+@pytest.fixture
 async def postgres_url(postgres_only: None) -> AsyncIterator[str]:
     url, name = await fresh_postgres_url()
     try:

@@ -24,7 +24,6 @@ from app.eventlog import EventStore, NewEvent, canonical_payload
 from app.eventlog.tables import events as events_table
 from app.ingest.pipeline import STEPS
 from app.projections import all_projections
-from tests.conftest import drop_postgres_database, fresh_postgres_url
 from tests.fakes.youtube import (
     OEMBED,
     player,
@@ -119,10 +118,14 @@ HELP = [
     ("ingest", ["--channel-limit", "--json", "--server", "URL"]),
     ("tail", ["--stream", "--source-id", "--event", "--agent-name", "--from", "--server"]),
     ("replay", ["INGEST_ID", "--server"]),
-    ("export", ["--after", "--until", "--stream", "--server"]),
+    ("export", ["--after", "--until", "--include-archives", "--stream", "--server"]),
     ("import", ["FILE", "EMPTY"]),
     ("agents", ["run"]),
     ("agents run", ["AGENT", "--scope", "untagged", "--server"]),
+    ("log status", ["--json", "archived"]),
+    ("log purge", ["RETENTION_RULES", "--max-batches"]),
+    ("projections rebuild", ["--from-archives", "snapshot"]),
+    ("projections snapshot", ["rebuilds"]),
 ]
 
 
@@ -344,18 +347,6 @@ async def test_replay_shows_every_step_with_its_duration(
     assert remote.stdout == local.stdout
     assert unknown.code == 1
     assert "404" in unknown.stderr
-
-
-@pytest.fixture
-async def other_database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'imported.db'}"
-        return
-    url, name = await fresh_postgres_url()
-    try:
-        yield url
-    finally:
-        await drop_postgres_database(name)
 
 
 async def table_rows(url: str) -> dict[str, list[tuple[Any, ...]]]:

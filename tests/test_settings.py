@@ -77,12 +77,40 @@ def test_empty_values_mean_default_and_unknown_variables_are_ignored() -> None:
         ("DATABASE_URL", "postgresql+asyncpg://svc@db.internal:port/activity"),
         ("DATABASE_URL", "sqlite+aiosqlite://"),
         ("DATABASE_URL", "sqlite+aiosqlite:///:memory:"),
+        ("RETENTION_RULES", "agent/heartbeat"),
+        ("RETENTION_RULES", "agent=7 days"),
+        ("RETENTION_RULES", "agent=-1d"),
+        ("RETENTION_RULES", "agent/heartbeat=7d,agent/heartbeat=1d"),
+        ("RETENTION_RULES", "a gent=7d"),
+        ("RETENTION_INTERVAL_SECONDS", "0"),
+        ("RETENTION_BATCH_EVENTS", "0"),
+        ("RETENTION_DELETE_ROWS", "0"),
+        ("SNAPSHOT_EVERY_EVENTS", "-1"),
+        ("SNAPSHOTS_KEPT", "0"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings({variable: value})
     assert variable in str(caught.value)
+
+
+def test_retention_rules_are_read_most_specific_first() -> None:
+    from app.config.retention import RetentionRule
+
+    settings = load_settings({"RETENTION_RULES": "agent/heartbeat=7d, agent=90d,ingest=keep,*=12h"})
+    assert settings.retention.parsed_rules() == [
+        RetentionRule("agent", "heartbeat", 7 * 86400),
+        RetentionRule("agent", "*", 90 * 86400),
+        RetentionRule("ingest", "*", None),
+        RetentionRule("*", "*", 12 * 3600),
+    ]
+    assert [rule.label for rule in settings.retention.parsed_rules()] == [
+        "agent/heartbeat=7d",
+        "agent=90d",
+        "ingest=keep",
+        "*=12h",
+    ]
 
 
 def test_a_refused_database_url_does_not_echo_its_password() -> None:

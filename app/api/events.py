@@ -12,17 +12,31 @@ from app.api.deps import ServicesDep, build_filter
 from app.api.limits import MAX_POSITION
 from app.api.sse import EventStreamResponse, envelope_frame, log_stream, parse_last_event_id
 from app.eventlog import Event
+from app.eventlog.tail import archived_within
 
-__all__ = ["EventPage", "EventsController"]
+__all__ = ["EventPage", "EventsController", "TruncatedRange"]
 
 MAX_PAGE = 1000
 
 
-class EventPage(msgspec.Struct):
+class TruncatedRange(msgspec.Struct):
+    """Events in ``first``..``last`` that retention removed from the log (``count`` of them,
+    not every position in the range), kept in the archive segment named ``segment``."""
+
+    first: int
+    last: int
+    count: int
+    segment: str
+
+
+class EventPage(msgspec.Struct, omit_defaults=True):
     events: list[Event]
     #: Pass as ``after`` for the next page (the last position looked at, not only returned).
     next_after: int
     head: int
+    #: Ranges this page reaches into whose events were removed by retention (present only
+    #: when there are some): the page holds the retained events only.
+    truncated: list[TruncatedRange] = msgspec.field(default_factory=list)
 
 
 StreamFilter = Annotated[
@@ -66,10 +80,16 @@ class EventsController(Controller):
         source_id: SourceFilter = None,
         event: EventNameFilter = None,
     ) -> EventPage:
-        page = await services.store.read_after(
-            after, build_filter(stream=stream, source_id=source_id, event=event), limit
+        event_filter = build_filter(stream=stream, source_id=source_id, event=event)
+        page = await services.store.read_after(after, event_filter, limit)
+        # Looked up after the page: a page missing rows finds the segment that holds them.
+        gone = await archived_within(services.store, after, page.scanned_to, event_filter)
+        return EventPage(
+            events=page.events,
+            next_after=page.scanned_to,
+            head=page.head,
+            truncated=[TruncatedRange(**segment.describe()) for segment in gone],
         )
-        return EventPage(events=page.events, next_after=page.scanned_to, head=page.head)
 
     @get("/stream", summary="Follow the log over SSE (resumable)")
     async def stream_events(

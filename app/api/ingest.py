@@ -10,11 +10,12 @@ from litestar.exceptions import ClientException, NotFoundException
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from app.api.deps import ServicesDep
-from app.api.events import LastEventIdHeader, LastEventIdQuery
+from app.api.events import LastEventIdHeader, LastEventIdQuery, TruncatedRange
 from app.api.limits import MAX_POSITION
 from app.api.sse import log_stream, parse_last_event_id, payload_frame
 from app.eventlog import Event, EventFilter
 from app.eventlog.notify import LogEntry
+from app.eventlog.tail import archived_within
 from app.ingest.service import NotCancellable, UnknownIngest, fold_events
 from app.ingest.urls import detect_url
 from app.projections.ingests import INGEST_STREAM, IngestRow, list_ingests, load_ingest, to_row
@@ -46,9 +47,11 @@ class IngestAccepted(msgspec.Struct):
     created: bool
 
 
-class IngestEvents(msgspec.Struct):
+class IngestEvents(msgspec.Struct, omit_defaults=True):
     events: list[Event]
     next_after: int
+    #: As on ``GET /events``: ranges of this ingest's events retention removed (if any).
+    truncated: list[TruncatedRange] = msgspec.field(default_factory=list)
 
 
 def _filter(ingest_id: str) -> EventFilter:
@@ -190,8 +193,14 @@ class IngestsController(Controller):
     ) -> IngestEvents:
         if not await services.store.source_version(INGEST_STREAM, ingest_id):
             raise NotFoundException(detail=f"no ingest {ingest_id!r}")
-        page = await services.store.read_after(after, _filter(ingest_id), limit)
-        return IngestEvents(events=page.events, next_after=page.scanned_to)
+        event_filter = _filter(ingest_id)
+        page = await services.store.read_after(after, event_filter, limit)
+        gone = await archived_within(services.store, after, page.scanned_to, event_filter)
+        return IngestEvents(
+            events=page.events,
+            next_after=page.scanned_to,
+            truncated=[TruncatedRange(**segment.describe()) for segment in gone],
+        )
 
     @get("/{ingest_id:str}/stream", summary="Follow one ingest over SSE (resumable)")
     async def stream(

@@ -184,6 +184,15 @@ class Backend(ABC):
         when it begins, where a lock taken later could fail instead of waiting."""
         return connection
 
+    async def snapshot_transaction(self, connection: AsyncConnection) -> AsyncConnection:
+        """``connection``, set so that every read of its next transaction sees the same state
+        of the database (a snapshot of several tables that agree with each other)."""
+        return connection
+
+    async def database_bytes(self, connection: AsyncConnection) -> int | None:
+        """How much space the database takes, or None where it cannot tell."""
+        return None
+
     @abstractmethod
     async def lock_log(self, connection: AsyncConnection) -> None:
         """Take the lock appends take, for the rest of ``connection``'s transaction (begun

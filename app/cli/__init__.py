@@ -10,7 +10,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from app.cli import agents, audit, ingest, replay, service, tail, transfer
+from app.cli import agents, audit, ingest, log, replay, service, tail, transfer
 from app.cli.common import CliError, print_error
 from app.config import SettingsError
 
@@ -24,7 +24,7 @@ def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     """The parser; ``prog`` is the program as its usage lines name it."""
     parser = argparse.ArgumentParser(prog=prog, description="Event-sourced activity service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (service, ingest, tail, replay, transfer, agents, audit):
+    for group in (service, ingest, tail, replay, transfer, agents, audit, log):
         group.register(commands)
     return parser
 

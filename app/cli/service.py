@@ -164,9 +164,15 @@ def _db_upgrade(_: argparse.Namespace) -> int:
     return 0
 
 
-async def rebuild_projections(url: str, names: list[str] | None = None) -> list[tuple[str, int]]:
-    """Rebuild the named projections (default: all); returns (name, position) for each."""
+async def rebuild_projections(
+    url: str, names: list[str] | None = None, *, from_archives: bool = False
+) -> list[tuple[str, int]]:
+    """Rebuild the named projections (default: all), each from its newest snapshot, or from
+    position 0 through the archives (``from_archives``); returns (name, position) for each."""
+    from pathlib import Path
+
     from app.database import create_engine, upgrade_database
+    from app.eventlog.archives import ArchiveDamaged
     from app.projections import ProjectionRunner, UnknownProjection, all_projections
 
     await upgrade_database(url)
@@ -175,9 +181,15 @@ async def rebuild_projections(url: str, names: list[str] | None = None) -> list[
         runner = ProjectionRunner(engine, all_projections())
         try:
             # All at once: one transaction, each read of the log shared by all of them.
-            positions = await runner.rebuild_together(names or sorted(runner.projections))
+            positions = await runner.rebuild_together(
+                names or sorted(runner.projections),
+                archive_dir=Path(get_settings().retention.archive_dir),
+                from_snapshots=not from_archives,
+            )
         except UnknownProjection as exc:
             raise CliError(exc.args[0], code=2) from None
+        except ArchiveDamaged as exc:
+            raise CliError(f"rebuild refused, nothing changed: {exc}") from None
         return sorted(positions.items())
     finally:
         await engine.dispose()
@@ -185,8 +197,43 @@ async def rebuild_projections(url: str, names: list[str] | None = None) -> list[
 
 def _projections_rebuild(args: argparse.Namespace) -> int:
     url = get_settings().database.url
-    for name, position in asyncio.run(rebuild_projections(url, [args.name] if args.name else None)):
+    names = [args.name] if args.name else None
+    for name, position in asyncio.run(
+        rebuild_projections(url, names, from_archives=args.from_archives)
+    ):
         print(f"rebuilt {name} up to position {position}")
+    return 0
+
+
+async def _take_snapshots(names: list[str] | None) -> list[Any]:
+    from app.database import create_engine, upgrade_database
+    from app.projections import ProjectionRunner, UnknownProjection, all_projections
+    from app.projections.snapshots import take_snapshot
+
+    settings = get_settings()
+    url = settings.database.url
+    await upgrade_database(url)
+    engine = create_engine(url, pool_size=2)
+    try:
+        runner = ProjectionRunner(engine, all_projections())
+        try:
+            chosen = [runner.get(name) for name in names or sorted(runner.projections)]
+        except UnknownProjection as exc:
+            raise CliError(exc.args[0], code=2) from None
+        return [
+            await take_snapshot(engine, projection, keep=settings.retention.snapshots_kept)
+            for projection in chosen
+        ]
+    finally:
+        await engine.dispose()
+
+
+def _projections_snapshot(args: argparse.Namespace) -> int:
+    for snapshot in asyncio.run(_take_snapshots([args.name] if args.name else None)):
+        print(
+            f"snapshot of {snapshot.name} at position {snapshot.position} "
+            f"({snapshot.row_count} rows)"
+        )
     return 0
 
 
@@ -232,8 +279,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     rebuild = projection_commands.add_parser(
         "rebuild",
-        help="rebuild projections from position 0 (all, or the one named)",
-        description="Empty the read models and fold the whole log again, in one transaction.",
+        help="rebuild projections from their newest snapshot (all, or the one named)",
+        description="Empty the read models, put back each one's newest snapshot (if any) "
+        "and fold every event after it, from the table and, where retention removed events, "
+        "from the archive segments under LOG_ARCHIVE_DIR; in one transaction.",
     )
     rebuild.add_argument("name", nargs="?", help="projection name (default: all)")
+    rebuild.add_argument(
+        "--from-archives",
+        action="store_true",
+        help="ignore snapshots: fold the whole history from position 0, archives then table "
+        "(after a change to how a projection folds)",
+    )
     rebuild.set_defaults(handler=_projections_rebuild, quiet=False)
+    snapshot = projection_commands.add_parser(
+        "snapshot",
+        help="snapshot projections now (all, or the one named)",
+        description="Store each projection's rows and checkpoint as a snapshot, which "
+        "rebuilds start from.",
+    )
+    snapshot.add_argument("name", nargs="?", help="projection name (default: all)")
+    snapshot.set_defaults(handler=_projections_snapshot, quiet=False)

@@ -17,7 +17,7 @@ from app.cli.common import (
     open_local_store,
     print_line,
 )
-from app.client import ActivityClient, ActivityError, Reset
+from app.client import ActivityClient, ActivityError, Reset, Truncated
 
 __all__ = ["format_envelope", "register"]
 
@@ -53,13 +53,27 @@ def _print(envelope: dict[str, Any], raw: bytes | None, as_json: bool) -> None:
         print_line(format_envelope(envelope))
 
 
+def _print_truncated(count: int, first: int, last: int, segment: str) -> None:
+    print(
+        f"truncated: {count} events in positions {first}-{last} were removed by retention; "
+        f"they are in archive segment {segment}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 async def _tail_remote(args: argparse.Namespace) -> None:
     async with ActivityClient(args.server, args.token) as client:
         start = args.start
         try:
             if start is None:
                 start = (await client.request("GET", "/events", params={"limit": 1})).json()["head"]
-            async for item in client.stream(_filters(args), last_event_id=start):
+            async for item in client.stream(
+                _filters(args), last_event_id=start, report_truncated=True
+            ):
+                if isinstance(item, Truncated):
+                    _print_truncated(item.count, item.first, item.last, item.segment)
+                    continue
                 if isinstance(item, Reset):
                     print(
                         f"reset: the server's log ends at {item.head}; following from there",
@@ -73,7 +87,7 @@ async def _tail_remote(args: argparse.Namespace) -> None:
 
 
 async def _tail_local(args: argparse.Namespace) -> None:
-    from app.eventlog import EventFilter, replay_then_tail
+    from app.eventlog import EventFilter, Truncated, replay_then_tail
 
     filters = _filters(args)
     agent_names = tuple(filters.get("agent_name", ()))
@@ -85,7 +99,13 @@ async def _tail_local(args: argparse.Namespace) -> None:
     )
     async with open_local_store() as store:
         start = await store.head() if args.start is None else args.start
-        async for entries in replay_then_tail(store, start, event_filter):
+        async for entries in replay_then_tail(store, start, event_filter, report_truncated=True):
+            if isinstance(entries, Truncated):
+                for segment in entries.segments:
+                    _print_truncated(
+                        segment.count, segment.first_position, segment.last_position, segment.name
+                    )
+                continue
             for entry in entries:
                 raw = entry.envelope_json()
                 _print(msgspec.json.decode(raw), raw, args.json)

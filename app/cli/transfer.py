@@ -13,7 +13,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgspec
 
@@ -71,6 +71,9 @@ async def _export_local(args: argparse.Namespace, out: BinaryIO) -> None:
                 await connection.execute(select(func.coalesce(func.max(events.c.position), 0)))
             ).scalar_one()
             until = head if args.until is None else min(args.until, head)
+            if args.include_archives:
+                await _export_history(connection, args.after, until, event_filter, out)
+                return
             after = args.after
             while after < until:
                 page = await read_page(connection, after, event_filter, limit=PAGE)
@@ -86,6 +89,26 @@ async def _export_local(args: argparse.Namespace, out: BinaryIO) -> None:
                 after = page.scanned_to
     finally:
         await engine.dispose()
+
+
+async def _export_history(
+    connection: Any, after: int, until: int, event_filter: Any, out: BinaryIO
+) -> None:
+    """The events above ``after`` up to ``until``, archived ones included, in position
+    order."""
+    from pathlib import Path
+
+    from app.eventlog import encode_event
+    from app.eventlog.archives import ArchiveDamaged, history
+
+    directory = Path(get_settings().retention.archive_dir)
+    try:
+        async for found in history(connection, directory, after, event_filter, through=until):
+            lines = [encode_event(event) for event in found]
+            lines.append(b"")
+            out.write(b"\n".join(lines))
+    except ArchiveDamaged as exc:
+        raise CliError(f"export stopped: {exc}") from None
 
 
 async def _export_remote(args: argparse.Namespace, out: BinaryIO) -> None:
@@ -105,6 +128,8 @@ async def _export_remote(args: argparse.Namespace, out: BinaryIO) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.include_archives and args.server:
+        raise CliError("--include-archives reads the archive directory: not with --server", 2)
     out = sys.stdout.buffer
     try:
         asyncio.run(_export_remote(args, out) if args.server else _export_local(args, out))
@@ -174,6 +199,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--after", type=int, default=0, metavar="N", help="events above position N (default 0)"
     )
     export.add_argument("--until", type=int, metavar="M", help="events at or below position M")
+    export.add_argument(
+        "--include-archives",
+        action="store_true",
+        help="with the events retention moved to archive segments (LOG_ARCHIVE_DIR), in "
+        "position order: the whole history, which import restores",
+    )
     add_filter_options(export)
     add_server_options(export, "it reads the local database")
     export.set_defaults(handler=_export)

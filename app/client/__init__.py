@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from app.client.agent import AgentActivity
 from app.client.client import ActivityClient, IngestProgress
-from app.client.models import ActivityError, Envelope, Reset, StreamEvent
+from app.client.models import ActivityError, Envelope, Reset, StreamEvent, Truncated
 
 __all__ = [
     "ActivityClient",
@@ -27,4 +27,5 @@ __all__ = [
     "IngestProgress",
     "Reset",
     "StreamEvent",
+    "Truncated",
 ]

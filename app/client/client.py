@@ -6,13 +6,13 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, Literal, overload
 
 import httpx
 import msgspec
 
 from app.client.agent import AgentActivity, report_activity
-from app.client.models import ActivityError, Envelope, Reset, StreamEvent
+from app.client.models import ActivityError, Envelope, Reset, StreamEvent, Truncated
 from app.client.streams import RETRYABLE_STATUS, Backoff, error_from, follow_stream
 
 __all__ = ["ActivityClient", "IngestProgress"]
@@ -137,9 +137,31 @@ class ActivityClient:
 
     # -- streams ----------------------------------------------------------------------------
 
+    @overload
     def stream(
-        self, path_or_filters: str | Filters | None = None, last_event_id: int | None = None
-    ) -> AsyncGenerator[StreamEvent | Reset, None]:
+        self,
+        path_or_filters: str | Filters | None = None,
+        last_event_id: int | None = None,
+        *,
+        report_truncated: Literal[False] = False,
+    ) -> AsyncGenerator[StreamEvent | Reset, None]: ...
+
+    @overload
+    def stream(
+        self,
+        path_or_filters: str | Filters | None = None,
+        last_event_id: int | None = None,
+        *,
+        report_truncated: bool,
+    ) -> AsyncGenerator[StreamEvent | Reset | Truncated, None]: ...
+
+    def stream(
+        self,
+        path_or_filters: str | Filters | None = None,
+        last_event_id: int | None = None,
+        *,
+        report_truncated: bool = False,
+    ) -> AsyncGenerator[StreamEvent | Reset | Truncated, None]:
         """Follow an SSE endpoint: ``"/events/stream"`` (the default), ``"/agents/stream"``,
         ``"/ingests/{id}/stream"`` (a path may carry its query), or filters for the log
         (``stream``, ``source_id``, ``event``; ``agent_name`` follows ``/agents/stream``).
@@ -151,7 +173,10 @@ class ActivityClient:
         yielded. When the server says the resume point is past its log's head, a
         :class:`Reset` is yielded and the stream goes on from that head. Ends when the server
         answers 204 (an ingest stream resumed after its ``complete``); raises
-        :class:`ActivityError` on any other refusal (400, 401, 404).
+        :class:`ActivityError` on any other refusal (400, 401, 404). Events the server's
+        retention removed from where the stream reads are named in a warning logged, or,
+        given ``report_truncated``, by a :class:`Truncated` yielded before the events that
+        follow them.
         """
         path, params = _stream_target(path_or_filters)
         return follow_stream(
@@ -162,6 +187,7 @@ class ActivityClient:
             headers=self._headers,
             max_delay=self.max_delay,
             idle_timeout=self.idle_timeout,
+            report_truncated=report_truncated,
         )
 
     # -- ingests ----------------------------------------------------------------------------

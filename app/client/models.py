@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["ActivityError", "Envelope", "Reset", "StreamEvent"]
+__all__ = ["ActivityError", "Envelope", "Reset", "StreamEvent", "Truncated"]
 
 
 class ActivityError(Exception):
@@ -77,6 +77,18 @@ class Reset(msgspec.Struct, frozen=True):
     events, even where they repeat numbers seen before."""
 
     head: int
+
+
+class Truncated(msgspec.Struct, frozen=True):
+    """Events the stream would have delivered were removed from the server's log by its
+    retention rules: ``count`` of them in positions ``first``..``last``, kept in the archive
+    segment ``segment`` (``export --include-archives`` reads them). The stream goes on with
+    the events the log kept."""
+
+    first: int
+    last: int
+    count: int
+    segment: str
 
 
 class Envelope(msgspec.Struct, frozen=True):

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import httpx
 import msgspec
 
-from app.client.models import ActivityError, Reset, StreamEvent
+from app.client.models import ActivityError, Reset, StreamEvent, Truncated
 
 __all__ = ["Backoff", "SseFrame", "SseParser", "error_from", "follow_stream"]
 
@@ -124,7 +124,8 @@ async def follow_stream(
     headers: Mapping[str, str],
     max_delay: float,
     idle_timeout: float | None,
-) -> AsyncGenerator[StreamEvent | Reset, None]:
+    report_truncated: bool = False,
+) -> AsyncGenerator[StreamEvent | Reset | Truncated, None]:
     """Follow an SSE endpoint across drops, restarts and silent connections (see
     :meth:`app.client.ActivityClient.stream`)."""
     last = last_event_id
@@ -176,6 +177,20 @@ async def follow_stream(
                                 head = int(_decode(frame.data)["head"])
                                 last = head
                                 yield Reset(head)
+                            elif frame.event == "truncated":
+                                gone = msgspec.convert(_decode(frame.data), Truncated)
+                                if report_truncated:
+                                    yield gone
+                                else:
+                                    logger.warning(
+                                        "%s: %d events in positions %d-%d were removed by the "
+                                        "server's retention; they are in archive segment %s",
+                                        path,
+                                        gone.count,
+                                        gone.first,
+                                        gone.last,
+                                        gone.segment,
+                                    )
                             continue
                         previous_beat = None
                         if not (frame.id.isascii() and frame.id.isdigit()):

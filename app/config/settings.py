@@ -18,6 +18,7 @@ import msgspec
 from sqlalchemy.exc import ArgumentError
 
 from app.backends import check_database
+from app.config.retention import RetentionRule, parse_rule
 
 __all__ = [
     "AgentSettings",
@@ -26,6 +27,7 @@ __all__ = [
     "DatabaseSettings",
     "IngestSettings",
     "LimitsSettings",
+    "RetentionSettings",
     "SecuritySettings",
     "ServerSettings",
     "Settings",
@@ -144,6 +146,29 @@ class AgentSettings(msgspec.Struct, frozen=True):
     run_concurrency: int = 2
 
 
+class RetentionSettings(msgspec.Struct, frozen=True):
+    # STREAM[/EVENT]=AGE rules (app/config/retention.py); none: every event is kept.
+    rules: tuple[str, ...] = ()
+    # Where expired events are archived (segments and their manifests) before they are
+    # removed from the table.
+    archive_dir: str = "./data/log-archive"
+    # How often the rules are applied.
+    interval_seconds: float = 60.0
+    # Events archived per segment (one file, one manifest).
+    batch_events: int = 10_000
+    # A segment's rows are removed this many at a time, each few in a short transaction of
+    # the log's writer: appends wait for one of them at most.
+    delete_rows: int = 100
+    # A projection snapshot is taken once its checkpoint has moved this many events past its
+    # newest snapshot (and after a purge removed events it has folded); 0: only on demand.
+    snapshot_every_events: int = 100_000
+    # Snapshots kept per projection, newest first.
+    snapshots_kept: int = 3
+
+    def parsed_rules(self) -> list[RetentionRule]:
+        return [parse_rule(rule) for rule in self.rules]
+
+
 class AuditSettings(msgspec.Struct, frozen=True):
     # The Ed25519 key checkpoints are signed with (app/audit/keys.py says the forms); none:
     # no checkpoints are written.
@@ -160,6 +185,7 @@ class Settings(msgspec.Struct, frozen=True):
     agents: AgentSettings = msgspec.field(default_factory=AgentSettings)
     security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    retention: RetentionSettings = msgspec.field(default_factory=RetentionSettings)
     audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
 
 
@@ -210,6 +236,13 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "REQUEST_MAX_BODY_BYTES": ("limits", "max_body_bytes"),
     "EVENT_MAX_PAYLOAD_BYTES": ("limits", "max_payload_bytes"),
     "SSE_MAX_CONNECTIONS": ("limits", "sse_max_connections"),
+    "RETENTION_RULES": ("retention", "rules"),
+    "LOG_ARCHIVE_DIR": ("retention", "archive_dir"),
+    "RETENTION_INTERVAL_SECONDS": ("retention", "interval_seconds"),
+    "RETENTION_BATCH_EVENTS": ("retention", "batch_events"),
+    "RETENTION_DELETE_ROWS": ("retention", "delete_rows"),
+    "SNAPSHOT_EVERY_EVENTS": ("retention", "snapshot_every_events"),
+    "SNAPSHOTS_KEPT": ("retention", "snapshots_kept"),
     "AUDIT_SIGNING_KEY": ("audit", "signing_key"),
     "AUDIT_CHECKPOINT_SECONDS": ("audit", "checkpoint_seconds"),
 }
@@ -221,6 +254,7 @@ _LIST_FIELDS = {
     "READ_TOKENS",
     "CORS_ORIGINS",
     "CORS_ALLOW_ORIGINS",
+    "RETENTION_RULES",
 }
 
 # A token travels in an Authorization header or a query string: printable ASCII, no blanks.
@@ -323,12 +357,39 @@ def _check(settings: Settings) -> None:
     if not (math.isfinite(busy) and busy >= 0):
         raise SettingsError(f"SQLITE_BUSY_TIMEOUT_SECONDS must be 0 or more seconds, got {busy}")
     _check_security(settings.security)
+    _check_retention(settings.retention)
     _check_audit(settings.audit)
     limits = settings.limits
     for name, value, least in (
         ("REQUEST_MAX_BODY_BYTES", limits.max_body_bytes, 1024),
         ("EVENT_MAX_PAYLOAD_BYTES", limits.max_payload_bytes, 256),
         ("SSE_MAX_CONNECTIONS", limits.sse_max_connections, 1),
+    ):
+        if value < least:
+            raise SettingsError(f"{name} must be at least {least}, got {value}")
+
+
+def _check_retention(retention: RetentionSettings) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for text in retention.rules:
+        try:
+            rule = parse_rule(text)
+        except ValueError as exc:
+            raise SettingsError(f"RETENTION_RULES: {exc}") from None
+        key = (rule.stream, rule.event)
+        if key in seen:
+            raise SettingsError(f"RETENTION_RULES: {text!r} and {seen[key]!r} name the same events")
+        seen[key] = text
+    seconds = retention.interval_seconds
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SettingsError(
+            f"RETENTION_INTERVAL_SECONDS must be a number of seconds greater than 0, got {seconds}"
+        )
+    for name, value, least in (
+        ("RETENTION_BATCH_EVENTS", retention.batch_events, 1),
+        ("RETENTION_DELETE_ROWS", retention.delete_rows, 1),
+        ("SNAPSHOT_EVERY_EVENTS", retention.snapshot_every_events, 0),
+        ("SNAPSHOTS_KEPT", retention.snapshots_kept, 1),
     ):
         if value < least:
             raise SettingsError(f"{name} must be at least {least}, got {value}")

@@ -7,12 +7,12 @@ over the final name, so a reader (or a crash) sees the old file or the new one, 
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import msgspec
+
+from app.runtime.files import write_atomically
 
 __all__ = ["Archive"]
 
@@ -50,46 +50,15 @@ class Archive:
         """Write ``value`` as indented JSON (msgspec: structs, datetimes, … as usual)."""
         target = self.path(relative)
         data = msgspec.json.format(msgspec.json.encode(value), indent=_JSON_INDENT) + b"\n"
-        await asyncio.to_thread(_write_atomically, target, data)
+        await asyncio.to_thread(write_atomically, target, data)
         return target
 
     async def write_text(self, relative: str, text: str) -> Path:
         target = self.path(relative)
-        await asyncio.to_thread(_write_atomically, target, text.encode("utf-8"))
+        await asyncio.to_thread(write_atomically, target, text.encode("utf-8"))
         return target
 
     async def write_bytes(self, relative: str, data: bytes) -> Path:
         target = self.path(relative)
-        await asyncio.to_thread(_write_atomically, target, data)
+        await asyncio.to_thread(write_atomically, target, data)
         return target
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    directory = target.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    # O_EXCL: never write through a name someone else created; 0o666 lets the umask decide.
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    # The rename itself lives in the directory: without this a crash may forget it.
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -7,7 +7,7 @@ from app.eventlog.filters import EventFilter
 from app.eventlog.imports import ImportRefused, ImportResult, import_events
 from app.eventlog.notify import LogEntry, LogFeed
 from app.eventlog.store import EventStore, Page
-from app.eventlog.tail import replay_then_tail
+from app.eventlog.tail import Truncated, replay_then_tail
 from app.events import (
     AppendError,
     AppendResult,
@@ -38,6 +38,7 @@ __all__ = [
     "LogUnavailable",
     "NewEvent",
     "Page",
+    "Truncated",
     "VersionConflict",
     "canonical_decoded",
     "canonical_payload",

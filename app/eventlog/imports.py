@@ -87,7 +87,8 @@ class _Checks:
         if event.version != expected:
             raise ImportRefused(
                 f"{where}: {event.stream}/{event.source_id} has version {event.version} where "
-                f"{expected} was expected (versions count from 1 without gaps)"
+                f"{expected} was expected (versions count from 1 without gaps; an export of a log "
+                "that retention has trimmed is whole only with --include-archives)"
             )
         self._versions[key] = expected
         self.count += 1

@@ -311,9 +311,21 @@ class LogFeed:
     def wake(self) -> None:
         self._wake.set()
 
+    def forget_through(self, position: int) -> None:
+        """Drop the entries up to ``position`` (retention removed events among them from the
+        table): readers that far back read the table, and hear what it no longer holds."""
+        ring = self._ring
+        while ring and ring[0].position <= position:
+            self._bytes -= _cost(ring.popleft().event)
+
     def _extend(self, events: Sequence[Event]) -> None:
         ring = self._ring
         for event in events:
+            if ring and event.position != ring[-1].position + 1:
+                # The ring's positions are contiguous (entries_after counts on it): after a
+                # gap retention left in the table, it starts again.
+                ring.clear()
+                self._bytes = 0
             ring.append(LogEntry(event))
             self._bytes += _cost(event)
         while len(ring) > 1 and (len(ring) > self._capacity or self._bytes > self._max_bytes):

@@ -36,13 +36,16 @@ from app.events.errors import AppendError, LogUnavailable
 from app.events.plan import AppendResult, Plan
 
 __all__ = [
+    "EVENT_COLUMNS",
     "AppendResult",
     "EventStore",
     "FramePage",
     "Page",
     "check_names",
+    "read_head",
     "read_page",
     "rows_within",
+    "to_event",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,10 @@ _COLUMNS = (
     events.c.timestamp,
     events.c.payload,
 )
+
+
+#: An event's columns, in :class:`Event`'s order (what :func:`to_event` takes).
+EVENT_COLUMNS = _COLUMNS
 
 
 class Page(NamedTuple):
@@ -124,7 +131,8 @@ def check_names(event: NewEvent | Event) -> None:
     _valid.add(key)
 
 
-async def _head(connection: AsyncConnection) -> int:
+async def read_head(connection: AsyncConnection) -> int:
+    """The highest committed position (0 for an empty log), read on ``connection``."""
     result = await connection.execute(select(func.coalesce(func.max(events.c.position), 0)))
     return int(result.scalar_one())
 
@@ -143,6 +151,10 @@ def _to_event(row: Sequence[Any]) -> Event:
     return Event(
         position, stream, source_id, version, event, event_id, timestamp, msgspec.Raw(payload)
     )
+
+
+#: A row of :data:`EVENT_COLUMNS` as an event.
+to_event = _to_event
 
 
 def page_query(
@@ -173,7 +185,7 @@ async def read_page(
     event_filter = event_filter or EventFilter()
     # The head first: every row at or below it is committed (commit order is position order),
     # so a short page can say "scanned up to the head" and the next read starts there.
-    head = await _head(connection)
+    head = await read_head(connection)
     if after >= head:
         return Page([], after, head)
     query = page_query(after, head, event_filter, limit)
@@ -195,7 +207,7 @@ async def read_frame_page(
     events table's columns) and not its event. The filter must need no check on the rows
     (not :attr:`EventFilter.rechecked`)."""
     assert not event_filter.rechecked, "a frame page cannot be checked in Python"
-    head = await _head(connection)
+    head = await read_head(connection)
     if after >= head:
         return FramePage(b"", 0, after, head)
     query = page_query(after, head, event_filter, limit, (events.c.position, frame))
@@ -432,9 +444,13 @@ class EventStore:
         task.add_done_callback(self._reads.discard)
         return await asyncio.shield(task)
 
+    async def read_with(self, read: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """``read`` on a pooled connection, run to its end even if the caller is cancelled."""
+        return await self._read_to_the_end(read)
+
     async def head(self) -> int:
         """The highest committed position (0 for an empty log)."""
-        return await self._read_to_the_end(_head)
+        return await self._read_to_the_end(read_head)
 
     async def read_after(
         self, after: int, event_filter: EventFilter | None = None, limit: int = 1000

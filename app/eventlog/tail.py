@@ -5,21 +5,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import overload
+from typing import Literal, NamedTuple, overload
 
 from sqlalchemy import ColumnElement
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.eventlog.archives import Segment, list_segments, segment_may_match
 from app.eventlog.filters import EventFilter
 from app.eventlog.notify import LogEntry
 from app.eventlog.store import EventStore, FramePage, Page, rows_within
 
-__all__ = ["replay_then_tail"]
+__all__ = ["Truncated", "archived_within", "replay_then_tail"]
 
 logger = logging.getLogger(__name__)
 
 PAGE_BYTES = 1024 * 1024
 FIRST_PAGE = 100
+
+
+class Truncated(NamedTuple):
+    """Events the reader has not had were removed by retention: they are in these archive
+    segments (by first position). The events that follow are the oldest retained ones."""
+
+    segments: list[Segment]
 
 
 @overload
@@ -31,6 +40,7 @@ def replay_then_tail(
     idle_timeout: float | None = None,
     chunk: int = 4000,
     frame: None = None,
+    report_truncated: Literal[False] = False,
 ) -> AsyncIterator[list[LogEntry]]: ...
 
 
@@ -42,8 +52,22 @@ def replay_then_tail(
     *,
     idle_timeout: float | None = None,
     chunk: int = 4000,
+    frame: None = None,
+    report_truncated: Literal[True],
+) -> AsyncIterator[list[LogEntry] | Truncated]: ...
+
+
+@overload
+def replay_then_tail(
+    store: EventStore,
+    after: int,
+    event_filter: EventFilter | None = None,
+    *,
+    idle_timeout: float | None = None,
+    chunk: int = 4000,
     frame: ColumnElement[str] | None,
-) -> AsyncIterator[list[LogEntry] | FramePage]: ...
+    report_truncated: bool = False,
+) -> AsyncIterator[list[LogEntry] | FramePage | Truncated]: ...
 
 
 async def replay_then_tail(
@@ -54,7 +78,8 @@ async def replay_then_tail(
     idle_timeout: float | None = None,
     chunk: int = 4000,
     frame: ColumnElement[str] | None = None,
-) -> AsyncIterator[list[LogEntry] | FramePage]:
+    report_truncated: bool = False,
+) -> AsyncIterator[list[LogEntry] | FramePage | Truncated]:
     """Yield lists of matching entries with positions above ``after``, in position order.
 
     Reads the table until caught up with the feed's window, then takes entries from the
@@ -65,6 +90,12 @@ async def replay_then_tail(
     Given ``frame`` (a SQL expression for an event's frame), the pages read from the table
     come as :class:`FramePage` where the store can build them (:meth:`EventStore.
     frames_from_rows`), in place of lists of entries.
+
+    Given ``report_truncated``, a page read from the table that reaches into events
+    retention removed (and this reader did not have) is preceded by a :class:`Truncated`
+    naming the archive segments holding them. The segments are looked up after the page is
+    read: the rows and the segment's record go in one transaction, so a page that misses
+    rows is always followed by the segment holding them.
     """
     event_filter = event_filter or EventFilter()
     unfiltered = event_filter.is_empty
@@ -90,6 +121,7 @@ async def replay_then_tail(
     # database's side, or SQLite's thread, alongside): a replay does not wait for each read.
     ahead: asyncio.Future[Page | FramePage] | None = None
     ahead_after = -1
+    announced: set[str] = set()
     try:
         last = after
         while True:
@@ -112,6 +144,10 @@ async def replay_then_tail(
                 finally:
                     _dropped(ahead)
                     ahead = None
+                if report_truncated and page.scanned_to > last:
+                    gone = await _archived(store, last, page.scanned_to, event_filter, announced)
+                    if gone:
+                        yield Truncated(gone)
                 last = max(last, page.scanned_to)
                 more = page.scanned_to < page.head
                 count = page.frame_count if isinstance(page, FramePage) else len(page.events)
@@ -142,6 +178,37 @@ async def replay_then_tail(
     finally:
         _dropped(ahead)
         feed.unsubscribe(subscription)
+
+
+async def archived_within(
+    store: EventStore, after: int, through: int, event_filter: EventFilter
+) -> list[Segment]:
+    """The archive segments holding events in ``(after, through]`` that ``event_filter``
+    may want, by first position."""
+    if through <= after:
+        return []
+
+    async def read(connection: AsyncConnection) -> list[Segment]:
+        return await list_segments(connection, after, through)
+
+    return [
+        segment
+        for segment in await store.read_with(read)
+        if segment_may_match(segment, event_filter)
+    ]
+
+
+async def _archived(
+    store: EventStore, after: int, through: int, event_filter: EventFilter, announced: set[str]
+) -> list[Segment]:
+    """As :func:`archived_within`, less the segments already ``announced`` (then added)."""
+    found = [
+        segment
+        for segment in await archived_within(store, after, through, event_filter)
+        if segment.name not in announced
+    ]
+    announced.update(segment.name for segment in found)
+    return found
 
 
 def _dropped(ahead: asyncio.Future[Page | FramePage] | None) -> None:

@@ -23,17 +23,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
 from sqlalchemy import bindparam, delete, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.backends import GuardedWrite, upsert, write_transaction
 from app.eventlog import EventFilter, EventStore
-from app.eventlog.store import Page, read_page, rows_within
+from app.eventlog.archives import history
+from app.eventlog.store import Page, read_head, read_page, rows_within
 from app.events.envelope import utc_now
 from app.projections.base import Projection, checkpoints
 from app.projections.deferred import DeferredWrites, compile_write
+from app.projections.snapshots import newest_snapshot, restore_snapshot
 from app.runtime.background import Background
 
 __all__ = ["ProjectionRunner", "UnknownProjection"]
@@ -395,37 +398,68 @@ class ProjectionRunner:
             self._hurry.set()
             await asyncio.wait((self._advanced,), timeout=min(remaining, 0.05))
 
-    async def rebuild(self, name: str) -> int:
-        """Empty the projection and fold the whole log again, in one transaction: readers see
-        the old rows until the new ones are complete."""
-        return (await self.rebuild_together([name]))[name]
+    async def rebuild(self, name: str, **options: Any) -> int:
+        """Rebuild one projection (see :meth:`rebuild_together`)."""
+        return (await self.rebuild_together([name], **options))[name]
 
-    async def rebuild_together(self, names: Sequence[str]) -> dict[str, int]:
-        """Rebuild the named projections in one transaction, sharing each read of the log
-        (see :meth:`_read_pages`); returns each one's checkpoint."""
+    async def rebuild_together(
+        self,
+        names: Sequence[str],
+        *,
+        archive_dir: Path | None = None,
+        from_snapshots: bool = True,
+    ) -> dict[str, int]:
+        """Rebuild the named projections in one transaction, sharing each read of the log;
+        readers see the old rows until the new ones are complete. Returns each one's
+        checkpoint.
+
+        Each starts from its newest snapshot (``from_snapshots``), or from nothing, and folds
+        every event after it: from the table, and from the archive segments under
+        ``archive_dir`` where retention removed events from the table
+        (:func:`app.eventlog.archives.history`). Raises ArchiveDamaged, nothing changed, if a
+        segment it needs is missing or damaged.
+        """
         chosen = [self.get(name) for name in sorted(set(names))]
+        directory = Path(archive_dir) if archive_dir is not None else Path(".")
         await self._ensure_checkpoints()
         async with self._engine.connect() as connection:
             connection = await write_transaction(connection)
             async with connection.begin():
                 # Locked in name order, as every step locks them.
                 await _read_checkpoints(connection, chosen, for_update=True)
+                head = await read_head(connection)
+                positions: dict[str, int] = {}
                 for projection in chosen:
                     for table in projection.tables:
                         await connection.execute(delete(table))
-                positions = {projection.name: 0 for projection in chosen}
-                pending = chosen
-                while pending:
-                    pages = await self._read_pages(connection, pending, positions)
-                    following = []
-                    for projection in pending:
-                        name = projection.name
-                        positions[name], more = await _apply_page(
-                            connection, projection, positions[name], pages[name]
-                        )
-                        if more:
-                            following.append(projection)
-                    pending = following
+                    snapshot = (
+                        await newest_snapshot(connection, projection.name, through=head)
+                        if from_snapshots
+                        else None
+                    )
+                    if snapshot is not None:
+                        await restore_snapshot(connection, projection, snapshot)
+                    positions[projection.name] = 0 if snapshot is None else snapshot.position
+                by_position: dict[int, list[Projection]] = {}
+                for projection in chosen:
+                    by_position.setdefault(positions[projection.name], []).append(projection)
+                for position, together in sorted(by_position.items()):
+                    # Shared pages as large as the projections' pages together, within the
+                    # byte bound.
+                    rows = min(self._batch_size * len(together), self._page_rows)
+                    async for found in history(
+                        connection, directory, position, EventFilter(), through=head, page=rows
+                    ):
+                        for projection in together:
+                            wanted = projection.source_filter
+                            mine = (
+                                found
+                                if wanted.is_empty
+                                else [event for event in found if wanted.matches(event)]
+                            )
+                            if mine:
+                                await projection.apply(connection, mine)
+                positions = {name: max(head, at) for name, at in positions.items()}
                 await _move_checkpoints(connection, positions)
         self._positions.update(positions)
         return positions

@@ -24,6 +24,7 @@ from app.ingest.service import IngestJobs, IngestService
 from app.jobs import JobRunner, Leases, new_instance_id
 from app.observability import log_context
 from app.projections import ProjectionRunner, all_projections
+from app.runtime.maintenance import LogMaintenance
 
 __all__ = ["Services", "open_services"]
 
@@ -49,6 +50,7 @@ class Services:
     tracker: ActivityTracker
     runs: AgentRuns
     watchdog: StalledWatchdog
+    maintenance: LogMaintenance
     instance: str
     #: Appends signed checkpoints of the chain; None without AUDIT_SIGNING_KEY.
     checkpoints: CheckpointWriter | None = None
@@ -118,11 +120,17 @@ async def open_services(
         watchdog = StalledWatchdog(
             engine, store, projections, heartbeat_seconds=settings.server.heartbeat_seconds
         )
+        # Long enough for a purge's batch and the snapshots after it; renewed per batch.
+        maintenance = LogMaintenance(
+            store, projections, Leases(engine, instance, 300.0), settings.retention
+        )
         if run_jobs:
             jobs.start()
             watchdog.start()
+            maintenance.start()
         stack.push_async_callback(jobs.close)
         stack.push_async_callback(watchdog.close)
+        stack.push_async_callback(maintenance.close)
         checkpoints = None
         if settings.audit.signing_key is not None:
             checkpoints = CheckpointWriter(
@@ -146,6 +154,7 @@ async def open_services(
             tracker=tracker,
             runs=runs,
             watchdog=watchdog,
+            maintenance=maintenance,
             instance=instance,
             checkpoints=checkpoints,
         )

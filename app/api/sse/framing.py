@@ -17,7 +17,7 @@ from litestar.exceptions import ClientException
 from sqlalchemy import ColumnElement
 
 from app.backends import Backend
-from app.eventlog import EventFilter, EventStore, LogEntry, replay_then_tail
+from app.eventlog import EventFilter, EventStore, LogEntry, Truncated, replay_then_tail
 from app.eventlog.store import FramePage
 from app.eventlog.tables import MAX_POSITION, events
 from app.events.envelope import encode_event, format_timestamp
@@ -164,7 +164,9 @@ async def event_stream(
     stop: Callable[[LogEntry], bool] | None = None,
 ) -> AsyncIterator[bytes]:
     """The body of an SSE response: ``retry``, optional ``reset``, replay, then live frames
-    with heartbeats. Ends after an entry for which ``stop`` is true."""
+    with heartbeats; a ``truncated`` frame (no id) before a replay reaches into events
+    retention removed, naming their range and archive segment. Ends after an entry for
+    which ``stop`` is true."""
     yield b"retry: %d\n\n" % retry_ms
     start = 0 if after is None else after
     # The feed's head is a committed position, so at or below the table's: a client resuming
@@ -178,8 +180,18 @@ async def event_stream(
     # look at its entries (a stop) and the frames are known to SQL.
     frame = sql_frames(store.backend).get(build) if stop is None else None
     async for entries in replay_then_tail(
-        store, start, event_filter, idle_timeout=heartbeat_seconds, frame=frame
+        store,
+        start,
+        event_filter,
+        idle_timeout=heartbeat_seconds,
+        frame=frame,
+        report_truncated=True,
     ):
+        if isinstance(entries, Truncated):
+            # Never a silent skip: what retention removed is named, with where it is kept.
+            for segment in entries.segments:
+                yield control_frame("truncated", segment.describe())
+            continue
         if isinstance(entries, FramePage):
             frames = entries.frames
             del entries

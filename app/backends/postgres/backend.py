@@ -53,6 +53,14 @@ class PostgresBackend(Backend):
     def listener(self, on_head: Callable[[int], None]) -> Listener:
         return PostgresListener(postgres_dsn(self.url), NOTIFY_CHANNEL, on_head)
 
+    async def snapshot_transaction(self, connection: AsyncConnection) -> AsyncConnection:
+        # READ COMMITTED takes a new snapshot per statement.
+        return await connection.execution_options(isolation_level="REPEATABLE READ")
+
+    async def database_bytes(self, connection: AsyncConnection) -> int | None:
+        result = await connection.execute(text("SELECT pg_database_size(current_database())"))
+        return int(result.scalar_one())
+
     async def lock_log(self, connection: AsyncConnection) -> None:
         await connection.execute(
             text("SELECT pg_advisory_xact_lock(:key)"), {"key": APPEND_LOCK_KEY}

@@ -85,6 +85,18 @@ class SqliteBackend(Backend):
             raise ValueError(f"SQLITE_APPENDER must be {choices}, got {settings.sqlite_appender!r}")
         return kind
 
+    async def snapshot_transaction(self, connection: AsyncConnection) -> AsyncConnection:
+        # A deferred transaction in WAL mode reads one snapshot from its first read on.
+        return connection
+
+    async def database_bytes(self, connection: AsyncConnection) -> int | None:
+        path = self.path
+        return sum(
+            candidate.stat().st_size
+            for candidate in (path, path.with_name(path.name + "-wal"))
+            if candidate.exists()
+        )
+
     async def write_transaction(self, connection: AsyncConnection) -> AsyncConnection:
         # A transaction that reads first and writes later would fail with SQLITE_BUSY on a
         # lock another writer took in between, instead of waiting for it: take it at BEGIN.
