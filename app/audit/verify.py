@@ -10,9 +10,10 @@ to match an edit still verifies only up to a signed checkpoint (see
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -92,33 +93,101 @@ def verify_history(
     segments: Iterable[ArchivedRange] = (),
     checkpoints: Iterable[Checkpointed] = (),
 ) -> Verified | Broken:
-    """Recompute the chain over ``segments`` then ``rows`` (both in position order); the
-    first break, or what was verified. Each of ``checkpoints`` must meet the recomputed
-    chain value at its position."""
+    """Recompute the chain over the events of ``segments`` and ``rows`` together, in position
+    order (retention archives some events and keeps others between them, so the two
+    interleave); the first break, or what was verified. Each of ``checkpoints`` must meet
+    the recomputed chain value at its position."""
     state = _State(sorted(checkpoints))
-    for segment in segments:
-        broken = _verify_segment(state, segment)
-        if broken is not None:
-            return broken
-    table = iter(rows)
-    for row in table:
-        event = row.event
-        if event.position < state.expected:
-            continue  # also in a segment, verified there: its purge has not removed it yet
-        if event.position > state.expected:
+    ranges = list(segments)
+    seen = dict.fromkeys((segment.name for segment in ranges), 0)
+    # Events verified before each segment's first: what a tampered segment leaves verified.
+    before: dict[str, int] = {}
+    history = heapq.merge(
+        *(_archived(segment) for segment in ranges), _table(rows), key=lambda item: item[:2]
+    )
+    for position, _, item in history:
+        if isinstance(item, ArchivedRange):  # a segment that cannot be read
+            return _tampered(item, item.problem or "", state.count)
+        if position < state.expected:
+            continue  # archived and not removed yet: verified once, from its segment
+        if position > state.expected:
+            covering = [r.name for r in ranges if r.first <= state.expected <= r.last]
+            where = f"; within the range of {', '.join(covering)}" if covering else ""
             return state.broken(
                 state.expected,
                 "deleted rows",
-                f"positions {state.expected}-{event.position - 1} are missing "
-                f"(the next event is at {event.position})",
+                f"positions {state.expected}-{position - 1} are missing "
+                f"(the next event is at {position}{where})",
             )
-        computed = event_chain(state.chain, event)
-        if row.chain != computed:
-            return _classify(state, row, computed, table)
-        broken = state.advance(event.position, computed)
+        if isinstance(item, ChainedEvent):
+            computed = event_chain(state.chain, item.event)
+            if item.chain != computed:
+                return _classify(state, item, computed, history)
+        else:
+            event, segment = item
+            computed = event_chain(state.chain, event)
+            count = seen[segment.name] = seen[segment.name] + 1
+            if count == 1:
+                before[segment.name] = state.count
+            problem = _segment_problem(segment, event, count, computed)
+            if problem is not None:
+                return _tampered(segment, problem, before[segment.name])
+        broken = state.advance(position, computed)
         if broken is not None:
             return broken
+    for segment in ranges:
+        if seen[segment.name] != segment.size:
+            return _tampered(
+                segment,
+                f"holds {seen[segment.name]} events; its manifest says {segment.size}",
+                before.get(segment.name, state.count),
+            )
     return state.finish()
+
+
+# Sorted by (position, rank): a segment that cannot be read before the events at its first
+# position, an archived event before the same event still in the table.
+_DAMAGED, _ARCHIVED, _ROW = 0, 1, 2
+
+
+def _table(rows: Iterable[ChainedEvent]) -> Iterator[tuple[int, int, ChainedEvent]]:
+    for row in rows:
+        yield row.event.position, _ROW, row
+
+
+def _archived(
+    segment: ArchivedRange,
+) -> Iterator[tuple[int, int, tuple[Event, ArchivedRange] | ArchivedRange]]:
+    if segment.problem is not None:
+        yield segment.first, _DAMAGED, segment
+        return
+    try:
+        for event in segment.events():
+            yield event.position, _ARCHIVED, (event, segment)
+    except (OSError, EOFError, ValueError, msgspec.MsgspecError) as exc:
+        yield segment.first, _DAMAGED, segment._replace(problem=f"cannot be read: {exc}")
+
+
+def _segment_problem(
+    segment: ArchivedRange, event: Event, count: int, computed: bytes
+) -> str | None:
+    if not segment.first <= event.position <= segment.last:
+        return f"holds position {event.position}, outside {segment.first}-{segment.last}"
+    if count == 1 and (
+        event.position != segment.first or segment.first_chain not in (None, computed)
+    ):
+        return "its first event does not give the chain value its manifest holds"
+    if event.position == segment.last:
+        if count != segment.size:
+            return f"holds {count} events up to its last; its manifest says {segment.size}"
+        if segment.last_chain not in (None, computed):
+            return "its events do not give the chain value its manifest holds at its end"
+    return None
+
+
+def _tampered(segment: ArchivedRange, detail: str, verified: int) -> Broken:
+    # Nothing from it counts as verified: its events carry no chain values of their own.
+    return Broken(segment.first, "tampered segment", f"{segment.name}: {detail}", verified)
 
 
 class _State:
@@ -157,50 +226,8 @@ class _State:
         return Verified(self.count, self.expected - 1, self.chain)
 
 
-def _verify_segment(state: _State, segment: ArchivedRange) -> Broken | None:
-    before = state.count
-
-    def tampered(detail: str) -> Broken:
-        # Nothing in it counts as verified: its events carry no chain values of their own.
-        return Broken(segment.first, "tampered segment", f"{segment.name}: {detail}", before)
-
-    if segment.problem is not None:
-        return tampered(segment.problem)
-    if segment.first > state.expected:
-        return state.broken(
-            state.expected,
-            "deleted rows",
-            f"positions {state.expected}-{segment.first - 1} are in no segment "
-            f"(the next segment, {segment.name}, starts at {segment.first})",
-        )
-    count = 0
-    try:
-        for event in segment.events():
-            if event.position != state.expected:
-                return tampered(
-                    f"holds position {event.position} where {state.expected} comes next"
-                )
-            computed = event_chain(state.chain, event)
-            if count == 0 and segment.first_chain not in (None, computed):
-                return tampered("its first event does not give the chain value its manifest holds")
-            count += 1
-            broken = state.advance(event.position, computed)
-            if broken is not None:
-                return broken
-    except (OSError, EOFError, ValueError, msgspec.MsgspecError) as exc:
-        return tampered(f"cannot be read: {exc}")
-    if count != segment.size or state.expected - 1 != segment.last:
-        return tampered(
-            f"holds {count} events up to position {state.expected - 1}; its manifest says "
-            f"{segment.size} up to {segment.last}"
-        )
-    if segment.last_chain is not None and state.chain != segment.last_chain:
-        return tampered("its events do not give the chain value its manifest holds at its end")
-    return None
-
-
 def _classify(
-    state: _State, row: ChainedEvent, computed: bytes, table: Iterator[ChainedEvent]
+    state: _State, row: ChainedEvent, computed: bytes, history: Iterator[tuple[int, int, Any]]
 ) -> Broken:
     """How the row at ``state.expected`` broke the chain, from the rows after it."""
     position = state.expected
@@ -211,7 +238,9 @@ def _classify(
             "the row holds none (appended with AUDIT_CHAIN=0; an append with the chain on "
             "fills it in)",
         )
-    following = list(islice(table, LOOKAHEAD))
+    following = [
+        item for _, _, item in islice(history, LOOKAHEAD) if isinstance(item, ChainedEvent)
+    ]
     for later in following:
         # Would the later row's event, at this position, give a chain value found here (its
         # content moved without its chain value) or on that row (both moved)?
@@ -223,7 +252,11 @@ def _classify(
                 f"the event now at position {later.event.position} was written at {position}",
             )
     after = following[0] if following else None
-    if after is None or event_chain(row.chain, after.event) == after.chain:
+    if (
+        after is None
+        or after.event.position != position + 1
+        or event_chain(row.chain, after.event) == after.chain
+    ):
         detail = "its content does not give the chain value it holds"
     else:
         detail = "neither its content nor its chain value follow from the row before it"

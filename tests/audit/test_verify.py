@@ -293,6 +293,11 @@ async def test_segments_and_the_table_verify_as_one_history(real_log: str, tmp_p
     assert found == Verified(LOGGED, LOGGED, rows[-1].chain)
     # Rows a purge has archived but not yet removed are in both: verified once.
     assert verify_history(rows[30:], segments=segments) == found
+    # Retention archives some events and keeps those between them: the two interleave.
+    odd = [r for r in rows if r.event.position % 2 and r.event.position <= 40]
+    interleaved = _segment(tmp_path, [r.event for r in odd], [r.chain for r in odd])
+    kept = [r for r in rows if not (r.event.position % 2 and r.event.position <= 40)]
+    assert verify_history(kept, segments=[interleaved]) == found
     # A range in neither.
     assert verify_history(rows[36:], segments=segments) == Broken(
         36, "deleted rows", "positions 36-36 are missing (the next event is at 37)", 35
@@ -300,9 +305,7 @@ async def test_segments_and_the_table_verify_as_one_history(real_log: str, tmp_p
 
 
 @pytest.mark.parametrize("change", ["edited", "dropped", "unreadable"])
-async def test_a_tampered_segment_is_named_at_its_first_position(
-    real_log: str, tmp_path: Path, change: str
-) -> None:
+async def test_a_tampered_segment_is_named(real_log: str, tmp_path: Path, change: str) -> None:
     rows = await _rows(real_log)
     events = [r.event for r in rows[20:35]]
     if change == "edited":
@@ -320,8 +323,14 @@ async def test_a_tampered_segment_is_named_at_its_first_position(
     found = verify_history(rows[35:], segments=[first, second])
 
     assert isinstance(found, Broken)
-    assert (found.position, found.kind, found.verified) == (21, "tampered segment", 20)
-    assert found.detail.startswith(second.name)
+    if change == "dropped":
+        assert (found.position, found.kind, found.verified) == (25, "deleted rows", 24)
+        assert found.detail.endswith(
+            f"(the next event is at 26; within the range of {second.name})"
+        )
+    else:
+        assert (found.position, found.kind, found.verified) == (21, "tampered segment", 20)
+        assert found.detail.startswith(second.name)
 
 
 async def test_an_imported_log_holds_the_chain_values_its_original_held(
