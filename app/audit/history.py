@@ -1,19 +1,23 @@
-"""The table's rows with their chain values, in position order, for a verification."""
+"""The history a verification reads: the archive segments retention wrote, then the table's
+rows with their chain values, in position order."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
 
 import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.audit.verify import ChainedEvent
+from app.audit.verify import ArchivedRange, ChainedEvent
+from app.eventlog.archives import ArchiveDamaged, Segment, check_segment, read_segment
 from app.eventlog.tables import events
 from app.events.envelope import Event
 
-__all__ = ["read_chained", "table_rows"]
+__all__ = ["archived_ranges", "read_chained", "table_rows"]
 
 _COLUMNS = (
     events.c.position,
@@ -55,3 +59,28 @@ def table_rows(
         if len(rows) < page:
             return
         after = rows[-1].event.position
+
+
+def archived_ranges(directory: Path, segments: list[Segment]) -> Iterator[ArchivedRange]:
+    """``segments`` (as recorded, by first position) to verify, each file under ``directory``
+    checked against its recorded checksum as it is reached."""
+    for segment in segments:
+        try:
+            check_segment(directory, segment)
+            problem = None
+        except ArchiveDamaged as exc:
+            problem = str(exc)
+        yield ArchivedRange(
+            segment.name,
+            segment.first_position,
+            segment.last_position,
+            segment.count,
+            _chain(segment.first_chain),
+            _chain(segment.last_chain),
+            partial(read_segment, directory, segment),
+            problem,
+        )
+
+
+def _chain(value: str | None) -> bytes | None:
+    return None if value is None else bytes.fromhex(value)

@@ -39,18 +39,28 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 async def _recompute(checkpoints: list[Checkpointed]) -> Verified | Broken:
-    from app.audit.history import table_rows
+    from pathlib import Path
+
+    from app.audit.history import archived_ranges, table_rows
     from app.audit.verify import verify_history
     from app.database import create_engine
+    from app.eventlog.archives import list_segments
 
-    url = get_settings().database.url
+    settings = get_settings()
+    url = settings.database.url
     check_local_database(url)
     engine = create_engine(url, pool_size=1)
     try:
+        async with engine.connect() as connection:
+            segments = await list_segments(connection)
+        directory = Path(settings.retention.archive_dir)
         loop = asyncio.get_running_loop()
         # The recomputation is CPU work: on a thread, with the pages read on this loop.
         return await asyncio.to_thread(
-            verify_history, table_rows(engine, loop), checkpoints=checkpoints
+            verify_history,
+            table_rows(engine, loop),
+            segments=archived_ranges(directory, segments),
+            checkpoints=checkpoints,
         )
     finally:
         await engine.dispose()

@@ -346,3 +346,36 @@ async def test_an_imported_log_holds_the_chain_values_its_original_held(
         await engine.dispose()
 
     assert await _rows(copy) == original
+
+
+async def test_verify_reads_the_segments_a_purge_archived_beside_the_table(
+    database_url: str, tmp_path: Path
+) -> None:
+    archive = tmp_path / "log-archive"
+    env = {
+        "DATABASE_URL": database_url,
+        "LOG_ARCHIVE_DIR": str(archive),
+        "RETENTION_RULES": "agent/heartbeat=1s,agent=90d",
+        "RETENTION_BATCH_EVENTS": "50",
+    }
+    async with open_store(database_url) as store:
+        for round_ in range(20):
+            kind = "progress" if round_ % 5 == 0 else "heartbeat"
+            await store.append(
+                [NewEvent("agent", f"run-{n}", kind, _new("x", n).payload) for n in range(6)]
+            )
+    await asyncio.sleep(1.1)
+    purged = await run_cli("log", "purge", env=env)
+    assert purged.code == 0, purged.stderr
+    assert len(list(archive.glob("*.ndjson.gz"))) > 1
+
+    done = await run_cli("audit", "verify", env=env)
+    assert done.code == 0, done
+    assert done.stdout.startswith("verified 120 events, head 120 (chain ")
+
+    damaged = sorted(archive.glob("*.ndjson.gz"))[1]
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    done = await run_cli("audit", "verify", env=env)
+    assert done.code == 1, done
+    assert "tampered segment" in done.stdout
+    assert damaged.name in done.stdout
