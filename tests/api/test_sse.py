@@ -745,7 +745,12 @@ async def test_a_subscriber_that_stops_reading_is_dropped_without_blocking_other
 
             # The normal subscriber got everything, and keeps getting it.
             position = await post(client, "after")
-            await wait_until(lambda: received[-1] == position, 10, "the last event")
+            try:
+                await wait_until(lambda: received[-1] == position, 10, "the last event")
+            except AssertionError as missing:
+                ended = f"ended with {normal.exception()!r}" if normal.done() else "reading"
+                detail = f"event {position}: subscriber {ended}, last ids {received[-3:]}"
+                raise AssertionError(detail) from missing
             assert received == list(range(1, position + 1))
         finally:
             normal.cancel()
