@@ -179,19 +179,7 @@ def _assign(
         event_id = next(ids)
         payload = str(new.payload, "utf-8")
         if previous is not None:
-            previous = link(
-                previous,
-                canonical_bytes(
-                    position,
-                    new.stream,
-                    new.source_id,
-                    version,
-                    new.event,
-                    event_id,
-                    timestamp,
-                    payload,
-                ),
-            )
+            previous = _linked(previous, position, new, version, event_id, timestamp, payload)
         rows.append(
             _make(
                 Row,
@@ -241,19 +229,7 @@ def _plan_checked(
         payload = str(new.payload, "utf-8")
         previous = rows[-1].chain if rows else chain
         if previous is not None:
-            previous = link(
-                previous,
-                canonical_bytes(
-                    position,
-                    new.stream,
-                    new.source_id,
-                    version,
-                    new.event,
-                    event_id,
-                    timestamp,
-                    payload,
-                ),
-            )
+            previous = _linked(previous, position, new, version, event_id, timestamp, payload)
         row = Row(
             position,
             new.stream,
@@ -341,3 +317,21 @@ class VersionCache:
 
     def forget(self) -> None:
         self._head = None
+
+
+def _linked(
+    previous: bytes,
+    position: int,
+    new: NewEvent,
+    version: int,
+    event_id: str,
+    timestamp: str,
+    payload: str,
+) -> bytes:
+    """The chain value of ``new`` written at ``position`` after ``previous``."""
+    return link(
+        previous,
+        canonical_bytes(
+            position, new.stream, new.source_id, version, new.event, event_id, timestamp, payload
+        ),
+    )
