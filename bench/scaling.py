@@ -31,7 +31,9 @@ import asyncio
 import multiprocessing
 import os
 import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,7 +101,11 @@ def _single(prefix: str, n: int, origin: int) -> bytes:
 
 def _batch(prefix: str, first: int, origin: int) -> bytes:
     events = [
-        {"source_id": f"{prefix}-{n % SOURCES}", "event": "progress", "payload": _payload(n, origin)}
+        {
+            "source_id": f"{prefix}-{n % SOURCES}",
+            "event": "progress",
+            "payload": _payload(n, origin),
+        }
         for n in range(first, first + BATCH)
     ]
     return _request("/agents/events", msgspec.json.encode({"events": events}))
@@ -224,8 +230,9 @@ def _subscribe_process(
         headers = {"last-event-id": str(after)}
         async with (
             httpx.AsyncClient(timeout=timeout) as client,
-            client.stream("GET", f"http://127.0.0.1:{port}/events/stream", headers=headers) as
-            response,
+            client.stream(
+                "GET", f"http://127.0.0.1:{port}/events/stream", headers=headers
+            ) as response,
         ):
             ready.set()
             async for chunk in response.aiter_raw():
@@ -273,10 +280,10 @@ class _Child:
         self.process = context.Process(target=target, args=(theirs, *args), daemon=True)
         self.process.start()
 
-    async def receive(self, timeout: float = 120.0) -> Any:
-        ready = await asyncio.to_thread(self.conn.poll, timeout)
+    async def receive(self, seconds: float = 120.0) -> Any:
+        ready = await asyncio.to_thread(self.conn.poll, seconds)
         if not ready:
-            raise TimeoutError(f"{self.process.name} said nothing in {timeout} s")
+            raise TimeoutError(f"{self.process.name} said nothing in {seconds} s")
         answer = self.conn.recv()
         if isinstance(answer, Exception):
             raise answer
@@ -314,9 +321,7 @@ async def _saturate(
     share = [requests // CLIENT_PROCESSES] * CLIENT_PROCESSES
     share[0] += requests - sum(share)
     per_process = CONNECTIONS // CLIENT_PROCESSES
-    subscriber = (
-        _Child(_subscribe_process, ports, after, events, 300.0) if subscribed else None
-    )
+    subscriber = _Child(_subscribe_process, ports, after, events, 300.0) if subscribed else None
     clients = [_Child(_post_process, ports, per_process, kind, n) for n in share]
     try:
         if subscriber is not None:
@@ -352,9 +357,7 @@ async def _paced(
         subscriber.close()
 
 
-def _record(
-    results: Results, name: str, figure: str, latencies: list[tuple[float, bool]]
-) -> None:
+def _record(results: Results, name: str, figure: str, latencies: list[tuple[float, bool]]) -> None:
     every = [seconds for seconds, _ in latencies]
     cross = [seconds for seconds, crossed in latencies if crossed] or every
     results.add(f"{figure} p50", name, quantile(every, 0.5) * 1000)
@@ -362,13 +365,75 @@ def _record(
     results.add(f"{figure} cross p99", name, quantile(cross, 0.99) * 1000)
 
 
+def _profile(pids: list[int], directory: Path, label: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on every server process (with its native frames' Python callers), as
+    collapsed stacks, until stopped: where the time of a phase goes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--output",
+                str(directory / f"{label}-{index}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for index, pid in enumerate(pids)
+    ]
+
+
+_METRIC = re.compile(
+    r"^activity_append_(commit_seconds|batch_events)_(sum|count) ([0-9.e+-]+)$", re.MULTILINE
+)
+
+
+def _append_metrics(ports: list[int]) -> str:
+    """Per instance: transactions, their mean events and mean seconds to write and commit."""
+    cells = []
+    for port in ports:
+        found = {
+            f"{m[1]}_{m[2]}": float(m[3])
+            for m in _METRIC.finditer(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+        }
+        count = found.get("batch_events_count", 0) or 1
+        cells.append(
+            f"{found.get('batch_events_count', 0):,.0f} tx, "
+            f"{found.get('batch_events_sum', 0) / count:.1f} events/tx, "
+            f"{1000 * found.get('commit_seconds_sum', 0) / count:.2f} ms/tx"
+        )
+    return "; ".join(cells)
+
+
 async def measure(
-    results: Results, name: str, ports: list[int], args: argparse.Namespace, service: bool
+    results: Results,
+    name: str,
+    servers: tuple[list[int], list[int]],
+    args: argparse.Namespace,
+    service: bool,
 ) -> None:
-    """Every figure on servers already listening on ``ports``."""
+    """Every figure on servers already listening on ``ports`` (their process ids: ``pids``)."""
+    ports, pids = servers
     head = 0
     for kind, events in (("single", args.single), ("batch", args.batch)):
+        profilers = []
+        if args.profile and service:
+            profilers = _profile(pids, args.profile, f"{name.replace(' ', '')}-{kind}")
+            await asyncio.sleep(0.5)
         rate, latencies = await _saturate(ports, kind, events, service, head)
+        for profiler in profilers:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(30)
+        if args.profile and service:
+            print(f"  {name} {kind} appends: {_append_metrics(ports)}", file=sys.stderr)
         head += events
         results.add(kind, name, rate)
         if latencies:
@@ -410,13 +475,13 @@ async def _postgres_database() -> AsyncIterator[str]:
 @asynccontextmanager
 async def _servers(
     count: int, command: list[str], env: dict[str, str] | None
-) -> AsyncIterator[list[int]]:
+) -> AsyncIterator[tuple[list[int], list[int]]]:
     ports = [free_port() for _ in range(count)]
     processes = [start_server(command, port, env) for port in ports]
     try:
         for process, port in zip(processes, ports, strict=True):
             await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}", 90.0, process)
-        yield ports
+        yield ports, [process.pid for process in processes]
     finally:
         for process in processes:
             stop_server(process)
@@ -517,6 +582,12 @@ def main() -> None:
     parser.add_argument("--paced-seconds", type=float, default=10.0)
     parser.add_argument(
         "--instances", default="1,2,3", help="PostgreSQL instance counts (default 1,2,3)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="record py-spy profiles of every service process here (and print append metrics)",
     )
     parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for every service instance"

@@ -301,6 +301,11 @@ class VersionCache:
         known = {key: self._versions[key] for key in keys if key in self._versions}
         return known, [key for key in keys if key not in known]
 
+    def holds(self, key: SourceKey) -> bool:
+        """Whether ``key``'s version is cached (good only if the head is still the one this
+        appender committed: see :meth:`begin`)."""
+        return key in self._versions
+
     def chain_at(self, head: int) -> bytes | None:
         """The chain value at ``head`` if this appender committed it, else None (read it)."""
         return self._chain if head == self._head else None

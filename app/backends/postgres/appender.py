@@ -38,6 +38,34 @@ logger = logging.getLogger(__name__)
 APPEND_LOCK_KEY = 0x6163746976697479
 NOTIFY_CHANNEL = "activity_events"
 
+#: A simple-protocol query (no parameters): begins the transaction and takes the lock in one
+#: round trip.
+_BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
+
+#: Under the lock, in one round trip: the head, its chain value, and the current version of
+#: each source asked for (0 for a new one), in the order asked.
+_STATE = (
+    "SELECT h.head, (SELECT chain FROM events WHERE position = h.head),"
+    " ARRAY(SELECT coalesce((SELECT max(e.version) FROM events e"
+    " WHERE e.stream = s.stream AND e.source_id = s.source_id), 0)"
+    " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS s(stream, source_id, n)"
+    " ORDER BY s.n)"
+    " FROM (SELECT coalesce(max(position), 0) AS head FROM events) AS h"
+)
+
+_VERSIONS = (
+    "SELECT s.stream, s.source_id, coalesce((SELECT max(e.version) FROM events e"
+    " WHERE e.stream = s.stream AND e.source_id = s.source_id), 0)"
+    " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)"
+)
+
+#: The rows, and the notification delivered at commit, in one round trip.
+_INSERT = (
+    f"WITH written AS (INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[],"
+    " $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[],"
+    " $9::bytea[]) RETURNING 1) SELECT pg_notify($10, $11)"
+)
+
 
 def postgres_dsn(url: str) -> str:
     """A libpq-style DSN for asyncpg from a SQLAlchemy ``postgresql+asyncpg://`` URL."""
@@ -63,6 +91,10 @@ class PostgresAppender:
         self._guarded: Any = None
         self._guarded_turn = asyncio.Lock()
         self._cache = VersionCache()
+        # The head as this appender's last commit left it (None before the first and after a
+        # failure), and whether the head had moved since then at the last look.
+        self._committed_head: int | None = None
+        self._shared = True
         self._waiting: deque[AppendRequest] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -90,13 +122,8 @@ class PostgresAppender:
             await self._wake.wait()
             self._wake.clear()
             while self._waiting:
-                group = take_group(self._waiting, self._max_batch, _event_count)
                 started = time.perf_counter()
-                outcome: Plan | Exception
-                try:
-                    outcome = await self._transaction([request.events for request in group])
-                except Exception as exc:
-                    outcome = exc
+                group, outcome = await self._commit_next()
                 assert self._on_commit is not None
                 try:
                     self._on_commit(group, outcome, time.perf_counter() - started)
@@ -106,21 +133,50 @@ class PostgresAppender:
             if self._stopping:
                 return
 
-    async def _transaction(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+    async def _commit_next(self) -> tuple[list[AppendRequest], Plan | Exception]:
+        """One transaction: the append lock, then every request waiting by the time it is
+        held (up to the batch limit), written and committed; the requests and the outcome.
+
+        While the lock is held every other instance's appends wait, for as many round trips
+        as this one makes under it, each of which waits its turn on this process's event
+        loop: so there are three (the state, the rows, the commit), and the group is taken
+        only once the lock is held, so that what arrived while it was waited for goes into
+        this commit and not the next."""
         import asyncpg
 
+        group: list[AppendRequest] | None = None
         try:
             connection = await self._connect()
-            async with connection.transaction():
-                plan, head, chain = await self._write(connection, batch)
+            # One round trip: the transaction begins with the lock, waited for in the server.
+            await connection.execute(_BEGIN_LOCKED)
+            group = take_group(self._waiting, self._max_batch, _event_count)
+            plan, head, chain = await self._write(connection, [r.events for r in group])
+            await connection.execute("COMMIT")
         except BaseException as exc:
             self._cache.forget()
+            self._committed_head = None
+            if group is None:
+                group = take_group(self._waiting, self._max_batch, _event_count)
             if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
                 await self._discard()
-                raise LogUnavailable(f"the event log could not be written: {exc}") from exc
+                return group, LogUnavailable(f"the event log could not be written: {exc}")
+            await self._roll_back()
+            if isinstance(exc, Exception):
+                return group, exc
             raise
         self._cache.committed(plan, head, chain)
-        return plan
+        self._committed_head = plan.rows[-1].position if plan.rows else head
+        return group, plan
+
+    async def _roll_back(self) -> None:
+        connection = self._connection
+        if connection is None or connection.is_closed():
+            return
+        try:
+            if connection.is_in_transaction():
+                await connection.execute("ROLLBACK")
+        except Exception:
+            await self._discard()
 
     async def probe(self) -> str | None:
         # The connection is the writer's alone; /health's reads show whether the server answers.
@@ -165,18 +221,28 @@ class PostgresAppender:
     async def _write(
         self, connection: Any, batch: Sequence[Sequence[NewEvent]]
     ) -> tuple[Plan, int, bytes | None]:
-        await connection.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
-        head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
-        versions, missing = self._cache.begin(head, source_keys(batch))
-        if missing:
+        """Plan and insert ``batch`` in the transaction holding the append lock."""
+        keys = source_keys(batch)
+        # While only this appender writes, its cache holds the versions and the head's chain
+        # value, and the state read asks for the sources it does not hold. While others write
+        # too (the head moved since this appender's last commit), the cache is dropped every
+        # time, and every source of the batch is asked for at once.
+        cache = self._cache
+        asked = list(keys) if self._shared else [key for key in keys if not cache.holds(key)]
+        head, head_chain, found = await connection.fetchrow(
+            _STATE, [key[0] for key in asked], [key[1] for key in asked]
+        )
+        self._shared = head != self._committed_head
+        versions, missing = self._cache.begin(head, keys)
+        read = dict(zip(asked, found, strict=True))
+        versions.update((key, read[key]) for key in missing if key in read)
+        rest = [key for key in missing if key not in read]
+        if rest:
+            # Another writer moved the head just now: the sources the cache held are read.
             records = await connection.fetch(
-                "SELECT s.stream, s.source_id, (SELECT max(e.version) FROM events e"
-                " WHERE e.stream = s.stream AND e.source_id = s.source_id)"
-                " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)",
-                [key[0] for key in missing],
-                [key[1] for key in missing],
+                _VERSIONS, [key[0] for key in rest], [key[1] for key in rest]
             )
-            versions.update({(r[0], r[1]): r[2] or 0 for r in records})
+            versions.update({(r[0], r[1]): r[2] for r in records})
         ids = supplied_ids(batch)
         existing: dict[str, Event] = {}
         if ids:
@@ -185,7 +251,7 @@ class PostgresAppender:
             ):
                 existing[record[5]] = event_from_row(record)
         # Read under the same lock as the head, so the chain follows commit order.
-        chain = await self._head_chain(connection, head)
+        chain = await self._head_chain(connection, head, head_chain)
         plan = plan_batch(
             batch,
             head=head,
@@ -196,21 +262,14 @@ class PostgresAppender:
         )
         if plan.rows:
             columns = list(zip(*plan.rows, strict=True))
-            await connection.execute(
-                f"INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[],"
-                " $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[],"
-                " $9::bytea[])",
-                *columns,
-            )
-            # Delivered at commit; it only wakes other processes' tails (the table is the data).
-            await connection.execute(
-                "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(plan.rows[-1].position)
-            )
+            # The notification is delivered at commit; it only wakes other processes' tails
+            # (the table is the data).
+            await connection.execute(_INSERT, *columns, NOTIFY_CHANNEL, str(plan.rows[-1].position))
         return plan, head, chain
 
-    async def _head_chain(self, connection: Any, head: int) -> bytes | None:
-        """The chain value at ``head``: the one this appender committed last, unless another
-        instance moved the head since (then read, under the lock); None if off."""
+    async def _head_chain(self, connection: Any, head: int, found: bytes | None) -> bytes | None:
+        """The chain value at ``head``: the one this appender committed last, else ``found``
+        (read with the head), computed first if the head has none; None if the chain is off."""
         if not self._chained:
             return None
         known = self._cache.chain_at(head)
@@ -218,10 +277,7 @@ class PostgresAppender:
             return known
         if head == 0:
             return GENESIS
-        found: bytes | None = await connection.fetchval(
-            "SELECT chain FROM events WHERE position = $1", head
-        )
-        return found if found is not None else await self._fill_chain(connection)
+        return bytes(found) if found is not None else await self._fill_chain(connection)
 
     @staticmethod
     async def _fill_chain(connection: Any) -> bytes:
