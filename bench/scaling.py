@@ -63,7 +63,7 @@ SOURCES = 100
 PACED_RATE = 1000
 #: The paced producer's connections per instance: each waits for its answer, so several let
 #: appends overlap as those of many agents do.
-PACED_CONNECTIONS = 8
+PACED_CONNECTIONS = 32
 
 SQLITE = "sqlite x1"
 CEILING = "ceiling"

@@ -174,9 +174,10 @@ class Backend(ABC):
     def appender(self, settings: DatabaseSettings) -> Appender:
         """The log's appender, as ``settings`` configure it."""
 
-    def listener(self, on_head: Callable[[int], None]) -> Listener | None:
+    def listener(self, on_head: Callable[[int], None], appender: Appender) -> Listener | None:
         """What tells this process of other processes' appends (their newest position), or
-        None where nothing can (the feed's poll then does)."""
+        None where nothing can (the feed's poll then does). ``appender`` is this process's
+        own, whose commits the store hands the feed itself: a listener may leave them out."""
         return None
 
     async def write_transaction(self, connection: AsyncConnection) -> AsyncConnection:

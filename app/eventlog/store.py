@@ -292,7 +292,7 @@ class EventStore:
             poll_seconds=poll_seconds,
         )
         store.feed.start()
-        store._listener = backend.listener(store.feed.advance_to)
+        store._listener = backend.listener(store.feed.advance_to, appender)
         if store._listener is not None:
             store._listener.start()
         return store

@@ -113,6 +113,12 @@ class PostgresAppender:
             self._connection = await asyncpg.connect(self._dsn)
         return self._connection
 
+    def server_pid(self) -> int | None:
+        """The server process of the appender's connection (its notifications come from it),
+        or None while it has none."""
+        connection = self._connection
+        return None if connection is None else int(connection.get_server_pid())
+
     def submit(self, requests: list[AppendRequest]) -> None:
         self._waiting.extend(requests)
         self._wake.set()

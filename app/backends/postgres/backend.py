@@ -50,8 +50,9 @@ class PostgresBackend(Backend):
             self.url, max_batch_events=settings.max_batch_events, chain=settings.audit_chain
         )
 
-    def listener(self, on_head: Callable[[int], None]) -> Listener:
-        return PostgresListener(postgres_dsn(self.url), NOTIFY_CHANNEL, on_head)
+    def listener(self, on_head: Callable[[int], None], appender: Appender) -> Listener:
+        own = appender.server_pid if isinstance(appender, PostgresAppender) else None
+        return PostgresListener(postgres_dsn(self.url), NOTIFY_CHANNEL, on_head, own)
 
     async def snapshot_transaction(self, connection: AsyncConnection) -> AsyncConnection:
         # READ COMMITTED takes a new snapshot per statement.

@@ -24,10 +24,19 @@ def _on_termination(lost: asyncio.Event) -> Callable[[Any], None]:
 class PostgresListener:
     """LISTEN on the append channel; wakes the feed, re-LISTENs after the connection drops."""
 
-    def __init__(self, dsn: str, channel: str, on_notify: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        channel: str,
+        on_notify: Callable[[int], None],
+        own: Callable[[], int | None] | None = None,
+    ) -> None:
         self._dsn = dsn
         self._channel = channel
         self._on_notify = on_notify
+        # The server process of this process's appender: its commits reach the feed from the
+        # appender itself, and a wake-up for them would only read them again.
+        self._own = own
         self._task = Background("postgres-listener")
         self.connected = asyncio.Event()
 
@@ -37,7 +46,9 @@ class PostgresListener:
     async def close(self) -> None:
         await self._task.stop()
 
-    def _notified(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _notified(self, _connection: Any, pid: int, _channel: str, payload: str) -> None:
+        if self._own is not None and pid == self._own():
+            return
         try:
             self._on_notify(int(payload))
         except ValueError:
