@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from app.backends.base import AppendRequest, GuardedWrite, OnCommit, take_group
+from app.backends.postgres.notifications import encode as encode_notifications
 from app.events.chain import GENESIS, chain_rows
 from app.events.envelope import Event, NewEvent, utc_now
 from app.events.errors import LogUnavailable
@@ -59,11 +60,13 @@ _VERSIONS = (
     " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)"
 )
 
-#: The rows, and the notification delivered at commit, in one round trip.
+#: The rows, and the notifications delivered at commit (in the order given), in one round
+#: trip.
 _INSERT = (
     f"WITH written AS (INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[],"
     " $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[],"
-    " $9::bytea[]) RETURNING 1) SELECT pg_notify($10, $11)"
+    " $9::bytea[]) RETURNING 1) SELECT pg_notify($10, payload) FROM unnest($11::text[])"
+    " AS payload"
 )
 
 
@@ -82,10 +85,19 @@ class PostgresAppender:
     second connection of their own: they take no lock appends wait for.
     """
 
-    def __init__(self, url: str, *, max_batch_events: int = 2000, chain: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_batch_events: int = 2000,
+        chain: bool = True,
+        notify_events: bool = True,
+    ) -> None:
         self._dsn = postgres_dsn(url)
         # Whether appends carry chain values (AUDIT_CHAIN).
         self._chained = chain
+        # Whether a commit's notifications carry its rows (NOTIFY_EVENTS).
+        self._notify_events = notify_events
         self._max_batch = max_batch_events
         self._connection: Any = None
         self._guarded: Any = None
@@ -268,9 +280,10 @@ class PostgresAppender:
         )
         if plan.rows:
             columns = list(zip(*plan.rows, strict=True))
-            # The notification is delivered at commit; it only wakes other processes' tails
-            # (the table is the data).
-            await connection.execute(_INSERT, *columns, NOTIFY_CHANNEL, str(plan.rows[-1].position))
+            # The notifications are delivered at commit, in commit order: the rows themselves
+            # for other processes' feeds, or a wake-up (app/backends/postgres/notifications.py).
+            notified = encode_notifications(plan.rows, with_rows=self._notify_events)
+            await connection.execute(_INSERT, *columns, NOTIFY_CHANNEL, notified)
         return plan, head, chain
 
     async def _head_chain(self, connection: Any, head: int, found: bytes | None) -> bytes | None:
