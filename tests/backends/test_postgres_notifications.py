@@ -39,7 +39,7 @@ def new(n: int, payload: dict[str, Any]) -> NewEvent:
 async def feed_reaches(store: EventStore, head: int) -> None:
     async with asyncio.timeout(DEADLINE):
         while store.feed.head < head:
-            await asyncio.sleep(0.01)
+            await store.feed.changed()
 
 
 def envelopes(store: EventStore) -> list[bytes]:
@@ -98,9 +98,7 @@ async def test_a_store_s_own_commits_reach_its_feed_once_and_not_from_notificati
         # connection sent them, and the listener leaves them out.
         await asyncio.sleep(0.5)
         assert store.notified_events == 0
-        assert [entry.position for entry in store.feed.entries_after(0) or []] == list(
-            range(1, 21)
-        )
+        assert [entry.position for entry in store.feed.entries_after(0) or []] == list(range(1, 21))
 
 
 def row(position: int, payload: str) -> Row:
