@@ -49,7 +49,14 @@ import asyncpg
 import httpx
 import msgspec
 
-from bench.load import free_port, read_response, start_server, stop_server, wait_ready
+from bench.load import (
+    REPO_ROOT,
+    free_port,
+    read_response,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 from bench.report import quantile
 
 __all__ = ["main", "run"]
@@ -69,8 +76,12 @@ SQLITE = "sqlite x1"
 CEILING = "ceiling"
 
 
-def postgres(instances: int) -> str:
-    return f"postgres x{instances}"
+#: Contenders run from another source tree (--baseline): the code before a change.
+BASELINE = "before "
+
+
+def postgres(instances: int, prefix: str = "") -> str:
+    return f"{prefix}postgres x{instances}"
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -474,10 +485,12 @@ async def _postgres_database() -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def _servers(
-    count: int, command: list[str], env: dict[str, str] | None
+    count: int, command: list[str], env: dict[str, str] | None, tree: Path = REPO_ROOT
 ) -> AsyncIterator[tuple[list[int], list[int]]]:
+    """``count`` servers run from the source ``tree``: their ports and process ids."""
     ports = [free_port() for _ in range(count)]
-    processes = [start_server(command, port, env) for port in ports]
+    env = {**(env or {}), "PYTHONPATH": str(tree)}
+    processes = [start_server(command, port, env, cwd=tree) for port in ports]
     try:
         for process, port in zip(processes, ports, strict=True):
             await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}", 90.0, process)
@@ -510,6 +523,12 @@ async def run(args: argparse.Namespace) -> Results:
                 _servers(instances, SERVE, _service_env(url, extra)) as ports,
             ):
                 await measure(results, postgres(instances), ports, args, True)
+            if args.baseline is not None:
+                async with (
+                    _postgres_database() as url,
+                    _servers(instances, SERVE, _service_env(url, extra), args.baseline) as ports,
+                ):
+                    await measure(results, postgres(instances, BASELINE), ports, args, True)
         for instances in sorted({1, max(args.instances)}):
             async with _servers(instances, TRIVIAL, None) as ports:
                 await measure(results, f"{CEILING} x{instances}", ports, args, False)
@@ -518,15 +537,16 @@ async def run(args: argparse.Namespace) -> Results:
 
 def render(results: Results, args: argparse.Namespace) -> str:
     contenders = [SQLITE, *(postgres(n) for n in args.instances)]
+    if args.baseline is not None:
+        contenders += [postgres(n, BASELINE) for n in args.instances]
     ceilings = [f"{CEILING} x{n}" for n in sorted({1, max(args.instances)})]
     lines = [
         f"medians of {args.rounds} round(s); {CONNECTIONS} connections in {CLIENT_PROCESSES} "
         f"client processes; paced {PACED_RATE}/s for {args.paced_seconds:g} s",
         "",
-        f"{'':>13} {'single/s':>9} {'batch/s':>9} {'pg/sqlite':>9} {'vs pg x1':>9}"
+        f"{'':>20} {'single/s':>9} {'batch/s':>9} {'pg/sqlite':>9} {'vs pg x1':>9}"
         f" {'paced p50':>9} {'p99':>7} {'cross p99':>9} {'sat. p99':>8}",
     ]
-    base = {kind: results.median(kind, postgres(1)) for kind in ("single", "batch")}
     sqlite = {kind: results.median(kind, SQLITE) for kind in ("single", "batch")}
 
     def ratio(a: float | None, b: float | None) -> str:
@@ -537,18 +557,17 @@ def render(results: Results, args: argparse.Namespace) -> str:
 
     for name in contenders + ceilings:
         single, batch = results.median("single", name), results.median("batch", name)
-        pg = (
-            f"{ratio(single, sqlite['single'])}/{ratio(batch, sqlite['batch'])}"
-            if name.startswith("postgres")
-            else ""
-        )
-        scale = (
-            f"{ratio(single, base['single'])}/{ratio(batch, base['batch'])}"
-            if name.startswith("postgres")
-            else ""
-        )
+        pg = scale = ""
+        if "postgres" in name:
+            # Against SQLite, and against one instance of the same code.
+            one = name.rsplit(" x", 1)[0] + " x1"
+            pg = f"{ratio(single, sqlite['single'])}/{ratio(batch, sqlite['batch'])}"
+            scale = (
+                f"{ratio(single, results.median('single', one))}/"
+                f"{ratio(batch, results.median('batch', one))}"
+            )
         lines.append(
-            f"{name:>13} {number(single):>9} {number(batch):>9} {pg:>9} {scale:>9}"
+            f"{name:>20} {number(single):>9} {number(batch):>9} {pg:>9} {scale:>9}"
             f" {number(results.median('paced p50', name), 1):>9}"
             f" {number(results.median('paced p99', name), 1):>7}"
             f" {number(results.median('paced cross p99', name), 1):>9}"
@@ -566,7 +585,7 @@ def render(results: Results, args: argparse.Namespace) -> str:
         cells = [
             f"{s:,.0f}, {b:,.0f}" + (f", {p:.1f}" if p is not None else "") for s, b, p in rows
         ]
-        lines.append(f"{name:>13}: " + "; ".join(cells))
+        lines.append(f"{name:>20}: " + "; ".join(cells))
     lags = results.samples.get("paced producer lag", {})
     if lags:
         worst = max(max(values) for values in lags.values())
@@ -582,6 +601,13 @@ def main() -> None:
     parser.add_argument("--paced-seconds", type=float, default=10.0)
     parser.add_argument(
         "--instances", default="1,2,3", help="PostgreSQL instance counts (default 1,2,3)"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="also run the PostgreSQL contenders from this source tree (a worktree of the "
+        "code before a change), alternating with this one",
     )
     parser.add_argument(
         "--profile",
