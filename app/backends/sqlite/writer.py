@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from app.backends.base import GuardedWrite
+from app.backends.sqlite.checkpoints import Checkpointer
 from app.backends.sqlite.pragmas import SQLITE_PRAGMAS
 from app.events.chain import GENESIS, chain_rows
 from app.events.envelope import Event, NewEvent, utc_now
@@ -105,6 +106,7 @@ class SqliteWriter:
         self._connection: sqlite3.Connection | None = None
         self._cache = VersionCache()
         self._blocks: tuple[int, ...] = ()
+        self._checkpoints: Checkpointer | None = None
 
     def connect(self) -> None:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -114,10 +116,24 @@ class SqliteWriter:
         # Only this connection writes, so its page cache stays valid from one transaction to
         # the next: the index pages an append touches are found in memory, not re-read.
         connection.execute(f"PRAGMA cache_size=-{self._cache_kib}")
+        # The WAL is copied into the database beside the commits, not inside them
+        # (app/backends/sqlite/checkpoints.py).
+        connection.execute("PRAGMA wal_autocheckpoint=0")
         self._blocks = blocks_within(
             connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), sqlite3.sqlite_version_info
         )
         self._connection = connection
+        self._checkpoints = Checkpointer(self.path)
+        self._checkpoints.start()
+
+    def _between(self, connection: sqlite3.Connection) -> None:
+        """Between two transactions: copy the rest of the WAL into the database if the
+        checkpointer asks, so that the next transaction starts the WAL over."""
+        if self._checkpoints is not None and self._checkpoints.due():
+            try:
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                logger.debug("WAL checkpoint failed: %s", exc)
 
     def commit(self, batch: Sequence[Sequence[NewEvent]]) -> Plan | Exception:
         """One transaction of ``batch``: its plan, or the exception that rolled it back."""
@@ -174,6 +190,7 @@ class SqliteWriter:
     def _write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
         connection = self._connection
         assert connection is not None, "SqliteWriter.connect() was not called"
+        self._between(connection)
         connection.execute("BEGIN IMMEDIATE")
         try:
             head = connection.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
@@ -247,6 +264,7 @@ class SqliteWriter:
         the database refuses a statement."""
         connection = self._connection
         assert connection is not None, "SqliteWriter.connect() was not called"
+        self._between(connection)
         connection.execute("BEGIN IMMEDIATE")
         try:
             found = [list(row) for row in connection.execute(write.guard, write.guard_parameters)]
@@ -282,6 +300,9 @@ class SqliteWriter:
         return found
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
+            self._checkpoints = None
         if self._connection is not None:
             self._connection.close()
             self._connection = None
