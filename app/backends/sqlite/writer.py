@@ -12,7 +12,7 @@ import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from app.backends.base import GuardedWrite
 from app.backends.sqlite.checkpoints import Checkpointer
@@ -30,7 +30,14 @@ from app.events.plan import (
     supplied_ids,
 )
 
-__all__ = ["INSERT_BLOCKS", "MIN_FREE_BYTES", "SqliteWriter", "blocks_within", "insert_rows"]
+__all__ = [
+    "INSERT_BLOCKS",
+    "MIN_FREE_BYTES",
+    "SqliteWriter",
+    "WriterOptions",
+    "blocks_within",
+    "insert_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +91,42 @@ def insert_rows(
 
 # Less free space than this on the SQLite file's filesystem reads as a full disk in /health.
 MIN_FREE_BYTES = 1024 * 1024
+
+
+class WriterOptions(NamedTuple):
+    """How a writer is made and served, whichever appender runs it: the thread's
+    (:mod:`app.backends.sqlite.thread`) or the process's, which passes them to its child as
+    arguments (:meth:`arguments`, :meth:`from_arguments`)."""
+
+    path: Path
+    busy_timeout_ms: int = 10_000
+    #: Events per transaction at most (``APPEND_MAX_BATCH``).
+    max_batch: int = 2000
+    cache_kib: int = 64 * 1024
+    #: Whether appends carry chain values (``AUDIT_CHAIN``).
+    chain: bool = True
+
+    def writer(self) -> SqliteWriter:
+        return SqliteWriter(
+            self.path,
+            busy_timeout_ms=self.busy_timeout_ms,
+            cache_kib=self.cache_kib,
+            chain=self.chain,
+        )
+
+    def arguments(self) -> list[str]:
+        return [
+            str(self.path),
+            str(self.busy_timeout_ms),
+            str(self.max_batch),
+            str(self.cache_kib),
+            str(int(self.chain)),
+        ]
+
+    @classmethod
+    def from_arguments(cls, arguments: Sequence[str]) -> WriterOptions:
+        path, busy_ms, max_batch, cache_kib, chain = arguments
+        return cls(Path(path), int(busy_ms), int(max_batch), int(cache_kib), chain == "1")
 
 
 class SqliteWriter:
