@@ -129,6 +129,7 @@ LOG_BACKENDS = [
     "sqlite-process",
     "sqlite-thread",
     pytest.param("postgres", marks=pytest.mark.postgres),
+    pytest.param("postgres-loop", marks=pytest.mark.postgres),
 ]
 
 
@@ -144,8 +145,10 @@ async def log_settings(
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
     url, database = await fresh_postgres_url()
+    # The appender on a thread of its own (the default), or a task of the test's loop.
+    where = "loop" if name == "postgres-loop" else "thread"
     try:
-        yield DatabaseSettings(url=url)
+        yield DatabaseSettings(url=url, postgres_appender=where)
     finally:
         await drop_postgres_database(database)
 

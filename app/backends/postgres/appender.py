@@ -9,8 +9,10 @@ in it and never wait for appends. ``pg_notify`` at commit wakes other processes'
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -31,7 +33,7 @@ from app.events.plan import (
     supplied_ids,
 )
 
-__all__ = ["APPEND_LOCK_KEY", "NOTIFY_CHANNEL", "PostgresAppender", "postgres_dsn"]
+__all__ = ["APPENDERS", "APPEND_LOCK_KEY", "NOTIFY_CHANNEL", "PostgresAppender", "postgres_dsn"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +79,23 @@ def postgres_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+#: Where the appender's transactions are made: on an event loop of their own, on a thread
+#: (``thread``), or as a task of the service's event loop (``loop``).
+APPENDERS = ("thread", "loop")
+
+
 class PostgresAppender:
     """One dedicated asyncpg connection; each batch is one transaction under the append lock.
 
-    A task on the event loop forms the batches: whatever was submitted while a transaction
-    was being committed goes into the next one. Guarded writes (projection steps) go over a
-    second connection of their own: they take no lock appends wait for.
+    A task forms the batches: whatever was submitted while a transaction was being committed
+    goes into the next one. The append lock is held from the transaction's first round trip
+    to its commit, and every instance's appends wait while it is held; a round trip's answer
+    waits for its event loop to come round to it, and the service's loop can be busy for a
+    long while (a projection folding a page, a replay, requests), so by default the task runs
+    on an event loop of its own, on a thread (``POSTGRES_APPENDER=thread``), which hands each
+    transaction's outcome back to the service's loop. Guarded writes (projection steps) go over
+    a second connection of their own, on the service's loop: they take no lock appends wait
+    for.
     """
 
     def __init__(
@@ -92,8 +105,16 @@ class PostgresAppender:
         max_batch_events: int = 2000,
         chain: bool = True,
         notify_events: bool = True,
+        where: str = "thread",
     ) -> None:
+        if where not in APPENDERS:
+            raise ValueError(f"POSTGRES_APPENDER must be thread or loop, got {where!r}")
         self._dsn = postgres_dsn(url)
+        self._on_thread = where == "thread"
+        # The service's loop (where outcomes are delivered) and the writer's loop.
+        self._caller: asyncio.AbstractEventLoop | None = None
+        self._writer_loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         # Whether appends carry chain values (AUDIT_CHAIN).
         self._chained = chain
         # Whether a commit's notifications carry its rows (NOTIFY_EVENTS).
@@ -107,16 +128,57 @@ class PostgresAppender:
         # failure), and whether the head had moved since then at the last look.
         self._committed_head: int | None = None
         self._shared = True
+        # Filled on the service's loop, emptied on the writer's (deque appends and pops are
+        # atomic).
         self._waiting: deque[AppendRequest] = deque()
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None
         self._stopping = False
         self._on_commit: OnCommit | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, on_commit: OnCommit) -> None:
-        await self._connect()
+        self._caller = asyncio.get_running_loop()
         self._on_commit = on_commit
-        self._task = asyncio.create_task(self._serve(), name="event-log-writer")
+        if not self._on_thread:
+            self._writer_loop = self._caller
+            self._wake = asyncio.Event()
+            await self._connect()
+            self._task = asyncio.create_task(self._serve(), name="event-log-writer")
+            return
+        connected: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run_thread, args=(connected,), name="event-log-writer", daemon=True
+        )
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(connected)
+        except BaseException:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            raise
+
+    def _run_thread(self, connected: concurrent.futures.Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        self._writer_loop = loop
+        try:
+            loop.run_until_complete(self._serve_on_thread(connected))
+        finally:
+            loop.close()
+
+    async def _serve_on_thread(self, connected: concurrent.futures.Future[None]) -> None:
+        self._wake = asyncio.Event()
+        try:
+            await self._connect()
+        except BaseException as exc:
+            connected.set_exception(exc)
+            return
+        connected.set_result(None)
+        try:
+            await self._serve()
+        finally:
+            if self._connection is not None:
+                await self._connection.close()
+                self._connection = None
 
     async def _connect(self) -> Any:
         import asyncpg
@@ -133,21 +195,48 @@ class PostgresAppender:
 
     def submit(self, requests: list[AppendRequest]) -> None:
         self._waiting.extend(requests)
-        self._wake.set()
+        self._signal()
+
+    def _signal(self) -> None:
+        """Wake the writer (from the service's loop)."""
+        assert self._wake is not None
+        assert self._writer_loop is not None
+        if self._writer_loop is self._caller:
+            self._wake.set()
+        else:
+            self._writer_loop.call_soon_threadsafe(self._wake.set)
+
+    def _deliver(
+        self, group: list[AppendRequest], outcome: Plan | Exception, seconds: float
+    ) -> None:
+        """Hand a transaction's outcome to the store, on the service's loop, in commit order
+        (the loop runs callbacks in the order they were scheduled)."""
+        if self._caller is self._writer_loop:
+            self._committed(group, outcome, seconds)
+        else:
+            assert self._caller is not None
+            self._caller.call_soon_threadsafe(self._committed, group, outcome, seconds)
+
+    def _committed(
+        self, group: list[AppendRequest], outcome: Plan | Exception, seconds: float
+    ) -> None:
+        assert self._on_commit is not None
+        try:
+            self._on_commit(group, outcome, seconds)
+        except Exception:
+            # The outcome is the store's to deliver; the next batch must still go.
+            logger.exception("delivering the outcome of an append failed")
 
     async def _serve(self) -> None:
+        wake = self._wake
+        assert wake is not None
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            await wake.wait()
+            wake.clear()
             while self._waiting:
                 started = time.perf_counter()
                 group, outcome = await self._commit_next()
-                assert self._on_commit is not None
-                try:
-                    self._on_commit(group, outcome, time.perf_counter() - started)
-                except Exception:
-                    # The outcome is the store's to deliver; the next batch must still go.
-                    logger.exception("delivering the outcome of an append failed")
+                self._deliver(group, outcome, time.perf_counter() - started)
             if self._stopping:
                 return
 
@@ -328,9 +417,16 @@ class PostgresAppender:
             self._guarded = None
         if self._task is not None:
             self._stopping = True
-            self._wake.set()
+            self._signal()
             await self._task
             self._task = None
+        if self._thread is not None:
+            self._stopping = True
+            self._signal()
+            # Its last outcomes were scheduled on this loop before it ended: they are
+            # delivered before this await returns.
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
