@@ -76,10 +76,6 @@ SQLITE = "sqlite x1"
 CEILING = "ceiling"
 
 
-#: Contenders run from another source tree (--baseline): the code before a change.
-BASELINE = "before "
-
-
 def postgres(instances: int, prefix: str = "") -> str:
     return f"{prefix}postgres x{instances}"
 
@@ -523,12 +519,12 @@ async def run(args: argparse.Namespace) -> Results:
                 _servers(instances, SERVE, _service_env(url, extra)) as ports,
             ):
                 await measure(results, postgres(instances), ports, args, True)
-            if args.baseline is not None:
+            for label, tree in args.baseline:
                 async with (
                     _postgres_database() as url,
-                    _servers(instances, SERVE, _service_env(url, extra), args.baseline) as ports,
+                    _servers(instances, SERVE, _service_env(url, extra), tree) as ports,
                 ):
-                    await measure(results, postgres(instances, BASELINE), ports, args, True)
+                    await measure(results, postgres(instances, f"{label} "), ports, args, True)
         for instances in sorted({1, max(args.instances)}):
             async with _servers(instances, TRIVIAL, None) as ports:
                 await measure(results, f"{CEILING} x{instances}", ports, args, False)
@@ -537,8 +533,8 @@ async def run(args: argparse.Namespace) -> Results:
 
 def render(results: Results, args: argparse.Namespace) -> str:
     contenders = [SQLITE, *(postgres(n) for n in args.instances)]
-    if args.baseline is not None:
-        contenders += [postgres(n, BASELINE) for n in args.instances]
+    for label, _ in args.baseline:
+        contenders += [postgres(n, f"{label} ") for n in args.instances]
     ceilings = [f"{CEILING} x{n}" for n in sorted({1, max(args.instances)})]
     lines = [
         f"medians of {args.rounds} round(s); {CONNECTIONS} connections in {CLIENT_PROCESSES} "
@@ -604,10 +600,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--baseline",
-        type=Path,
-        default=None,
-        help="also run the PostgreSQL contenders from this source tree (a worktree of the "
-        "code before a change), alternating with this one",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also run the PostgreSQL contenders from the source tree DIR (the code before a "
+        "change), named NAME, alternating with this one; may be repeated",
     )
     parser.add_argument(
         "--profile",
@@ -620,6 +617,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.instances = [int(n) for n in args.instances.split(",")]
+    args.baseline = [
+        (name, Path(tree)) for name, tree in (item.split("=", 1) for item in args.baseline)
+    ]
     results = asyncio.run(run(args))
     print(render(results, args))
 
