@@ -12,7 +12,8 @@ round (sqlite, pg x1, pg x2, pg x3, ceiling, sqlite, …) so the machine's noise
   (:mod:`bench.peers.trivial`): the clients' own limit, printed beside the figures so that no
   figure is the client's.
 
-On each, in order: ``single`` (``POST /agents/{id}/events``, one event a request) and
+On each, in order, each phase once the projections of every instance hold the whole log:
+``single`` (``POST /agents/{id}/events``, one event a request) and
 ``batch`` (``POST /agents/events``, 100 a request) as fast as they are answered, by
 :data:`CONNECTIONS` keep-alive connections on plain sockets spread over the instances and over
 :data:`CLIENT_PROCESSES` processes of their own; then ``paced``: one producer process posts
@@ -55,6 +56,7 @@ from bench.load import (
     read_response,
     start_server,
     stop_server,
+    wait_projected,
     wait_ready,
 )
 from bench.report import quantile
@@ -420,6 +422,13 @@ def _append_metrics(ports: list[int]) -> str:
     return "; ".join(cells)
 
 
+async def _projected(ports: list[int]) -> None:
+    """Until every instance's projections hold the whole log: a phase starts on a service
+    that has folded what came before, not one still folding the last phase's events."""
+    for port in ports:
+        await asyncio.to_thread(wait_projected, f"http://127.0.0.1:{port}")
+
+
 async def measure(
     results: Results,
     name: str,
@@ -431,6 +440,8 @@ async def measure(
     ports, pids = servers
     head = 0
     for kind, events in (("single", args.single), ("batch", args.batch)):
+        if service:
+            await _projected(ports)
         profilers = []
         if args.profile and service:
             profilers = _profile(pids, args.profile, f"{name.replace(' ', '')}-{kind}")
@@ -447,6 +458,7 @@ async def measure(
             _record(results, name, f"{kind} saturated", latencies)
         print(f"  {name} {kind}: {rate:,.0f} events/s", file=sys.stderr)
     if service:
+        await _projected(ports)
         latencies, lag = await _paced(ports, args.paced_seconds, head)
         _record(results, name, "paced", latencies)
         results.add("paced producer lag", name, lag * 1000)
