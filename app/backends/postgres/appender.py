@@ -45,15 +45,27 @@ NOTIFY_CHANNEL = "activity_events"
 #: round trip.
 _BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
 
-#: Under the lock, in one round trip: the head, its chain value, and the current version of
-#: each source asked for (0 for a new one), in the order asked.
+#: The most positions other writers may have committed since the cache's head for the state
+#: read to catch the cache up with them (more, and the batch's sources are read instead).
+MAX_CATCH_UP = 2_000
+
+#: Under the lock, in one round trip: the head, its chain value, the current version of each
+#: source asked for (0 for a new one, in the order asked), and, when the head has moved since
+#: the cache's ($3) by at most MAX_CATCH_UP, the newest version of each source written since
+#: (streams, source ids, versions; NULL otherwise).
 _STATE = (
     "SELECT h.head, (SELECT chain FROM events WHERE position = h.head),"
     " ARRAY(SELECT coalesce((SELECT max(e.version) FROM events e"
     " WHERE e.stream = s.stream AND e.source_id = s.source_id), 0)"
     " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS s(stream, source_id, n)"
-    " ORDER BY s.n)"
+    " ORDER BY s.n),"
+    " d.streams, d.sources, d.versions"
     " FROM (SELECT coalesce(max(position), 0) AS head FROM events) AS h"
+    " LEFT JOIN LATERAL (SELECT array_agg(g.stream) AS streams,"
+    " array_agg(g.source_id) AS sources, array_agg(g.version) AS versions"
+    " FROM (SELECT stream, source_id, max(version) AS version FROM events"
+    " WHERE position > $3 AND position <= h.head GROUP BY stream, source_id) AS g) AS d"
+    f" ON h.head - $3::bigint <= {MAX_CATCH_UP}"
 )
 
 _VERSIONS = (
@@ -124,10 +136,6 @@ class PostgresAppender:
         self._guarded: Any = None
         self._guarded_turn = asyncio.Lock()
         self._cache = VersionCache()
-        # The head as this appender's last commit left it (None before the first and after a
-        # failure), and whether the head had moved since then at the last look.
-        self._committed_head: int | None = None
-        self._shared = True
         # Filled on the service's loop, emptied on the writer's (deque appends and pops are
         # atomic).
         self._waiting: deque[AppendRequest] = deque()
@@ -261,7 +269,6 @@ class PostgresAppender:
             await connection.execute("COMMIT")
         except BaseException as exc:
             self._cache.forget()
-            self._committed_head = None
             if group is None:
                 group = take_group(self._waiting, self._max_batch, _event_count)
             if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
@@ -272,7 +279,6 @@ class PostgresAppender:
                 return group, exc
             raise
         self._cache.committed(plan, head, chain)
-        self._committed_head = plan.rows[-1].position if plan.rows else head
         return group, plan
 
     async def _roll_back(self) -> None:
@@ -330,22 +336,27 @@ class PostgresAppender:
     ) -> tuple[Plan, int, bytes | None]:
         """Plan and insert ``batch`` in the transaction holding the append lock."""
         keys = source_keys(batch)
-        # While only this appender writes, its cache holds the versions and the head's chain
-        # value, and the state read asks for the sources it does not hold. While others write
-        # too (the head moved since this appender's last commit), the cache is dropped every
-        # time, and every source of the batch is asked for at once.
         cache = self._cache
-        asked = list(keys) if self._shared else [key for key in keys if not cache.holds(key)]
-        head, head_chain, found = await connection.fetchrow(
-            _STATE, [key[0] for key in asked], [key[1] for key in asked]
+        # The cache holds each source's version as of its head: the state read asks for the
+        # sources it does not hold and, where other writers moved the head since, reads what
+        # they wrote, so that the cache holds as of the head again without a read per source.
+        since = cache.head
+        asked = [key for key in keys if not cache.holds(key)]
+        head, head_chain, found, streams, sources, written = await connection.fetchrow(
+            _STATE, [key[0] for key in asked], [key[1] for key in asked], since
         )
-        self._shared = head != self._committed_head
-        versions, missing = self._cache.begin(head, keys)
+        if since is not None and head != since:
+            if streams is None:
+                cache.forget()
+            else:
+                moved = zip(zip(streams, sources, strict=True), written, strict=True)
+                cache.catch_up(head, dict(moved))
+        versions, missing = cache.begin(head, keys)
         read = dict(zip(asked, found, strict=True))
         versions.update((key, read[key]) for key in missing if key in read)
         rest = [key for key in missing if key not in read]
         if rest:
-            # Another writer moved the head just now: the sources the cache held are read.
+            # Too much was written since the cache's head: the sources it held are read.
             records = await connection.fetch(
                 _VERSIONS, [key[0] for key in rest], [key[1] for key in rest]
             )
