@@ -63,9 +63,13 @@ _STATE = (
     " FROM (SELECT coalesce(max(position), 0) AS head FROM events) AS h"
     " LEFT JOIN LATERAL (SELECT array_agg(g.stream) AS streams,"
     " array_agg(g.source_id) AS sources, array_agg(g.version) AS versions"
-    " FROM (SELECT stream, source_id, max(version) AS version FROM events"
-    " WHERE position > $3 AND position <= h.head GROUP BY stream, source_id) AS g) AS d"
-    f" ON h.head - $3::bigint <= {MAX_CATCH_UP}"
+    " FROM (SELECT r.stream, r.source_id, max(r.version) AS version"
+    # The rows after the cache's head, read along the primary key (a plan made for any $3
+    # must not scan the table), only where the head moved, and by no more than the limit.
+    " FROM (SELECT stream, source_id, version FROM events WHERE position > $3"
+    f" ORDER BY position LIMIT {MAX_CATCH_UP}) AS r"
+    " GROUP BY r.stream, r.source_id) AS g) AS d"
+    f" ON h.head > $3::bigint AND h.head - $3::bigint <= {MAX_CATCH_UP}"
 )
 
 _VERSIONS = (
