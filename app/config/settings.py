@@ -62,10 +62,10 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     # without reading the table (app/backends/postgres/notifications.py); off: the NOTIFY
     # only names the newest position, and they read the table.
     notify_events: bool = True
-    # Where a PostgreSQL log's appends are made: "thread" (an event loop of their own, on a
-    # thread, so that the append lock is never held waiting for a busy service loop) or
-    # "loop" (a task of the service's event loop).
-    postgres_appender: str = "thread"
+    # Where a PostgreSQL log's appends are made: "loop" (a task of the service's event loop)
+    # or "thread" (an event loop of their own, on a thread, so that the append lock is not
+    # held waiting for a busy service loop, at the price of handing the GIL back and forth).
+    postgres_appender: str = "loop"
 
 
 class ServerSettings(msgspec.Struct, frozen=True):

@@ -60,7 +60,7 @@ def test_lists_are_comma_separated_and_trimmed() -> None:
         ({"SQLITE_APPENDER": "fork"}, 'SQLITE_APPENDER must be "process" or "thread"'),
         (
             {"POSTGRES_APPENDER": "fork", "DATABASE_URL": "postgresql+asyncpg://u@h/d"},
-            'POSTGRES_APPENDER must be "thread" or "loop"',
+            'POSTGRES_APPENDER must be "loop" or "thread"',
         ),
     ],
 )

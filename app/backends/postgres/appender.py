@@ -95,9 +95,9 @@ def postgres_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-#: Where the appender's transactions are made: on an event loop of their own, on a thread
-#: (``thread``), or as a task of the service's event loop (``loop``).
-APPENDERS = ("thread", "loop")
+#: Where the appender's transactions are made: as a task of the service's event loop
+#: (``loop``), or on an event loop of their own, on a thread (``thread``).
+APPENDERS = ("loop", "thread")
 
 
 class PostgresAppender:
@@ -107,11 +107,12 @@ class PostgresAppender:
     goes into the next one. The append lock is held from the transaction's first round trip
     to its commit, and every instance's appends wait while it is held; a round trip's answer
     waits for its event loop to come round to it, and the service's loop can be busy for a
-    long while (a projection folding a page, a replay, requests), so by default the task runs
-    on an event loop of its own, on a thread (``POSTGRES_APPENDER=thread``), which hands each
-    transaction's outcome back to the service's loop. Guarded writes (projection steps) go over
-    a second connection of their own, on the service's loop: they take no lock appends wait
-    for.
+    while (a projection folding a page, a replay, requests). ``POSTGRES_APPENDER=thread`` runs
+    the task on an event loop of its own, on a thread, which hands each transaction's outcome
+    back to the service's loop; it is not the default: the two threads then take turns at the
+    GIL, which cost the appends more than it saved (bench/README.md, scaling). Guarded writes
+    (projection steps) go over a second connection of their own, on the service's loop: they
+    take no lock appends wait for.
     """
 
     def __init__(
@@ -121,10 +122,10 @@ class PostgresAppender:
         max_batch_events: int = 2000,
         chain: bool = True,
         notify_events: bool = True,
-        where: str = "thread",
+        where: str = "loop",
     ) -> None:
         if where not in APPENDERS:
-            raise ValueError(f"POSTGRES_APPENDER must be thread or loop, got {where!r}")
+            raise ValueError(f"POSTGRES_APPENDER must be loop or thread, got {where!r}")
         self._dsn = postgres_dsn(url)
         self._on_thread = where == "thread"
         # The service's loop (where outcomes are delivered) and the writer's loop.
