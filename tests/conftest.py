@@ -129,7 +129,6 @@ LOG_BACKENDS = [
     "sqlite-process",
     "sqlite-thread",
     pytest.param("postgres", marks=pytest.mark.postgres),
-    pytest.param("postgres-thread", marks=pytest.mark.postgres),
 ]
 
 
@@ -145,10 +144,8 @@ async def log_settings(
     if not POSTGRES_URL:
         pytest.skip(NO_POSTGRES)
     url, database = await fresh_postgres_url()
-    # The appender as a task of the test's loop (the default), or on a thread of its own.
-    where = "thread" if name == "postgres-thread" else "loop"
     try:
-        yield DatabaseSettings(url=url, postgres_appender=where)
+        yield DatabaseSettings(url=url)
     finally:
         await drop_postgres_database(database)
 

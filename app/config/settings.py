@@ -62,10 +62,6 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     # without reading the table (app/backends/postgres/notifications.py); off: the NOTIFY
     # only names the newest position, and they read the table.
     notify_events: bool = True
-    # Where a PostgreSQL log's appends are made: "loop" (a task of the service's event loop)
-    # or "thread" (an event loop of their own, on a thread, so that the append lock is not
-    # held waiting for a busy service loop, at the price of handing the GIL back and forth).
-    postgres_appender: str = "loop"
 
 
 class ServerSettings(msgspec.Struct, frozen=True):
@@ -206,7 +202,6 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "SQLITE_APPENDER": ("database", "sqlite_appender"),
     "AUDIT_CHAIN": ("database", "audit_chain"),
     "NOTIFY_EVENTS": ("database", "notify_events"),
-    "POSTGRES_APPENDER": ("database", "postgres_appender"),
     "HEARTBEAT_SECONDS": ("server", "heartbeat_seconds"),
     "SSE_RETRY_MS": ("server", "retry_ms"),
     "SSE_WRITE_TIMEOUT_SECONDS": ("server", "write_timeout_seconds"),

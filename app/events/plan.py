@@ -281,10 +281,9 @@ class VersionCache:
     """Each source's current version and the head's chain value, as this appender last
     committed them.
 
-    Valid as of one head: every batch reads the head under the write lock, and a head other
-    than the cache's means another writer (another process) moved the log; then either the
-    newest versions of the sources written since are read and the cache catches up
-    (:meth:`catch_up`), or it is dropped and versions are read from the table.
+    Valid only while nobody else appends: every batch reads the head under the write lock,
+    and a head other than the one this appender last committed means another writer (another
+    process) moved the log, so the cache is dropped and versions are read from the table.
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
@@ -301,25 +300,6 @@ class VersionCache:
             self._versions.clear()
         known = {key: self._versions[key] for key in keys if key in self._versions}
         return known, [key for key in keys if key not in known]
-
-    @property
-    def head(self) -> int | None:
-        """The head the cache holds the versions as of (None: it holds nothing yet)."""
-        return self._head
-
-    def catch_up(self, head: int, versions: Mapping[SourceKey, int]) -> None:
-        """Other writers committed everything after the cached head up to ``head``;
-        ``versions``: the newest version of each source they wrote. The cache then holds as
-        of ``head`` (without the chain value there, which the appender reads)."""
-        if len(self._versions) > self._capacity:
-            self._versions.clear()
-        self._versions.update(versions)
-        self._head, self._chain = head, None
-
-    def holds(self, key: SourceKey) -> bool:
-        """Whether ``key``'s version is cached (good only if the head is still the one this
-        appender committed: see :meth:`begin`)."""
-        return key in self._versions
 
     def chain_at(self, head: int) -> bytes | None:
         """The chain value at ``head`` if this appender committed it, else None (read it)."""

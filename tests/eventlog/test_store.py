@@ -682,17 +682,10 @@ async def test_postgres_appender_commits_durably(postgres_url: str) -> None:
     try:
         await store.append_one(new())
         appender: Any = store._appender
-
-        async def show(setting: str) -> str:
-            # On the appender's own connection, on the event loop it runs on.
-            query = appender._connection.fetchval(f"SHOW {setting}")
-            return await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(query, appender._writer_loop)
-            )
-
+        connection = appender._connection
         # Acknowledged means flushed: a commit waits for its WAL record to reach disk.
-        assert await show("synchronous_commit") == "on"
-        assert await show("fsync") == "on"
+        assert await connection.fetchval("SHOW synchronous_commit") == "on"
+        assert await connection.fetchval("SHOW fsync") == "on"
     finally:
         await store.close()
         await engine.dispose()

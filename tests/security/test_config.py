@@ -58,10 +58,6 @@ def test_lists_are_comma_separated_and_trimmed() -> None:
         ({"SQLITE_BUSY_TIMEOUT_SECONDS": "nan"}, "SQLITE_BUSY_TIMEOUT_SECONDS"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"SQLITE_APPENDER": "fork"}, 'SQLITE_APPENDER must be "process" or "thread"'),
-        (
-            {"POSTGRES_APPENDER": "fork", "DATABASE_URL": "postgresql+asyncpg://u@h/d"},
-            'POSTGRES_APPENDER must be "loop" or "thread"',
-        ),
     ],
 )
 def test_malformed_values_stop_the_start_naming_the_variable(

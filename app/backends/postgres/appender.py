@@ -3,16 +3,15 @@ group-committed batch, under a transaction-scoped advisory lock.
 
 The lock is taken before the head is read and held until commit, so commit order is position
 order (see :mod:`app.backends.base`); other writers (projection steps, job leases) take no part
-in it and never wait for appends. ``pg_notify`` at commit wakes other processes' tails.
+in it and never wait for appends. ``pg_notify`` at commit hands other processes' feeds the
+rows (or wakes them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -33,59 +32,13 @@ from app.events.plan import (
     supplied_ids,
 )
 
-__all__ = ["APPENDERS", "APPEND_LOCK_KEY", "NOTIFY_CHANNEL", "PostgresAppender", "postgres_dsn"]
+__all__ = ["APPEND_LOCK_KEY", "NOTIFY_CHANNEL", "PostgresAppender", "postgres_dsn"]
 
 logger = logging.getLogger(__name__)
 
 #: pg_advisory_xact_lock key for appends ("activity" in ASCII).
 APPEND_LOCK_KEY = 0x6163746976697479
 NOTIFY_CHANNEL = "activity_events"
-
-#: A simple-protocol query (no parameters): begins the transaction and takes the lock in one
-#: round trip.
-_BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
-
-#: The most positions other writers may have committed since the cache's head for the state
-#: read to catch the cache up with them (more, and the batch's sources are read instead).
-MAX_CATCH_UP = 2_000
-
-#: Under the lock, in one round trip: the head, its chain value, the current version of each
-#: source asked for (0 for a new one, in the order asked), and, when the head has moved since
-#: the cache's ($3) by at most MAX_CATCH_UP, the newest version of each source written since
-#: (streams, source ids, versions; NULL otherwise).
-_STATE = (
-    "SELECT h.head, (SELECT chain FROM events WHERE position = h.head),"
-    " ARRAY(SELECT coalesce((SELECT max(e.version) FROM events e"
-    " WHERE e.stream = s.stream AND e.source_id = s.source_id), 0)"
-    " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS s(stream, source_id, n)"
-    " ORDER BY s.n),"
-    " d.streams, d.sources, d.versions"
-    " FROM (SELECT coalesce(max(position), 0) AS head FROM events) AS h"
-    " LEFT JOIN LATERAL (SELECT array_agg(g.stream) AS streams,"
-    " array_agg(g.source_id) AS sources, array_agg(g.version) AS versions"
-    " FROM (SELECT r.stream, r.source_id, max(r.version) AS version"
-    # The rows after the cache's head, read along the primary key (a plan made for any $3
-    # must not scan the table), only where the head moved, and by no more than the limit.
-    " FROM (SELECT stream, source_id, version FROM events WHERE position > $3"
-    f" ORDER BY position LIMIT {MAX_CATCH_UP}) AS r"
-    " GROUP BY r.stream, r.source_id) AS g) AS d"
-    f" ON h.head > $3::bigint AND h.head - $3::bigint <= {MAX_CATCH_UP}"
-)
-
-_VERSIONS = (
-    "SELECT s.stream, s.source_id, coalesce((SELECT max(e.version) FROM events e"
-    " WHERE e.stream = s.stream AND e.source_id = s.source_id), 0)"
-    " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)"
-)
-
-#: The rows, and the notifications delivered at commit (in the order given), in one round
-#: trip.
-_INSERT = (
-    f"WITH written AS (INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[],"
-    " $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[],"
-    " $9::bytea[]) RETURNING 1) SELECT pg_notify($10, payload) FROM unnest($11::text[])"
-    " AS payload"
-)
 
 
 def postgres_dsn(url: str) -> str:
@@ -95,24 +48,12 @@ def postgres_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-#: Where the appender's transactions are made: as a task of the service's event loop
-#: (``loop``), or on an event loop of their own, on a thread (``thread``).
-APPENDERS = ("loop", "thread")
-
-
 class PostgresAppender:
     """One dedicated asyncpg connection; each batch is one transaction under the append lock.
 
-    A task forms the batches: whatever was submitted while a transaction was being committed
-    goes into the next one. The append lock is held from the transaction's first round trip
-    to its commit, and every instance's appends wait while it is held; a round trip's answer
-    waits for its event loop to come round to it, and the service's loop can be busy for a
-    while (a projection folding a page, a replay, requests). ``POSTGRES_APPENDER=thread`` runs
-    the task on an event loop of its own, on a thread, which hands each transaction's outcome
-    back to the service's loop; it is not the default: the two threads then take turns at the
-    GIL, which cost the appends more than it saved (bench/README.md, scaling). Guarded writes
-    (projection steps) go over a second connection of their own, on the service's loop: they
-    take no lock appends wait for.
+    A task on the event loop forms the batches: whatever was submitted while a transaction
+    was being committed goes into the next one. Guarded writes (projection steps) go over a
+    second connection of their own: they take no lock appends wait for.
     """
 
     def __init__(
@@ -122,16 +63,8 @@ class PostgresAppender:
         max_batch_events: int = 2000,
         chain: bool = True,
         notify_events: bool = True,
-        where: str = "loop",
     ) -> None:
-        if where not in APPENDERS:
-            raise ValueError(f"POSTGRES_APPENDER must be loop or thread, got {where!r}")
         self._dsn = postgres_dsn(url)
-        self._on_thread = where == "thread"
-        # The service's loop (where outcomes are delivered) and the writer's loop.
-        self._caller: asyncio.AbstractEventLoop | None = None
-        self._writer_loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         # Whether appends carry chain values (AUDIT_CHAIN).
         self._chained = chain
         # Whether a commit's notifications carry its rows (NOTIFY_EVENTS).
@@ -141,57 +74,16 @@ class PostgresAppender:
         self._guarded: Any = None
         self._guarded_turn = asyncio.Lock()
         self._cache = VersionCache()
-        # Filled on the service's loop, emptied on the writer's (deque appends and pops are
-        # atomic).
         self._waiting: deque[AppendRequest] = deque()
-        self._wake: asyncio.Event | None = None
+        self._wake = asyncio.Event()
         self._stopping = False
         self._on_commit: OnCommit | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, on_commit: OnCommit) -> None:
-        self._caller = asyncio.get_running_loop()
+        await self._connect()
         self._on_commit = on_commit
-        if not self._on_thread:
-            self._writer_loop = self._caller
-            self._wake = asyncio.Event()
-            await self._connect()
-            self._task = asyncio.create_task(self._serve(), name="event-log-writer")
-            return
-        connected: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._run_thread, args=(connected,), name="event-log-writer", daemon=True
-        )
-        self._thread.start()
-        try:
-            await asyncio.wrap_future(connected)
-        except BaseException:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-            raise
-
-    def _run_thread(self, connected: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
-        self._writer_loop = loop
-        try:
-            loop.run_until_complete(self._serve_on_thread(connected))
-        finally:
-            loop.close()
-
-    async def _serve_on_thread(self, connected: concurrent.futures.Future[None]) -> None:
-        self._wake = asyncio.Event()
-        try:
-            await self._connect()
-        except BaseException as exc:
-            connected.set_exception(exc)
-            return
-        connected.set_result(None)
-        try:
-            await self._serve()
-        finally:
-            if self._connection is not None:
-                await self._connection.close()
-                self._connection = None
+        self._task = asyncio.create_task(self._serve(), name="event-log-writer")
 
     async def _connect(self) -> Any:
         import asyncpg
@@ -208,93 +100,44 @@ class PostgresAppender:
 
     def submit(self, requests: list[AppendRequest]) -> None:
         self._waiting.extend(requests)
-        self._signal()
-
-    def _signal(self) -> None:
-        """Wake the writer (from the service's loop)."""
-        assert self._wake is not None
-        assert self._writer_loop is not None
-        if self._writer_loop is self._caller:
-            self._wake.set()
-        else:
-            self._writer_loop.call_soon_threadsafe(self._wake.set)
-
-    def _deliver(
-        self, group: list[AppendRequest], outcome: Plan | Exception, seconds: float
-    ) -> None:
-        """Hand a transaction's outcome to the store, on the service's loop, in commit order
-        (the loop runs callbacks in the order they were scheduled)."""
-        if self._caller is self._writer_loop:
-            self._committed(group, outcome, seconds)
-        else:
-            assert self._caller is not None
-            self._caller.call_soon_threadsafe(self._committed, group, outcome, seconds)
-
-    def _committed(
-        self, group: list[AppendRequest], outcome: Plan | Exception, seconds: float
-    ) -> None:
-        assert self._on_commit is not None
-        try:
-            self._on_commit(group, outcome, seconds)
-        except Exception:
-            # The outcome is the store's to deliver; the next batch must still go.
-            logger.exception("delivering the outcome of an append failed")
+        self._wake.set()
 
     async def _serve(self) -> None:
-        wake = self._wake
-        assert wake is not None
         while True:
-            await wake.wait()
-            wake.clear()
+            await self._wake.wait()
+            self._wake.clear()
             while self._waiting:
+                group = take_group(self._waiting, self._max_batch, _event_count)
                 started = time.perf_counter()
-                group, outcome = await self._commit_next()
-                self._deliver(group, outcome, time.perf_counter() - started)
+                outcome: Plan | Exception
+                try:
+                    outcome = await self._transaction([request.events for request in group])
+                except Exception as exc:
+                    outcome = exc
+                assert self._on_commit is not None
+                try:
+                    self._on_commit(group, outcome, time.perf_counter() - started)
+                except Exception:
+                    # The outcome is the store's to deliver; the next batch must still go.
+                    logger.exception("delivering the outcome of an append failed")
             if self._stopping:
                 return
 
-    async def _commit_next(self) -> tuple[list[AppendRequest], Plan | Exception]:
-        """One transaction: the append lock, then every request waiting by the time it is
-        held (up to the batch limit), written and committed; the requests and the outcome.
-
-        While the lock is held every other instance's appends wait, for as many round trips
-        as this one makes under it, each of which waits its turn on this process's event
-        loop: so there are three (the state, the rows, the commit), and the group is taken
-        only once the lock is held, so that what arrived while it was waited for goes into
-        this commit and not the next."""
+    async def _transaction(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
         import asyncpg
 
-        group: list[AppendRequest] | None = None
         try:
             connection = await self._connect()
-            # One round trip: the transaction begins with the lock, waited for in the server.
-            await connection.execute(_BEGIN_LOCKED)
-            group = take_group(self._waiting, self._max_batch, _event_count)
-            plan, head, chain = await self._write(connection, [r.events for r in group])
-            await connection.execute("COMMIT")
+            async with connection.transaction():
+                plan, head, chain = await self._write(connection, batch)
         except BaseException as exc:
             self._cache.forget()
-            if group is None:
-                group = take_group(self._waiting, self._max_batch, _event_count)
             if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
                 await self._discard()
-                return group, LogUnavailable(f"the event log could not be written: {exc}")
-            await self._roll_back()
-            if isinstance(exc, Exception):
-                return group, exc
+                raise LogUnavailable(f"the event log could not be written: {exc}") from exc
             raise
         self._cache.committed(plan, head, chain)
-        return group, plan
-
-    async def _roll_back(self) -> None:
-        connection = self._connection
-        if connection is None or connection.is_closed():
-            return
-        try:
-            if connection.is_in_transaction():
-                await connection.execute("ROLLBACK")
-        except Exception:
-            await self._discard()
+        return plan
 
     async def probe(self) -> str | None:
         # The connection is the writer's alone; /health's reads show whether the server answers.
@@ -339,33 +182,18 @@ class PostgresAppender:
     async def _write(
         self, connection: Any, batch: Sequence[Sequence[NewEvent]]
     ) -> tuple[Plan, int, bytes | None]:
-        """Plan and insert ``batch`` in the transaction holding the append lock."""
-        keys = source_keys(batch)
-        cache = self._cache
-        # The cache holds each source's version as of its head: the state read asks for the
-        # sources it does not hold and, where other writers moved the head since, reads what
-        # they wrote, so that the cache holds as of the head again without a read per source.
-        since = cache.head
-        asked = [key for key in keys if not cache.holds(key)]
-        head, head_chain, found, streams, sources, written = await connection.fetchrow(
-            _STATE, [key[0] for key in asked], [key[1] for key in asked], since
-        )
-        if since is not None and head != since:
-            if streams is None:
-                cache.forget()
-            else:
-                moved = zip(zip(streams, sources, strict=True), written, strict=True)
-                cache.catch_up(head, dict(moved))
-        versions, missing = cache.begin(head, keys)
-        read = dict(zip(asked, found, strict=True))
-        versions.update((key, read[key]) for key in missing if key in read)
-        rest = [key for key in missing if key not in read]
-        if rest:
-            # Too much was written since the cache's head: the sources it held are read.
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
+        versions, missing = self._cache.begin(head, source_keys(batch))
+        if missing:
             records = await connection.fetch(
-                _VERSIONS, [key[0] for key in rest], [key[1] for key in rest]
+                "SELECT s.stream, s.source_id, (SELECT max(e.version) FROM events e"
+                " WHERE e.stream = s.stream AND e.source_id = s.source_id)"
+                " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)",
+                [key[0] for key in missing],
+                [key[1] for key in missing],
             )
-            versions.update({(r[0], r[1]): r[2] for r in records})
+            versions.update({(r[0], r[1]): r[2] or 0 for r in records})
         ids = supplied_ids(batch)
         existing: dict[str, Event] = {}
         if ids:
@@ -374,7 +202,7 @@ class PostgresAppender:
             ):
                 existing[record[5]] = event_from_row(record)
         # Read under the same lock as the head, so the chain follows commit order.
-        chain = await self._head_chain(connection, head, head_chain)
+        chain = await self._head_chain(connection, head)
         plan = plan_batch(
             batch,
             head=head,
@@ -385,15 +213,24 @@ class PostgresAppender:
         )
         if plan.rows:
             columns = list(zip(*plan.rows, strict=True))
-            # The notifications are delivered at commit, in commit order: the rows themselves
-            # for other processes' feeds, or a wake-up (app/backends/postgres/notifications.py).
-            notified = encode_notifications(plan.rows, with_rows=self._notify_events)
-            await connection.execute(_INSERT, *columns, NOTIFY_CHANNEL, notified)
+            await connection.execute(
+                f"INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[],"
+                " $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[],"
+                " $9::bytea[])",
+                *columns,
+            )
+            # Delivered at commit, in commit order: the rows themselves for other processes'
+            # feeds, or a wake-up (app/backends/postgres/notifications.py).
+            await connection.execute(
+                "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+                NOTIFY_CHANNEL,
+                encode_notifications(plan.rows, with_rows=self._notify_events),
+            )
         return plan, head, chain
 
-    async def _head_chain(self, connection: Any, head: int, found: bytes | None) -> bytes | None:
-        """The chain value at ``head``: the one this appender committed last, else ``found``
-        (read with the head), computed first if the head has none; None if the chain is off."""
+    async def _head_chain(self, connection: Any, head: int) -> bytes | None:
+        """The chain value at ``head``: the one this appender committed last, unless another
+        instance moved the head since (then read, under the lock); None if off."""
         if not self._chained:
             return None
         known = self._cache.chain_at(head)
@@ -401,7 +238,10 @@ class PostgresAppender:
             return known
         if head == 0:
             return GENESIS
-        return bytes(found) if found is not None else await self._fill_chain(connection)
+        found: bytes | None = await connection.fetchval(
+            "SELECT chain FROM events WHERE position = $1", head
+        )
+        return found if found is not None else await self._fill_chain(connection)
 
     @staticmethod
     async def _fill_chain(connection: Any) -> bytes:
@@ -433,16 +273,9 @@ class PostgresAppender:
             self._guarded = None
         if self._task is not None:
             self._stopping = True
-            self._signal()
+            self._wake.set()
             await self._task
             self._task = None
-        if self._thread is not None:
-            self._stopping = True
-            self._signal()
-            # Its last outcomes were scheduled on this loop before it ended: they are
-            # delivered before this await returns.
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None

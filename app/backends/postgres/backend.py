@@ -14,7 +14,6 @@ from sqlalchemy.sql.dml import Insert
 from app.backends.base import Appender, Backend, Listener
 from app.backends.postgres.appender import (
     APPEND_LOCK_KEY,
-    APPENDERS,
     NOTIFY_CHANNEL,
     PostgresAppender,
     postgres_dsn,
@@ -33,12 +32,7 @@ class PostgresBackend(Backend):
     scheme = "postgresql+asyncpg://"
 
     def check(self, settings: DatabaseSettings) -> None:
-        """The appender's place; the rest the server says when connected."""
-        if settings.postgres_appender not in APPENDERS:
-            choices = " or ".join(f'"{name}"' for name in APPENDERS)
-            raise ValueError(
-                f"POSTGRES_APPENDER must be {choices}, got {settings.postgres_appender!r}"
-            )
+        """Nothing to check before connecting: the server says what is wrong."""
 
     def prepare(self) -> None:
         """Nothing to prepare: the database is the server's."""
@@ -58,7 +52,6 @@ class PostgresBackend(Backend):
             max_batch_events=settings.max_batch_events,
             chain=settings.audit_chain,
             notify_events=settings.notify_events,
-            where=settings.postgres_appender,
         )
 
     def listener(
