@@ -78,6 +78,7 @@ __all__ = [
 ]
 
 NAIVE = "naive (in-memory Litestar)"
+PLAIN = "service, SSE_FANOUT=0"
 NCHAN = "nchan (nginx, C)"
 CLIENT = "subscriber client"
 RATE = 200
@@ -237,6 +238,13 @@ def _start_service(scratch: Path) -> AbstractAsyncContextManager[Started]:
     )
 
 
+def _start_plain_service(scratch: Path) -> AbstractAsyncContextManager[Started]:
+    return _python_server(
+        [sys.executable, "-m", "app", "serve", "--log-level", "warning"],
+        service_env(scratch, SSE_FANOUT="0"),
+    )
+
+
 def _start_naive(_: Path) -> AbstractAsyncContextManager[Started]:
     return _python_server([sys.executable, "-m", "bench.peers.naive"], {})
 
@@ -247,12 +255,24 @@ async def _start_nchan(_: Path) -> AsyncIterator[Started]:
         yield Started(base_url, pgid)
 
 
-def contenders() -> list[Contender]:
+def contenders(only: list[str] | None = None) -> list[Contender]:
+    """Every contender, or those named in ``only`` (``service``, ``plain``, ``naive``,
+    ``nchan``), in that order."""
     # A fresh nchan server per measurement, so one channel name serves.
-    return [
+    every = [
         Contender(
             SERVICE,
             _start_service,
+            "/events/stream",
+            "0",
+            "/agents/fanout-bench/events",
+            _agent_body,
+            (b"201",),
+        ),
+        # The service with every subscriber written by its own task: what the fan-out is worth.
+        Contender(
+            PLAIN,
+            _start_plain_service,
             "/events/stream",
             "0",
             "/agents/fanout-bench/events",
@@ -280,6 +300,14 @@ def contenders() -> list[Contender]:
             (b"201", b"202"),
         ),
     ]
+    if only is None:
+        return every
+    short = dict(zip(CONTENDERS, every, strict=True))
+    return [short[name] for name in CONTENDERS if name in only]
+
+
+#: The contenders' short names, for ``--only``.
+CONTENDERS = ("service", "plain", "naive", "nchan")
 
 
 class _Answers:
@@ -493,6 +521,7 @@ async def run(
     sizes: list[int] | None = None,
     saturated: bool = True,
     seconds: float | None = None,
+    only: list[str] | None = None,
 ) -> list[Figure]:
     """Every contender at each size (and saturated at :data:`TARGET_N`), round by round, in
     the same order each round (service, then the peers: A B A B)."""
@@ -506,7 +535,7 @@ async def run(
         scratch = Path(directory)
         for round_number in range(rounds):
             for n in sizes:
-                for contender in contenders():
+                for contender in contenders(only):
                     print(f"round {round_number + 1}/{rounds}: {contender.name}, {n} subscribers",
                           file=sys.stderr)  # fmt: skip
                     measured = await _measure(
@@ -518,7 +547,7 @@ async def run(
                             capacity.add(CLIENT, measured.client_capacity)
             if not saturated:
                 continue
-            for contender in contenders():
+            for contender in contenders(only):
                 print(f"round {round_number + 1}/{rounds}: {contender.name}, {TARGET_N} "
                       f"subscribers, saturated", file=sys.stderr)  # fmt: skip
                 measured = await _measure(
@@ -565,6 +594,9 @@ def main() -> None:
         "--no-saturated", action="store_true", help="skip the saturated run at 500 subscribers"
     )
     parser.add_argument("--seconds", type=float, default=None, help="producing time per run")
+    parser.add_argument(
+        "--only", default=None, help=f"contenders, comma-separated: {','.join(CONTENDERS)}"
+    )
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
     sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else None
@@ -576,6 +608,7 @@ def main() -> None:
             sizes=sizes,
             saturated=not args.no_saturated,
             seconds=args.seconds,
+            only=args.only.split(",") if args.only else None,
         )
     )
     print(render(figures))
