@@ -232,17 +232,16 @@ def service_env(scratch: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def _start_service(scratch: Path) -> AbstractAsyncContextManager[Started]:
-    return _python_server(
-        [sys.executable, "-m", "app", "serve", "--log-level", "warning"], service_env(scratch)
-    )
+def _service(**extra: str) -> Callable[[Path], AbstractAsyncContextManager[Started]]:
+    """Starts the service with ``extra`` in its environment."""
 
+    def start(scratch: Path) -> AbstractAsyncContextManager[Started]:
+        return _python_server(
+            [sys.executable, "-m", "app", "serve", "--log-level", "warning"],
+            service_env(scratch, **extra),
+        )
 
-def _start_plain_service(scratch: Path) -> AbstractAsyncContextManager[Started]:
-    return _python_server(
-        [sys.executable, "-m", "app", "serve", "--log-level", "warning"],
-        service_env(scratch, SSE_FANOUT="0"),
-    )
+    return start
 
 
 def _start_naive(_: Path) -> AbstractAsyncContextManager[Started]:
@@ -255,14 +254,17 @@ async def _start_nchan(_: Path) -> AsyncIterator[Started]:
         yield Started(base_url, pgid)
 
 
-def contenders(only: list[str] | None = None) -> list[Contender]:
+def contenders(
+    only: list[str] | None = None, *, sse_connections: int | None = None
+) -> list[Contender]:
     """Every contender, or those named in ``only`` (``service``, ``plain``, ``naive``,
-    ``nchan``), in that order."""
+    ``nchan``), in that order; the service allowing ``sse_connections`` streams."""
+    extra = {} if sse_connections is None else {"SSE_MAX_CONNECTIONS": str(sse_connections)}
     # A fresh nchan server per measurement, so one channel name serves.
     every = [
         Contender(
             SERVICE,
-            _start_service,
+            _service(**extra),
             "/events/stream",
             "0",
             "/agents/fanout-bench/events",
@@ -272,7 +274,7 @@ def contenders(only: list[str] | None = None) -> list[Contender]:
         # The service with every subscriber written by its own task: what the fan-out is worth.
         Contender(
             PLAIN,
-            _start_plain_service,
+            _service(SSE_FANOUT="0", **extra),
             "/events/stream",
             "0",
             "/agents/fanout-bench/events",
