@@ -313,8 +313,10 @@ class LogFeed:
     def _expire(self, subscription: Subscription) -> None:
         if subscription in self._parked and subscription.idle is not None:
             # Handed entries since its timeout was set: idle only from the last hand-over.
+            # (Within a tick of it, it is due now: filed again, it could fall in the tick
+            # being fired, and be fired again and again.)
             left = subscription.active + subscription.idle - asyncio.get_running_loop().time()
-            if left > 0:
+            if left > TICK_SECONDS:
                 self._timers.add(subscription, left)
                 return
         waiter, subscription.waiter = subscription.waiter, None
