@@ -84,19 +84,34 @@ def copy_log(template: Path, into: Path) -> Path:
     return target
 
 
-async def append_load(store: EventStore, stop: asyncio.Event, latencies: list[float]) -> int:
+async def append_load(
+    store: EventStore, stop: asyncio.Event, latencies: list[float], rate: float
+) -> int:
+    """``PRODUCERS`` producers appending one event at a time until ``stop``: as fast as
+    acknowledgements come back (``rate`` 0), or each on a fixed schedule adding up to
+    ``rate`` appends/s, with each latency counted from the event's scheduled time, so that a
+    stall counts for every append it delays (no coordinated omission)."""
+    loop = asyncio.get_running_loop()
+    interval = PRODUCERS / rate if rate else 0.0
+
     async def produce(producer: int) -> int:
         count = 0
+        due = loop.time() + interval * producer / PRODUCERS
         while not stop.is_set():
+            if interval:
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                started = due
+                due += interval
+            else:
+                started = loop.time()
             event = NewEvent(
                 "agent",
                 f"live-{producer}",
                 "progress",
                 canonical_payload({"agent_name": "bench", "n": count}),
             )
-            started = time.perf_counter()
             await store.append_one(event)
-            latencies.append(time.perf_counter() - started)
+            latencies.append(loop.time() - started)
             count += 1
         return count
 
@@ -104,7 +119,14 @@ async def append_load(store: EventStore, stop: asyncio.Event, latencies: list[fl
 
 
 async def one_run(
-    path: Path, archive: Path, *, purge: bool, seconds: float, batch: int, delete_rows: int
+    path: Path,
+    archive: Path,
+    *,
+    purge: bool,
+    seconds: float,
+    batch: int,
+    delete_rows: int,
+    rate: float,
 ) -> Run:
     url = f"sqlite+aiosqlite:///{path}"
     engine = create_engine(url, pool_size=4)
@@ -115,7 +137,7 @@ async def one_run(
             await store.append_one(NewEvent("agent", "warm", "progress", canonical_payload({})))
             stop = asyncio.Event()
             latencies: list[float] = []
-            load = asyncio.create_task(append_load(store, stop, latencies))
+            load = asyncio.create_task(append_load(store, stop, latencies, rate))
             started = time.perf_counter()
             purged = 0
             if purge:
@@ -157,6 +179,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=10_000, help="RETENTION_BATCH_EVENTS")
     parser.add_argument("--delete-rows", type=int, default=100, help="RETENTION_DELETE_ROWS")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=1000.0,
+        help="appends/s offered by the producers together; 0: as fast as they are acknowledged",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-retention-") as scratch:
         root = Path(scratch)
@@ -175,6 +203,7 @@ def main() -> None:
                     seconds=0,
                     batch=args.batch,
                     delete_rows=args.delete_rows,
+                    rate=args.rate,
                 )
             )
             shutil.rmtree(run_dir)
@@ -186,6 +215,7 @@ def main() -> None:
                     seconds=purged.seconds,
                     batch=args.batch,
                     delete_rows=args.delete_rows,
+                    rate=args.rate,
                 )
             )
             shutil.rmtree(run_dir)

@@ -14,27 +14,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.audit.verify import ArchivedRange, ChainedEvent
 from app.eventlog.archives import ArchiveDamaged, Segment, check_segment, read_segment
-from app.eventlog.tables import events
+from app.eventlog.tables import EVENT_COLUMNS, events
 from app.events.envelope import Event
 
 __all__ = ["archived_ranges", "read_chained", "table_rows"]
 
-_COLUMNS = (
-    events.c.position,
-    events.c.stream,
-    events.c.source_id,
-    events.c.version,
-    events.c.event,
-    events.c.event_id,
-    events.c.timestamp,
-    events.c.payload,
-    events.c.chain,
-)
-
 
 async def read_chained(engine: AsyncEngine, after: int, limit: int) -> list[ChainedEvent]:
     """At most ``limit`` rows above position ``after``, as the table holds them."""
-    query = select(*_COLUMNS).where(events.c.position > after).order_by(events.c.position)
+    query = (
+        select(*EVENT_COLUMNS, events.c.chain)
+        .where(events.c.position > after)
+        .order_by(events.c.position)
+    )
     async with engine.connect() as connection:
         rows = (await connection.execute(query.limit(limit))).all()
     return [

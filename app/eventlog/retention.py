@@ -47,8 +47,8 @@ from app.config.retention import ANY, RetentionRule
 from app.database.statements import compile_write
 from app.eventlog import archives
 from app.eventlog.archives import Segment, archived_segments
-from app.eventlog.store import EVENT_COLUMNS, EventStore, to_event
-from app.eventlog.tables import events
+from app.eventlog.store import EventStore, to_event
+from app.eventlog.tables import EVENT_COLUMNS, events
 from app.events.envelope import Event, format_timestamp, utc_now
 
 __all__ = [

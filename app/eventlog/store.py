@@ -30,13 +30,12 @@ from app.config import DatabaseSettings
 from app.eventlog.filters import EventFilter
 from app.eventlog.metrics import AppendFailure, AppendMetrics
 from app.eventlog.notify import LogFeed
-from app.eventlog.tables import events
+from app.eventlog.tables import EVENT_COLUMNS, events
 from app.events.envelope import Event, NewEvent
 from app.events.errors import AppendError, LogUnavailable
 from app.events.plan import AppendResult, Plan
 
 __all__ = [
-    "EVENT_COLUMNS",
     "AppendResult",
     "EventStore",
     "FramePage",
@@ -51,21 +50,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-_COLUMNS = (
-    events.c.position,
-    events.c.stream,
-    events.c.source_id,
-    events.c.version,
-    events.c.event,
-    events.c.event_id,
-    events.c.timestamp,
-    events.c.payload,
-)
-
-
-#: An event's columns, in :class:`Event`'s order (what :func:`to_event` takes).
-EVENT_COLUMNS = _COLUMNS
 
 
 class Page(NamedTuple):
@@ -146,7 +130,7 @@ async def _rows(
 
 
 def _to_event(row: Sequence[Any]) -> Event:
-    # Positional, in _COLUMNS' order: a replay makes one per event, and keywords cost more.
+    # Positional, in EVENT_COLUMNS' order: a replay makes one per event, and keywords cost more.
     position, stream, source_id, version, event, event_id, timestamp, payload = row
     return Event(
         position, stream, source_id, version, event, event_id, timestamp, msgspec.Raw(payload)
@@ -162,7 +146,7 @@ def page_query(
     head: int,
     event_filter: EventFilter,
     limit: int,
-    columns: Sequence[ColumnElement[Any]] = _COLUMNS,
+    columns: Sequence[ColumnElement[Any]] = EVENT_COLUMNS,
 ) -> Select[Any]:
     """The table read behind every page, replay and catch-up: matching rows in
     ``(after, head]``, in position order."""
@@ -483,7 +467,7 @@ class EventStore:
     async def _read_for_feed(self, after: int, limit: int) -> list[Event]:
         async with self._engine.connect() as connection:
             query = (
-                select(*_COLUMNS)
+                select(*EVENT_COLUMNS)
                 .where(events.c.position > after)
                 .order_by(events.c.position)
                 .limit(limit)
@@ -494,7 +478,9 @@ class EventStore:
         self, stream: str, source_id: str, *, until_position: int | None = None
     ) -> list[Event]:
         """Every event of one source, in version order (optionally as of a position)."""
-        query = select(*_COLUMNS).where(events.c.stream == stream, events.c.source_id == source_id)
+        query = select(*EVENT_COLUMNS).where(
+            events.c.stream == stream, events.c.source_id == source_id
+        )
         if until_position is not None:
             query = query.where(events.c.position <= until_position)
         async with self._engine.connect() as connection:
@@ -504,7 +490,7 @@ class EventStore:
     async def last_event(self, stream: str, source_id: str) -> Event | None:
         """The newest event of one source, or None if it has none."""
         query = (
-            select(*_COLUMNS)
+            select(*EVENT_COLUMNS)
             .where(events.c.stream == stream, events.c.source_id == source_id)
             .order_by(events.c.version.desc())
             .limit(1)

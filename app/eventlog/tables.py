@@ -7,7 +7,7 @@ from sqlalchemy import Column, Index, Integer, LargeBinary, String, Table, Text
 from app.backends.schema import POSITION
 from app.database import metadata
 
-__all__ = ["MAX_POSITION", "MAX_VERSION", "events"]
+__all__ = ["EVENT_COLUMNS", "MAX_POSITION", "MAX_VERSION", "events"]
 
 #: The largest position the column holds (a signed 64-bit integer on both databases).
 MAX_POSITION = 2**63 - 1
@@ -37,4 +37,17 @@ events = Table(
     Index("ix_events_source_id_position", "source_id", "position"),
     Index("ix_events_stream_position", "stream", "position"),
     Index("ix_events_event_position", "event", "position"),
+)
+
+#: An event's columns, in :class:`~app.events.envelope.Event`'s field order: what every read of
+#: whole events selects (the chain value, when wanted, goes after them).
+EVENT_COLUMNS = (
+    events.c.position,
+    events.c.stream,
+    events.c.source_id,
+    events.c.version,
+    events.c.event,
+    events.c.event_id,
+    events.c.timestamp,
+    events.c.payload,
 )

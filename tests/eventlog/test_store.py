@@ -494,7 +494,8 @@ def test_the_sqlite_writer_commits_durably(tmp_path: Path) -> None:
         connection: Any = writer._connection
         assert connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
+        # Its commits never copy the WAL into the database: a thread beside it does.
+        assert connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
         # This SQLite (3.32 or later) takes large commits in blocks of rows per statement.
         assert writer._blocks == (1024, 256)
         plan = writer.commit([[new()]])

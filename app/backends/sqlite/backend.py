@@ -19,6 +19,7 @@ from app.backends.base import Appender, Backend
 from app.backends.sqlite.pragmas import SQLITE_PRAGMAS
 from app.backends.sqlite.process import ProcessAppender
 from app.backends.sqlite.thread import ThreadAppender
+from app.backends.sqlite.writer import WriterOptions
 
 if TYPE_CHECKING:
     from app.config import DatabaseSettings
@@ -71,10 +72,12 @@ class SqliteBackend(Backend):
 
     def appender(self, settings: DatabaseSettings) -> Appender:
         return self._appender_kind(settings)(
-            self.path,
-            busy_timeout_seconds=settings.busy_timeout_seconds,
-            max_batch_events=settings.max_batch_events,
-            chain=settings.audit_chain,
+            WriterOptions(
+                self.path,
+                busy_timeout_ms=int(settings.busy_timeout_seconds * 1000),
+                max_batch=settings.max_batch_events,
+                chain=settings.audit_chain,
+            )
         )
 
     @staticmethod

@@ -16,7 +16,9 @@ SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=FULL",
     "PRAGMA foreign_keys=ON",
-    # Checkpoint once the WAL holds 10,000 pages (about 40 MiB), not SQLite's 1,000: the
+    # The log's writer turns this off and checkpoints beside its commits
+    # (app/backends/sqlite/checkpoints.py); for any other connection that writes:
+    # checkpoint once the WAL holds 10,000 pages (about 40 MiB), not SQLite's 1,000: the
     # commit that crosses the mark copies the WAL into the database file and syncs it, and a
     # hot index page rewritten by many commits is copied once per checkpoint rather than
     # once per thousand pages. Durability is unchanged: a commit is on disk once its WAL

@@ -29,7 +29,6 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -37,7 +36,7 @@ import msgspec
 from app.backends.base import AppendRequest, GuardedWrite, OnCommit
 from app.backends.sqlite.linked import LinkedAppender
 from app.backends.sqlite.serve import Answer, Ask, serve
-from app.backends.sqlite.writer import SqliteWriter
+from app.backends.sqlite.writer import WriterOptions
 from app.events.envelope import Event, NewEvent
 from app.events.errors import AppendError, EventIdReused, LogUnavailable, VersionConflict
 from app.events.plan import AppendResult, Plan
@@ -204,15 +203,13 @@ def _encode_result(result: list[AppendResult] | AppendError) -> Any:
     return result
 
 
-def _run_child(
-    sock: socket.socket, path: str, busy_ms: int, max_batch: int, kib: int, chain: bool
-) -> None:
+def _run_child(sock: socket.socket, options: WriterOptions) -> None:
     """The child's work: connect, then append until told to stop or the service is gone."""
     # Ctrl-C reaches the whole process group; the service stops this process itself, after
     # the appends it has already handed over are committed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    writer = SqliteWriter(Path(path), busy_timeout_ms=busy_ms, cache_kib=kib, chain=chain)
+    writer = options.writer()
     outbox = _ChildOutbox(sock)
     try:
         writer.connect()
@@ -221,7 +218,7 @@ def _run_child(
         return
     outbox.answer(Answer.READY, None)
     try:
-        serve(writer, _ChildInbox(sock), outbox, max_batch=max_batch, events_of=_same)
+        serve(writer, _ChildInbox(sock), outbox, max_batch=options.max_batch, events_of=_same)
     except (EOFError, ConnectionError):
         return  # the service is gone: nobody waits for an outcome any more
     finally:
@@ -235,11 +232,8 @@ def _same(events: Sequence[NewEvent]) -> Sequence[NewEvent]:
 # -- the service's side -----------------------------------------------------------------------
 
 
-def _command(
-    fd: int, path: str, busy_ms: int, max_batch: int, cache_kib: int, chain: bool
-) -> list[str]:
-    arguments = (fd, path, busy_ms, max_batch, cache_kib, int(chain))
-    return [sys.executable, "-m", __name__, *map(str, arguments)]
+def _command(fd: int, options: WriterOptions) -> list[str]:
+    return [sys.executable, "-m", __name__, str(fd), *options.arguments()]
 
 
 def _environment() -> dict[str, str]:
@@ -251,23 +245,9 @@ def _environment() -> dict[str, str]:
 class ProcessAppender(LinkedAppender):
     """Runs each batch as one transaction in a child process (see the module's docstring)."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        busy_timeout_seconds: float = 10.0,
-        max_batch_events: int = 2000,
-        cache_kib: int = 64 * 1024,
-        chain: bool = True,
-    ) -> None:
+    def __init__(self, options: WriterOptions) -> None:
         super().__init__()
-        self._args = (
-            str(path),
-            int(busy_timeout_seconds * 1000),
-            max_batch_events,
-            cache_kib,
-            chain,
-        )
+        self._options = options
         self._process: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.WriteTransport | None = None
         # Requests sent and not yet answered, in the order the child answers them.
@@ -293,7 +273,7 @@ class ProcessAppender(LinkedAppender):
         try:
             process = await asyncio.to_thread(
                 subprocess.Popen,
-                _command(theirs.fileno(), *self._args),
+                _command(theirs.fileno(), self._options),
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env=_environment(),
@@ -522,9 +502,9 @@ def _decode_error(encoded: list[Any]) -> AppendError:
 def main(arguments: Sequence[str]) -> None:
     """``python -m app.backends.sqlite.process FD PATH BUSY_MS MAX_BATCH CACHE_KIB CHAIN``, as
     the service starts it, FD being its end of the socket pair, CHAIN 1 or 0."""
-    fd, path, busy_ms, max_batch, cache_kib, chain = arguments
+    fd, *options = arguments
     with socket.socket(fileno=int(fd)) as sock:
-        _run_child(sock, path, int(busy_ms), int(max_batch), int(cache_kib), chain == "1")
+        _run_child(sock, WriterOptions.from_arguments(options))
 
 
 if __name__ == "__main__":

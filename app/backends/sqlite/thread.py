@@ -20,13 +20,12 @@ import contextlib
 import queue
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from app.backends.base import AppendRequest, OnCommit
 from app.backends.sqlite.linked import LinkedAppender
 from app.backends.sqlite.serve import Answer, Ask, serve
-from app.backends.sqlite.writer import SqliteWriter
+from app.backends.sqlite.writer import WriterOptions
 from app.events.envelope import NewEvent
 from app.events.plan import Plan
 
@@ -36,23 +35,10 @@ __all__ = ["ThreadAppender"]
 class ThreadAppender(LinkedAppender):
     """Runs each batch as one transaction on the appender's own thread."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        busy_timeout_seconds: float = 10.0,
-        max_batch_events: int = 2000,
-        cache_kib: int = 64 * 1024,
-        chain: bool = True,
-    ) -> None:
+    def __init__(self, options: WriterOptions) -> None:
         super().__init__()
-        self._writer = SqliteWriter(
-            path,
-            busy_timeout_ms=int(busy_timeout_seconds * 1000),
-            cache_kib=cache_kib,
-            chain=chain,
-        )
-        self._max_batch = max_batch_events
+        self._writer = options.writer()
+        self._max_batch = options.max_batch
         self._inbox: queue.SimpleQueue[tuple[Ask, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -12,9 +12,10 @@ import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from app.backends.base import GuardedWrite
+from app.backends.sqlite.checkpoints import Checkpointer
 from app.backends.sqlite.pragmas import SQLITE_PRAGMAS
 from app.events.chain import GENESIS, chain_rows
 from app.events.envelope import Event, NewEvent, utc_now
@@ -29,7 +30,14 @@ from app.events.plan import (
     supplied_ids,
 )
 
-__all__ = ["INSERT_BLOCKS", "MIN_FREE_BYTES", "SqliteWriter", "blocks_within", "insert_rows"]
+__all__ = [
+    "INSERT_BLOCKS",
+    "MIN_FREE_BYTES",
+    "SqliteWriter",
+    "WriterOptions",
+    "blocks_within",
+    "insert_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +93,42 @@ def insert_rows(
 MIN_FREE_BYTES = 1024 * 1024
 
 
+class WriterOptions(NamedTuple):
+    """How a writer is made and served, whichever appender runs it: the thread's
+    (:mod:`app.backends.sqlite.thread`) or the process's, which passes them to its child as
+    arguments (:meth:`arguments`, :meth:`from_arguments`)."""
+
+    path: Path
+    busy_timeout_ms: int = 10_000
+    #: Events per transaction at most (``APPEND_MAX_BATCH``).
+    max_batch: int = 2000
+    cache_kib: int = 64 * 1024
+    #: Whether appends carry chain values (``AUDIT_CHAIN``).
+    chain: bool = True
+
+    def writer(self) -> SqliteWriter:
+        return SqliteWriter(
+            self.path,
+            busy_timeout_ms=self.busy_timeout_ms,
+            cache_kib=self.cache_kib,
+            chain=self.chain,
+        )
+
+    def arguments(self) -> list[str]:
+        return [
+            str(self.path),
+            str(self.busy_timeout_ms),
+            str(self.max_batch),
+            str(self.cache_kib),
+            str(int(self.chain)),
+        ]
+
+    @classmethod
+    def from_arguments(cls, arguments: Sequence[str]) -> WriterOptions:
+        path, busy_ms, max_batch, cache_kib, chain = arguments
+        return cls(Path(path), int(busy_ms), int(max_batch), int(cache_kib), chain == "1")
+
+
 class SqliteWriter:
     """The SQLite side of appending: one connection, one transaction per batch.
 
@@ -105,6 +149,7 @@ class SqliteWriter:
         self._connection: sqlite3.Connection | None = None
         self._cache = VersionCache()
         self._blocks: tuple[int, ...] = ()
+        self._checkpoints: Checkpointer | None = None
 
     def connect(self) -> None:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -114,10 +159,24 @@ class SqliteWriter:
         # Only this connection writes, so its page cache stays valid from one transaction to
         # the next: the index pages an append touches are found in memory, not re-read.
         connection.execute(f"PRAGMA cache_size=-{self._cache_kib}")
+        # The WAL is copied into the database beside the commits, not inside them
+        # (app/backends/sqlite/checkpoints.py).
+        connection.execute("PRAGMA wal_autocheckpoint=0")
         self._blocks = blocks_within(
             connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), sqlite3.sqlite_version_info
         )
         self._connection = connection
+        self._checkpoints = Checkpointer(self.path)
+        self._checkpoints.start()
+
+    def _between(self, connection: sqlite3.Connection) -> None:
+        """Between two transactions: copy the rest of the WAL into the database if the
+        checkpointer asks, so that the next transaction starts the WAL over."""
+        if self._checkpoints is not None and self._checkpoints.due():
+            try:
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                logger.debug("WAL checkpoint failed: %s", exc)
 
     def commit(self, batch: Sequence[Sequence[NewEvent]]) -> Plan | Exception:
         """One transaction of ``batch``: its plan, or the exception that rolled it back."""
@@ -174,6 +233,7 @@ class SqliteWriter:
     def _write(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
         connection = self._connection
         assert connection is not None, "SqliteWriter.connect() was not called"
+        self._between(connection)
         connection.execute("BEGIN IMMEDIATE")
         try:
             head = connection.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
@@ -247,6 +307,7 @@ class SqliteWriter:
         the database refuses a statement."""
         connection = self._connection
         assert connection is not None, "SqliteWriter.connect() was not called"
+        self._between(connection)
         connection.execute("BEGIN IMMEDIATE")
         try:
             found = [list(row) for row in connection.execute(write.guard, write.guard_parameters)]
@@ -282,6 +343,9 @@ class SqliteWriter:
         return found
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
+            self._checkpoints = None
         if self._connection is not None:
             self._connection.close()
             self._connection = None
