@@ -438,19 +438,21 @@ def _figures(sizes: list[int]) -> dict[str, Figure]:
             f"fan-out to {n} subscribers at {RATE}/s: append -> receive p50",
             "ms",
             higher_is_better=False,
+            target="< 5 ms" if n == 100 else "",
         )
         figures[f"fanout_{n}_p99"] = Figure(
             f"fanout_{n}_p99",
             f"fan-out to {n} subscribers at {RATE}/s: append -> receive p99",
             "ms",
             higher_is_better=False,
-            target="< 100 ms" if at_target else "",
+            target="<= 2x nchan" + (", < 100 ms" if at_target else ""),
         )
         figures[f"fanout_{n}_cpu"] = Figure(
             f"fanout_{n}_cpu",
             f"fan-out to {n} subscribers at {RATE}/s: server CPU per delivered event",
             "us",
             higher_is_better=False,
+            target="<= 1.5x nchan",
         )
     return figures
 
