@@ -453,7 +453,7 @@ class LogFeed:
             try:
                 taken = batch is not None and sink is not None and sink.deliver(batch)
             except Exception:
-                logger.exception("an SSE fan-out write failed; the subscriber takes it itself")
+                logger.exception("a fan-out sink failed; its tail takes the entries itself")
                 taken = False
             if taken:
                 subscription.delivered = head
