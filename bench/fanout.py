@@ -1,7 +1,8 @@
-"""Fan-out: N SSE subscribers, one producer at a fixed rate; delivered events/s and the
-append -> receive latency (p50, p99).
+"""Fan-out: N SSE subscribers, one producer at a fixed rate; delivered events/s, the
+append -> receive latency (p50, p99) and the server's CPU per delivered event.
 
-    python -m bench.fanout [--quick] [--rounds N] [--processes P]
+    python -m bench.fanout [--quick] [--rounds N] [--processes P] [--sizes 100,500,1000]
+                           [--no-saturated] [--seconds S]
 
 Contenders, each started fresh for every measurement:
 
@@ -19,6 +20,10 @@ in the log's order (strictly increasing ids; :mod:`bench.subscribers`), within 6
 the deliveries at 5,000/s from the first send; a contender that does not is reported as
 failed and the run exits non-zero. Delivered rate = events received by all subscribers /
 (last receive - first send).
+
+The server's CPU is the user + system time of all of its processes (its process group: the
+service and its SQLite writer process; nginx's master and worker) from just before the first
+send until every subscriber has its last event, per delivered event (:mod:`bench.procs`).
 
 At 500 subscribers each contender is also measured saturated: the producer offers
 :data:`SATURATED_RATE` events/s (500,000 deliveries/s), more than anything here delivers, so
@@ -55,13 +60,25 @@ from bench.load import (
     stop_server,
     wait_ready,
 )
-from bench.peers.nchan import NchanUnavailable, nchan_server
+from bench.peers.nchan import NchanUnavailable, nchan_process
+from bench.procs import group_cpu_seconds
 from bench.report import SERVICE, Figure, render
 from bench.subscribers import MARKER, FanoutResult, SubscriberPool, SubscriberSpec
 
-__all__ = ["FanoutRun", "fanout_once", "main", "run"]
+__all__ = [
+    "Contender",
+    "FanoutRun",
+    "Started",
+    "contenders",
+    "fanout_once",
+    "main",
+    "produce",
+    "run",
+    "service_env",
+]
 
 NAIVE = "naive (in-memory Litestar)"
+PLAIN = "service, SSE_FANOUT=0"
 NCHAN = "nchan (nginx, C)"
 CLIENT = "subscriber client"
 RATE = 200
@@ -80,11 +97,19 @@ SLOWEST_RATE = 5_000.0
 
 
 @dataclass(frozen=True)
+class Started:
+    """A running server: where it answers, and its process group (all of its processes)."""
+
+    base_url: str
+    pgid: int
+
+
+@dataclass(frozen=True)
 class Contender:
     """How to start a server and speak to it: where subscribers read, where events go."""
 
     name: str
-    start: Callable[[Path], AbstractAsyncContextManager[str]]
+    start: Callable[[Path], AbstractAsyncContextManager[Started]]
     subscribe_path: str
     last_event_id: str
     publish_path: str
@@ -101,6 +126,19 @@ class FanoutRun:
     first_send: float
     last_send: float
     result: FanoutResult
+    #: CPU time of the server's processes from just before the first send to the end.
+    server_cpu_seconds: float = math.nan
+
+    @property
+    def server_cpu_us_per_event(self) -> float:
+        """The server's CPU time per delivered event, in microseconds."""
+        return 1e6 * self.server_cpu_seconds / max(1, self.result.received)
+
+    @property
+    def server_busy(self) -> float:
+        """The server's CPU time over the run's length, as a share of one core."""
+        took = self.result.last_receive - self.first_send
+        return self.server_cpu_seconds / max(1e-9, took)
 
     @property
     def delivered_rate(self) -> float:
@@ -134,7 +172,8 @@ class FanoutRun:
         return (
             f"delivered {self.delivered_rate:,.0f} events/s ({result.received:,} in {took:.1f} s"
             f"; offered {offered:,.0f}/s), p50 {self.latency_ms(0.5):.1f} ms, p99 "
-            f"{self.latency_ms(0.99):.1f} ms; client CPU {result.cpu_seconds:.1f} s, "
+            f"{self.latency_ms(0.99):.1f} ms; server CPU {self.server_busy:.0%} of a core, "
+            f"{self.server_cpu_us_per_event:.2f} us/event; client CPU {result.cpu_seconds:.1f} s, "
             f"{per_event_us:.1f} us/event, {busy:.0%} of {result.processes} processes"
         )
 
@@ -170,44 +209,72 @@ def _envelope_body(seq: int, sent: float) -> bytes:
 
 
 @asynccontextmanager
-async def _python_server(command: list[str], env: dict[str, str]) -> AsyncIterator[str]:
+async def _python_server(command: list[str], env: dict[str, str]) -> AsyncIterator[Started]:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     process = start_server(command, port, env)
     try:
         await asyncio.to_thread(wait_ready, base_url, 60.0, process)
-        yield base_url
+        yield Started(base_url, process.pid)
     finally:
         stop_server(process)
 
 
-def _start_service(scratch: Path) -> AbstractAsyncContextManager[str]:
+def service_env(scratch: Path, **extra: str) -> dict[str, str]:
+    """The service's environment for a fan-out run: a fresh SQLite log and content store."""
     name = f"fanout-{os.urandom(4).hex()}"
-    env = {
+    return {
         "DATABASE_URL": f"sqlite+aiosqlite:///{scratch / (name + '.db')}",
         "SURREALDB_URL": "mem://",
         "ARCHIVE_DIR": str(scratch / name / "archive"),
         "HEARTBEAT_SECONDS": "15",
+        **extra,
     }
-    return _python_server([sys.executable, "-m", "app", "serve", "--log-level", "warning"], env)
 
 
-def _start_naive(_: Path) -> AbstractAsyncContextManager[str]:
+def _service(**extra: str) -> Callable[[Path], AbstractAsyncContextManager[Started]]:
+    """Starts the service with ``extra`` in its environment."""
+
+    def start(scratch: Path) -> AbstractAsyncContextManager[Started]:
+        return _python_server(
+            [sys.executable, "-m", "app", "serve", "--log-level", "warning"],
+            service_env(scratch, **extra),
+        )
+
+    return start
+
+
+def _start_naive(_: Path) -> AbstractAsyncContextManager[Started]:
     return _python_server([sys.executable, "-m", "bench.peers.naive"], {})
 
 
 @asynccontextmanager
-async def _start_nchan(_: Path) -> AsyncIterator[str]:
-    with nchan_server(connections=4096) as base_url:
-        yield base_url
+async def _start_nchan(_: Path) -> AsyncIterator[Started]:
+    with nchan_process(connections=12_288) as (base_url, pgid):
+        yield Started(base_url, pgid)
 
 
-def contenders() -> list[Contender]:
+def contenders(
+    only: list[str] | None = None, *, sse_connections: int | None = None
+) -> list[Contender]:
+    """Every contender, or those named in ``only`` (``service``, ``plain``, ``naive``,
+    ``nchan``), in that order; the service allowing ``sse_connections`` streams."""
+    extra = {} if sse_connections is None else {"SSE_MAX_CONNECTIONS": str(sse_connections)}
     # A fresh nchan server per measurement, so one channel name serves.
-    return [
+    every = [
         Contender(
             SERVICE,
-            _start_service,
+            _service(**extra),
+            "/events/stream",
+            "0",
+            "/agents/fanout-bench/events",
+            _agent_body,
+            (b"201",),
+        ),
+        # The service with every subscriber written by its own task: what the fan-out is worth.
+        Contender(
+            PLAIN,
+            _service(SSE_FANOUT="0", **extra),
             "/events/stream",
             "0",
             "/agents/fanout-bench/events",
@@ -235,6 +302,14 @@ def contenders() -> list[Contender]:
             (b"201", b"202"),
         ),
     ]
+    if only is None:
+        return every
+    short = dict(zip(CONTENDERS, every, strict=True))
+    return [short[name] for name in CONTENDERS if name in only]
+
+
+#: The contenders' short names, for ``--only``.
+CONTENDERS = ("service", "plain", "naive", "nchan")
 
 
 class _Answers:
@@ -322,7 +397,8 @@ async def fanout_once(
     """Start ``contender`` fresh, hold ``subscribers`` on it, produce, gather, stop."""
     events = round(rate * seconds)
     budget = GRACE_SECONDS + subscribers * events / SLOWEST_RATE
-    async with contender.start(scratch) as base_url:
+    async with contender.start(scratch) as started:
+        base_url = started.base_url
         url = httpx.URL(base_url)
         spec = SubscriberSpec(
             url.host, url.port or 80, contender.subscribe_path, contender.last_event_id, events
@@ -330,11 +406,13 @@ async def fanout_once(
         pool = SubscriberPool(spec, subscribers, processes)
         try:
             await pool.start()
+            cpu_before = group_cpu_seconds(started.pgid)
             first, last = await produce(base_url, contender, events, rate, budget)
             result = await pool.finish(max(5.0, first + budget - time.time()))
+            cpu = group_cpu_seconds(started.pgid) - cpu_before
         finally:
             pool.close()
-    return FanoutRun(subscribers, events, first, last, result)
+    return FanoutRun(subscribers, events, first, last, result, cpu)
 
 
 def _figures(sizes: list[int]) -> dict[str, Figure]:
@@ -360,13 +438,21 @@ def _figures(sizes: list[int]) -> dict[str, Figure]:
             f"fan-out to {n} subscribers at {RATE}/s: append -> receive p50",
             "ms",
             higher_is_better=False,
+            target="< 5 ms" if n == 100 else "",
         )
         figures[f"fanout_{n}_p99"] = Figure(
             f"fanout_{n}_p99",
             f"fan-out to {n} subscribers at {RATE}/s: append -> receive p99",
             "ms",
             higher_is_better=False,
-            target="< 100 ms" if at_target else "",
+            target="<= 2x nchan" + (", < 100 ms" if at_target else ""),
+        )
+        figures[f"fanout_{n}_cpu"] = Figure(
+            f"fanout_{n}_cpu",
+            f"fan-out to {n} subscribers at {RATE}/s: server CPU per delivered event",
+            "us",
+            higher_is_better=False,
+            target="<= 1.5x nchan",
         )
     return figures
 
@@ -378,6 +464,7 @@ def _record(figures: dict[str, Figure], n: int, name: str, measured: FanoutRun) 
     figures[f"fanout_{n}_rate"].add(name, measured.delivered_rate)
     figures[f"fanout_{n}_p50"].add(name, measured.latency_ms(0.50))
     figures[f"fanout_{n}_p99"].add(name, measured.latency_ms(0.99))
+    figures[f"fanout_{n}_cpu"].add(name, measured.server_cpu_us_per_event)
 
 
 def _capacity_figure(processes: int) -> Figure:
@@ -405,7 +492,7 @@ async def _measure(
     keys = (
         [SATURATED]
         if rate != RATE
-        else [f"fanout_{n}_{suffix}" for suffix in ("rate", "p50", "p99")]
+        else [f"fanout_{n}_{suffix}" for suffix in ("rate", "p50", "p99", "cpu")]
     )
     if name in unavailable:
         for key in keys:
@@ -430,9 +517,20 @@ async def _measure(
     return measured
 
 
-async def run(quick: bool, rounds: int, processes: int = 2) -> list[Figure]:
-    sizes = [100, 500] if quick else [100, 500, 1000]
-    seconds = 3.0 if quick else 10.0
+async def run(
+    quick: bool,
+    rounds: int,
+    processes: int = 2,
+    *,
+    sizes: list[int] | None = None,
+    saturated: bool = True,
+    seconds: float | None = None,
+    only: list[str] | None = None,
+) -> list[Figure]:
+    """Every contender at each size (and saturated at :data:`TARGET_N`), round by round, in
+    the same order each round (service, then the peers: A B A B)."""
+    sizes = sizes or ([100, 500] if quick else [100, 500, 1000])
+    seconds = seconds or (3.0 if quick else 10.0)
     figures = _figures(sizes)
     capacity = _capacity_figure(processes)
     raise_open_files(max(sizes) * 4 + 4096)
@@ -441,7 +539,7 @@ async def run(quick: bool, rounds: int, processes: int = 2) -> list[Figure]:
         scratch = Path(directory)
         for round_number in range(rounds):
             for n in sizes:
-                for contender in contenders():
+                for contender in contenders(only):
                     print(f"round {round_number + 1}/{rounds}: {contender.name}, {n} subscribers",
                           file=sys.stderr)  # fmt: skip
                     measured = await _measure(
@@ -449,7 +547,11 @@ async def run(quick: bool, rounds: int, processes: int = 2) -> list[Figure]:
                     )
                     if measured is not None:
                         _record(figures, n, contender.name, measured)
-            for contender in contenders():
+                        if not saturated and contender.name == NCHAN and n == max(sizes):
+                            capacity.add(CLIENT, measured.client_capacity)
+            if not saturated:
+                continue
+            for contender in contenders(only):
                 print(f"round {round_number + 1}/{rounds}: {contender.name}, {TARGET_N} "
                       f"subscribers, saturated", file=sys.stderr)  # fmt: skip
                 measured = await _measure(
@@ -467,6 +569,12 @@ async def run(quick: bool, rounds: int, processes: int = 2) -> list[Figure]:
                 figures[SATURATED].add(contender.name, measured.delivered_rate)
                 if contender.name == NCHAN:
                     capacity.add(CLIENT, measured.client_capacity)
+    if not saturated:
+        figures.pop(SATURATED, None)
+        capacity.name = (
+            f"subscriber client: {processes} processes / CPU time per event "
+            f"(nchan at {max(sizes)} x {RATE}/s, not saturated: a lower bound)"
+        )
     return [*figures.values(), capacity]
 
 
@@ -485,9 +593,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100 and 500 subscribers, 3 s")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3, quick 2)")
     parser.add_argument("--processes", type=int, default=2, help="subscriber client processes")
+    parser.add_argument("--sizes", default=None, help="subscriber counts, e.g. 100,500,1000")
+    parser.add_argument(
+        "--no-saturated", action="store_true", help="skip the saturated run at 500 subscribers"
+    )
+    parser.add_argument("--seconds", type=float, default=None, help="producing time per run")
+    parser.add_argument(
+        "--only", default=None, help=f"contenders, comma-separated: {','.join(CONTENDERS)}"
+    )
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
-    figures = asyncio.run(run(args.quick, rounds, args.processes))
+    sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else None
+    figures = asyncio.run(
+        run(
+            args.quick,
+            rounds,
+            args.processes,
+            sizes=sizes,
+            saturated=not args.no_saturated,
+            seconds=args.seconds,
+            only=args.only.split(",") if args.only else None,
+        )
+    )
     print(render(figures))
     problems = failed(figures)
     if problems:

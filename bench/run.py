@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
+from app.events.chain import GENESIS, chain_rows
 from bench.load import (
     client_ceiling,
     post_events_raw,
@@ -207,6 +210,22 @@ async def chain_figures(quick: bool, rounds: int, scratch: Path, servers: Server
         target=target,
     )
 
+    share = Figure(
+        "chain_cpu_share",
+        "8. the chain's CPU per event (chain_rows, measured alone) as a share of the time per "
+        "event of an in-process append with the chain off",
+        "%",
+        higher_is_better=False,
+        target="<= 5%",
+    )
+    share_http = Figure(
+        "chain_cpu_share_http",
+        "8. the same, as a share of the time per event of the HTTP batch endpoint, chain off",
+        "%",
+        higher_is_better=False,
+        target="<= 5%",
+    )
+
     async def post_batch(base_url: str) -> float:
         return await post_events_raw(base_url, 50, batch_n, 100)
 
@@ -218,19 +237,51 @@ async def chain_figures(quick: bool, rounds: int, scratch: Path, servers: Server
         contender = SERVICE if chain else CHAIN_OFF
         rate = await service_append_rate(scratch / f"c-{count}.db", events, chain=chain)
         in_process.add(contender, rate)
+        # CPU time, which a busy machine disturbs far less than a rate: the most the chain
+        # can take from the writer's time per event.
+        cost = chain_seconds_per_event() if not chain else 0.0
+        if not chain:
+            share.add(SERVICE, cost * rate * 100)
         rate = await service_append_rate(
             scratch / f"ct-{count}.db", events, appender="thread", chain=chain
         )
         in_thread.add(contender, rate)
         env = {} if chain else {"AUDIT_CHAIN": "0"}
-        http.add(contender, await servers.run_service(post_batch, env=env))
+        rate = await servers.run_service(post_batch, env=env)
+        http.add(contender, rate)
+        if not chain:
+            share_http.add(SERVICE, cost * rate * 100)
 
     for round_number in range(rounds):
         print(f"chain: round {round_number + 1}/{rounds}", file=sys.stderr)
         order = (True, False) if round_number % 2 == 0 else (False, True)
         for chain in order:
             await measure(chain)
-    return [in_process, in_thread, http]
+    return [in_process, in_thread, http, share, share_http]
+
+
+def chain_seconds_per_event(count: int = 20_000) -> float:
+    """CPU seconds :func:`~app.events.chain.chain_rows` takes per event, on rows like the
+    append figures' (the best of five runs)."""
+    rows = [
+        (
+            n + 1,
+            "agent",
+            f"bench-{n % 100}",
+            n // 100 + 1,
+            "progress",
+            str(uuid.uuid4()),
+            "2026-01-24T12:34:56.789Z",
+            f'{{"agent_name":"bench","message":"step {n}","progress":0.5,"status":"running"}}',
+        )
+        for n in range(count)
+    ]
+    best = math.inf
+    for _ in range(5):
+        started = time.process_time()
+        chain_rows(GENESIS, rows)
+        best = min(best, time.process_time() - started)
+    return best / count
 
 
 async def replay_figures(quick: bool, rounds: int, servers: Servers) -> list[Figure]:

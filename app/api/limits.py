@@ -54,14 +54,15 @@ def check_payload_sizes(events: Sequence[NewEvent], limit: int, *, batch: bool) 
 
 
 class SseConnections:
-    """Open SSE connections of this instance, against the configured cap, and the streams
-    each transport has written."""
+    """Open SSE connections of this instance, against the configured cap, the streams each
+    transport has written, and the frames the fan-out wrote (app/api/sse/fanout.py)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
         self.refused = 0
         self.transports: Counter[str] = Counter()
+        self.fanout_frames = 0
 
 
 def _is_sse_route(scope: Scope) -> bool:

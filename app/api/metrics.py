@@ -182,6 +182,20 @@ async def metrics(
                 ({"transport": "task_group"}, connections.transports["TaskGroupSubscriber"]),
             ],
         )
+        out.family(
+            "activity_sse_fanout_frames_total",
+            "counter",
+            "SSE event frames written to caught-up subscribers by the fan-out pass "
+            "(app/api/sse/fanout.py; SSE_FANOUT=0: none), straight to their connections.",
+            [({}, connections.fanout_frames)],
+        )
+        out.family(
+            "activity_sse_fanout_deferred_total",
+            "counter",
+            "Batches the fan-out handed back to a subscriber's own task: its connection's "
+            "buffer was full, or the frames larger than one write.",
+            [({}, feed.fanout_refused)],
+        )
     extensions: dict[str, Any] = request.scope.get("extensions") or {}
     guard: ConnectionGuard | None = (extensions.get(CONNECTION_EXTENSION) or {}).get("guard")
     if guard is not None:

@@ -83,6 +83,9 @@ class GuardedWrite(NamedTuple):
     expected: list[list[Any]]
     #: Each statement with its rows of parameters (``executemany`` for more than one).
     statements: list[tuple[str, list[list[Any]]]]
+    #: Background work (a purge's deletes): where appends and this write take turns at one
+    #: write lock, it waits for a moment with no append waiting (a little while at most).
+    yields: bool = False
 
 
 class Appender(Protocol):

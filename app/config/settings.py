@@ -80,6 +80,9 @@ class ServerSettings(msgspec.Struct, frozen=True):
     direct_appends: bool = True
     # Write SSE streams with the lean transport (app/api/sse/lean.py); off: a task group.
     lean_streams: bool = True
+    # Write caught-up SSE subscribers' frames in one pass per commit, straight to their
+    # connections (app/api/sse/fanout.py); off: each subscriber's task writes its own.
+    fanout: bool = True
     # A connection must send a complete request head within this long of opening (or of
     # its previous response), or it is closed.
     header_timeout_seconds: float = 10.0
@@ -210,6 +213,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "HTTP_SERVER": ("server", "http_server"),
     "DIRECT_APPENDS": ("server", "direct_appends"),
     "SSE_LEAN_STREAMS": ("server", "lean_streams"),
+    "SSE_FANOUT": ("server", "fanout"),
     "REQUEST_HEADER_TIMEOUT_SECONDS": ("server", "header_timeout_seconds"),
     "KEEPALIVE_TIMEOUT_SECONDS": ("server", "keepalive_timeout_seconds"),
     "MAX_CONNECTIONS": ("server", "max_connections"),

@@ -11,6 +11,12 @@ Sources of wake-ups: this process's appender (which hands over its committed bat
 backend's listener for other processes' appends (:meth:`~app.backends.base.Backend.listener`),
 and a slow fallback poll, since a notification can be lost (across reconnects, behind
 transaction-pooling proxies) and some databases have none at all.
+
+A caught-up tail with a :class:`Sink` is not woken at all: it is *parked*, and after each
+advance one pass over the parked tails hands every one of them the new entries through its
+sink (for SSE, a write straight to its connection: :mod:`app.api.sse.fanout`), its task left
+asleep. A sink that cannot take them at once refuses, and its tail is woken to take them
+itself, as any other.
 """
 
 from __future__ import annotations
@@ -23,19 +29,20 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from app.events.envelope import Event, encode_event
 from app.runtime.background import Background
 
-__all__ = ["LogEntry", "LogFeed", "Subscription"]
+__all__ = ["FanoutBatch", "LogEntry", "LogFeed", "Sink", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds of spacing between two rounds of waking idle tails, per idle tail (about what
-#: waking one and writing its frame costs), and the most it grows to.
+#: waking one and writing its frame costs), and the most it grows to. Parked tails (served
+#: by the fan-out pass) are not woken, and do not count.
 WAKE_COST = 20e-6
 MAX_WAKE_SPACING = 0.025
 
@@ -89,19 +96,45 @@ def _cost(event: Event) -> int:
     return 3 * len(event.payload) + 256
 
 
+class FanoutBatch:
+    """What one fan-out pass hands the sinks of the tails parked at one position: the entries
+    after it, and a place where sinks share what they derive from them (a frame encoded once
+    for every sink that wants the same)."""
+
+    __slots__ = ("entries", "shared")
+
+    def __init__(self, entries: list[LogEntry]) -> None:
+        self.entries = entries
+        self.shared: dict[Any, Any] = {}
+
+
+class Sink(Protocol):
+    """How a parked tail takes entries without its task (see :meth:`LogFeed.wait`)."""
+
+    def deliver(self, batch: FanoutBatch) -> bool:
+        """Hand over ``batch.entries`` at once; False (nothing handed over) when it cannot,
+        and the tail's task takes them itself."""
+        ...
+
+
 class Subscription:
     """One tail's place in the log: every position up to ``delivered`` was handed over.
 
     While its tail is idle, ``waiter`` is the future it sleeps on (see :meth:`LogFeed.wait`)
-    and ``expiry`` the tick of its idle timeout.
+    and ``expiry`` the tick of its idle timeout. A tail with a ``sink`` is parked while idle:
+    the fan-out pass hands it what is new and moves ``delivered``; ``active`` is the loop
+    time of the last such hand-over, which puts its idle timeout (``idle`` seconds) off.
     """
 
-    __slots__ = ("delivered", "expiry", "waiter")
+    __slots__ = ("active", "delivered", "expiry", "idle", "sink", "waiter")
 
-    def __init__(self, delivered: int) -> None:
+    def __init__(self, delivered: int, sink: Sink | None = None) -> None:
         self.delivered = delivered
         self.waiter: asyncio.Future[bool] | None = None
         self.expiry: int | None = None
+        self.sink = sink
+        self.idle: float | None = None
+        self.active = -math.inf
 
 
 #: The idle timeouts' granularity, in seconds: a timeout ends up to this much late, and every
@@ -196,9 +229,15 @@ class LogFeed:
         # The idle ones: an advance resolves each one's waiter (an idle tail costs a future,
         # not a task, a timer or a queue of its own).
         self._waiting: set[Subscription] = set()
+        # The idle ones with a sink: served by the fan-out pass, their waiters left pending.
+        self._parked: set[Subscription] = set()
         self._timers = _IdleTimers(self._expire)
         self._round: asyncio.TimerHandle | None = None
         self._last_round = -float("inf")
+        self._pass: asyncio.Handle | None = None
+        #: Hand-overs made by sinks in fan-out passes, and those refused (the tail woken).
+        self.fanout_delivered = 0
+        self.fanout_refused = 0
 
     @property
     def head(self) -> int:
@@ -213,10 +252,15 @@ class LogFeed:
         if self._round is not None:
             self._round.cancel()
             self._round = None
+        if self._pass is not None:
+            self._pass.cancel()
+            self._pass = None
         await self._follower.stop()
 
-    def subscribe(self, after: int) -> Subscription:
-        subscription = Subscription(after)
+    def subscribe(self, after: int, sink: Sink | None = None) -> Subscription:
+        """A tail's place, after ``after``; with a ``sink``, the tail is parked while idle
+        (see :meth:`wait`)."""
+        subscription = Subscription(after, sink)
         self._subscriptions.add(subscription)
         self.subscribers += 1
         return subscription
@@ -236,6 +280,13 @@ class LogFeed:
         Nothing but the future is allocated for the wait (no task, no timer handle): idle
         tails cost little however many there are. A cancelled wait is cleared at the next
         wait, advance, timeout or :meth:`unsubscribe`.
+
+        A subscription with a sink, at ``position`` = its ``delivered``, is parked instead of
+        woken: each advance is handed to its sink by the fan-out pass, and ``delivered``
+        moves on while the future stays pending. The future resolves only when the sink
+        refuses (True: the caller takes the entries after ``delivered`` itself) or after
+        ``idle_timeout`` seconds without a hand-over (False). A caller resumed either way
+        carries on from ``delivered``, not from ``position``.
         """
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
@@ -244,7 +295,11 @@ class LogFeed:
             waiter.set_result(True)
             return waiter
         subscription.waiter = waiter
-        self._waiting.add(subscription)
+        if subscription.sink is not None and subscription.delivered == position:
+            subscription.idle = idle_timeout
+            self._parked.add(subscription)
+        else:
+            self._waiting.add(subscription)
         if idle_timeout is not None:
             self._timers.add(subscription, idle_timeout)
         return waiter
@@ -252,11 +307,21 @@ class LogFeed:
     def _stop_waiting(self, subscription: Subscription) -> None:
         subscription.waiter = None
         self._waiting.discard(subscription)
+        self._parked.discard(subscription)
         self._timers.remove(subscription)
 
     def _expire(self, subscription: Subscription) -> None:
+        if subscription in self._parked and subscription.idle is not None:
+            # Handed entries since its timeout was set: idle only from the last hand-over.
+            # (Within a tick of it, it is due now: filed again, it could fall in the tick
+            # being fired, and be fired again and again.)
+            left = subscription.active + subscription.idle - asyncio.get_running_loop().time()
+            if left > TICK_SECONDS:
+                self._timers.add(subscription, left)
+                return
         waiter, subscription.waiter = subscription.waiter, None
         self._waiting.discard(subscription)
+        self._parked.discard(subscription)
         if waiter is not None and not waiter.done():
             waiter.set_result(False)
 
@@ -332,9 +397,14 @@ class LogFeed:
         while len(ring) > 1 and (len(ring) > self._capacity or self._bytes > self._max_bytes):
             self._bytes -= _cost(ring.popleft().event)
         self._head = events[-1].position
-        changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        changed, self._changed = self._changed, loop.create_future()
         changed.set_result(None)
         self._wake_waiters()
+        if self._parked and self._pass is None:
+            # On the next turn of the loop: advances that land before it (commits read
+            # together, a busy loop) go out in one pass, one write per tail.
+            self._pass = loop.call_soon(self._fan_out)
 
     def _wake_waiters(self) -> None:
         """Resolve the idle tails' waiters: at once, unless the last round was less than
@@ -356,6 +426,49 @@ class LogFeed:
 
     def _spacing(self) -> float:
         return min(MAX_WAKE_SPACING, WAKE_COST * len(self._waiting))
+
+    def _fan_out(self) -> None:
+        """One pass over the parked tails: each sink is handed the entries after its tail's
+        position up to the head, the tails at one position sharing one
+        :class:`FanoutBatch`; a tail whose sink refuses is woken to take them itself.
+
+        Only committed entries are in the ring, so nothing is handed over before its commit
+        is durable; a position the ring no longer holds wakes the tail, which reads the
+        table (and hears what retention removed)."""
+        self._pass = None
+        head = self._head
+        now = asyncio.get_running_loop().time()
+        batches: dict[int, FanoutBatch | None] = {}
+        refused: list[Subscription] = []
+        delivered = 0
+        for subscription in tuple(self._parked):
+            position = subscription.delivered
+            if position >= head:
+                continue
+            if position in batches:
+                batch = batches[position]
+            else:
+                entries = self.entries_after(position)
+                batch = batches[position] = None if entries is None else FanoutBatch(entries)
+            sink = subscription.sink
+            try:
+                taken = batch is not None and sink is not None and sink.deliver(batch)
+            except Exception:
+                logger.exception("a fan-out sink failed; its tail takes the entries itself")
+                taken = False
+            if taken:
+                subscription.delivered = head
+                subscription.active = now
+                delivered += 1
+            else:
+                refused.append(subscription)
+        self.fanout_delivered += delivered
+        self.fanout_refused += len(refused)
+        for subscription in refused:
+            waiter = subscription.waiter
+            self._stop_waiting(subscription)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(True)
 
     def _wake_round(self) -> None:
         self._round = None

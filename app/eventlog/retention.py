@@ -5,8 +5,9 @@ A purge works in batches, each of them the lowest expired positions (at most
 (:mod:`app.eventlog.archives`: synced and renamed, manifest last) while nothing is locked,
 then removed, and recorded in ``archived_segments``, in one short write transaction made by
 the log's appender (:meth:`~app.eventlog.EventStore.write_guarded`): where the log has one
-write lock (SQLite) between two of its transactions, so a purge never fights the appends for
-the lock, and appends wait for one batch's deletes at most.
+write lock (SQLite) between two of its transactions, at a moment when no append is waiting
+(a yielding write), so a purge fills the gaps between appends instead of fighting them for the
+lock, and an append waits for one short removal at most.
 
 A source's newest event is never removed: the appender counts a source's versions on from it,
 and it is what a reader of the source sees last. So the log's head (the newest event of its
@@ -354,5 +355,9 @@ class _Statements:
         if done is not None:
             statements.append((self._done, [[done, segment.name]]))
         return GuardedWrite(
-            self._guard, [segment.name], [] if record else [[segment.name]], statements
+            self._guard,
+            [segment.name],
+            [] if record else [[segment.name]],
+            statements,
+            yields=True,
         )

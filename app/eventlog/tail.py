@@ -13,10 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.eventlog.archives import Segment, list_segments, segment_may_match
 from app.eventlog.filters import EventFilter
-from app.eventlog.notify import LogEntry
+from app.eventlog.notify import LogEntry, Sink
 from app.eventlog.store import EventStore, FramePage, Page, rows_within
 
-__all__ = ["Truncated", "archived_within", "replay_then_tail"]
+__all__ = ["Truncated", "archived_within", "entry_matches", "replay_then_tail"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def replay_then_tail(
     chunk: int = 4000,
     frame: None = None,
     report_truncated: Literal[False] = False,
+    sink: Sink | None = None,
 ) -> AsyncIterator[list[LogEntry]]: ...
 
 
@@ -54,6 +55,7 @@ def replay_then_tail(
     chunk: int = 4000,
     frame: None = None,
     report_truncated: Literal[True],
+    sink: Sink | None = None,
 ) -> AsyncIterator[list[LogEntry] | Truncated]: ...
 
 
@@ -67,6 +69,7 @@ def replay_then_tail(
     chunk: int = 4000,
     frame: ColumnElement[str] | None,
     report_truncated: bool = False,
+    sink: Sink | None = None,
 ) -> AsyncIterator[list[LogEntry] | FramePage | Truncated]: ...
 
 
@@ -79,6 +82,7 @@ async def replay_then_tail(
     chunk: int = 4000,
     frame: ColumnElement[str] | None = None,
     report_truncated: bool = False,
+    sink: Sink | None = None,
 ) -> AsyncIterator[list[LogEntry] | FramePage | Truncated]:
     """Yield lists of matching entries with positions above ``after``, in position order.
 
@@ -96,6 +100,11 @@ async def replay_then_tail(
     naming the archive segments holding them. The segments are looked up after the page is
     read: the rows and the segment's record go in one transaction, so a page that misses
     rows is always followed by the segment holding them.
+
+    Given a ``sink``, the tail is parked while caught up (:meth:`~app.eventlog.notify.
+    LogFeed.wait`): the feed hands the sink each advance itself, filter and all being the
+    sink's to apply, and the iterator yields only what the sink could not take, heartbeats,
+    and replays.
     """
     event_filter = event_filter or EventFilter()
     unfiltered = event_filter.is_empty
@@ -111,7 +120,7 @@ async def replay_then_tail(
             return store.read_after(after, event_filter, limit)
 
     feed = store.feed
-    subscription = feed.subscribe(after)
+    subscription = feed.subscribe(after, sink)
     # Rows per table read, sized so that a page holds about PAGE_BYTES: a subscriber that is
     # far behind (or stalled) holds one page, whatever the payloads' size. Up to ``chunk``
     # rows: each read costs a few hops to the database and back, which larger pages of small
@@ -167,13 +176,16 @@ async def replay_then_tail(
             if entries:
                 last = entries[-1].position
                 if not unfiltered:
-                    entries = [e for e in entries if _matches(event_filter, e)]
+                    entries = [e for e in entries if entry_matches(event_filter, e)]
                 if entries:
                     yield entries
                 continue
             # Nothing between the look at the head above and this wait yields to the loop, so
             # no append can land unseen in between.
-            if not await feed.wait(subscription, last, idle_timeout):
+            woken = await feed.wait(subscription, last, idle_timeout)
+            # A parked tail's sink may have been handed entries meanwhile.
+            last = subscription.delivered
+            if not woken:
                 yield []
     finally:
         _dropped(ahead)
@@ -221,7 +233,8 @@ def _dropped(ahead: asyncio.Future[Page | FramePage] | None) -> None:
         ahead.exception()  # retrieved: a failed read ahead is not reported as unhandled
 
 
-def _matches(event_filter: EventFilter, entry: LogEntry) -> bool:
+def entry_matches(event_filter: EventFilter, entry: LogEntry) -> bool:
+    """Whether ``event_filter`` wants the feed's ``entry``."""
     # The entry's decoded payload is cached, so a thousand filtered tails decode it once.
     payload = entry.payload() if event_filter.agent_names else None
     return event_filter.matches(entry.event, payload)

@@ -19,7 +19,8 @@ a :class:`ConnectionGuard`:
 - A response that the application gives up on (an SSE subscriber that stopped reading) can
   abort its connection at once through the ``activity.connection`` scope extension
   (``abort``), instead of leaving unsent bytes for a peer that will never read them; the
-  extension's ``guard`` gives ``/metrics`` the counts.
+  extension's ``guard`` gives ``/metrics`` the counts, and its ``chunks`` a writer of the
+  response's body straight to the connection (:mod:`app.server.chunks`).
 
 Granian, the alternative server, takes the header timeout (``header_read_timeout``); the
 ceiling and the keep-alive timeout are this module's, under uvicorn.
@@ -37,6 +38,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings
 from app.server import CONNECTION_EXTENSION
+from app.server.chunks import ChunkWriter
 
 __all__ = [
     "CONNECTION_EXTENSION",
@@ -170,7 +172,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {
-            CONNECTION_EXTENSION: {"abort": self.drop, "guard": self._guard}
+            CONNECTION_EXTENSION: {
+                "abort": self.drop,
+                "guard": self._guard,
+                "chunks": self.chunk_writer,
+            }
         }
 
     def on_headers_complete(self) -> None:
@@ -182,6 +188,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Waiting for the next request, unless a pipelined one has started or it closes.
         if not self.transport.is_closing() and self.cycle.response_complete:
             self._wait_for_head()
+
+    def chunk_writer(self, scope: Any) -> ChunkWriter | None:
+        """Writes the body of the response to ``scope`` straight to this connection (see
+        :mod:`app.server.chunks`), if it is the response in progress here."""
+        return ChunkWriter.of(self.cycle, scope)
 
     def drop(self) -> None:
         """Close the connection now, dropping whatever is still unsent."""

@@ -44,6 +44,7 @@ __all__ = [
     "BUFFER_LENGTH",
     "REPLAY_MAX",
     "NchanUnavailable",
+    "nchan_process",
     "nchan_replay_rate",
     "nchan_server",
     "parse_nchan_id",
@@ -148,6 +149,14 @@ def nchan_server(connections: int = 4096) -> Iterator[str]:
     One worker process, as the service runs one. Raises :class:`NchanUnavailable` when it
     cannot be installed or started.
     """
+    with nchan_process(connections) as (base_url, _):
+        yield base_url
+
+
+@contextmanager
+def nchan_process(connections: int = 4096) -> Iterator[tuple[str, int]]:
+    """As :func:`nchan_server`, yielding its base url and the process group of its master
+    and worker (for :mod:`bench.procs`)."""
     module = _ensure_installed()
     files = raise_open_files(2 * connections + 1024)
     with tempfile.TemporaryDirectory(prefix="bench-nchan-") as directory:
@@ -181,7 +190,7 @@ def nchan_server(connections: int = 4096) -> Iterator[str]:
             except (RuntimeError, TimeoutError) as exc:
                 log = (root / "logs/error.log").read_text(errors="replace")[-600:]
                 raise NchanUnavailable(f"nginx did not start: {exc}; {log.strip()}") from exc
-            yield base_url
+            yield base_url, process.pid
         finally:
             stop_server(process)
 

@@ -36,9 +36,14 @@ TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 MALFORMED_IDS = ["abc", "-1", "1.5", "99999999999999999999", "1e3", "0x10", "٣"]
 
 
-#: Every test here runs on both SSE transports: the lean one (the default) and the plain
-#: task group (SSE_LEAN_STREAMS=0), which must answer alike.
-TRANSPORTS = {"lean": "1", "task_group": "0"}
+#: Every test here runs on each way of writing SSE streams, which must answer alike: the lean
+#: transport with the fan-out writing caught-up subscribers (the default), the lean transport
+#: alone (SSE_FANOUT=0), and the plain task group alone (SSE_LEAN_STREAMS=0).
+TRANSPORTS = {
+    "fanout": {"SSE_LEAN_STREAMS": "1", "SSE_FANOUT": "1"},
+    "lean": {"SSE_LEAN_STREAMS": "1", "SSE_FANOUT": "0"},
+    "task_group": {"SSE_LEAN_STREAMS": "0", "SSE_FANOUT": "0"},
+}
 
 
 @pytest.fixture(params=sorted(TRANSPORTS))
@@ -52,7 +57,7 @@ def settings(database_url: str, tmp_path: Path, transport: str) -> Settings:
 
 
 def sse_settings(database_url: str, transport: str, **env: str) -> Settings:
-    return make_settings(database_url, SSE_LEAN_STREAMS=TRANSPORTS[transport], **env)
+    return make_settings(database_url, **TRANSPORTS[transport], **env)
 
 
 @pytest.fixture
@@ -876,6 +881,106 @@ async def test_a_replay_after_a_restart_is_byte_for_byte_what_the_feed_gave(
             assert await event_frames(client, path, dict(params), len(frames)) == frames
 
 
+async def collect_frames(
+    client: httpx.AsyncClient, path: str, params: dict[str, str], into: list[bytes]
+) -> None:
+    """Every frame with an id of one stream, exactly as sent, appended to ``into`` as it
+    arrives (until cancelled)."""
+    buffer = b""
+    async with client.stream("GET", path, params=params) as response:
+        assert response.status_code == 200
+        async for chunk in response.aiter_raw():
+            buffer += chunk
+            *frames, buffer = buffer.split(b"\n\n")
+            into += [frame + b"\n\n" for frame in frames if frame.startswith(b"id: ")]
+
+
+def metric(text: str, name: str) -> float:
+    """A sample without labels, from the Prometheus text of ``/metrics``."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_live_frames_are_byte_for_byte_what_a_replay_sends(
+    database_url: str, transport: str
+) -> None:
+    """Subscribers caught up when events commit get, on every way of writing streams (the
+    fan-out's one pass over all of them, straight to their connections, included), exactly
+    the frames a replay of the same events sends: filters applied, several events of one
+    commit together, a commit too large for one write, odd characters."""
+    settings = sse_settings(database_url, transport, HEARTBEAT_SECONDS="60")
+    odd = ['odd "source" \\ é', "\x85 sep\u2028", "😀 \U0010ffff"]
+    async with (
+        running_server(settings) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=30) as client,
+    ):
+        feed = server.services.store.feed
+        received: dict[tuple[str, tuple[tuple[str, str], ...]], list[bytes]] = {
+            (path, tuple(params.items())): [] for path, params in REPLAYED
+        }
+        readers = [
+            asyncio.create_task(collect_frames(client, path, dict(params), frames))
+            for (path, params), frames in received.items()
+        ]
+        try:
+            await wait_until(lambda: feed.subscribers == len(readers), 10, "the subscribers")
+            await asyncio.sleep(0.2)  # each has read the empty log and waits for the next
+            for n in range(30):
+                await post(
+                    client,
+                    f"a{n % 5}",
+                    ["progress", "started"][n % 2],
+                    agent_name=["tagger", "writer"][n % 3 % 2],
+                    message=f'line {n}\nwith "quotes", \\ and é 😀',
+                )
+                if n % 10 == 0:
+                    # Three events in one commit, for the stream, source and name filters.
+                    await server.services.store.append(
+                        [
+                            NewEvent(
+                                stream="ingest",
+                                source_id=source,
+                                event=["started", "progress"][k % 2],
+                                payload=canonical_payload({"n": n, "text": "tab\t\x01 \u2028"}),
+                            )
+                            for k, source in enumerate(odd)
+                        ]
+                    )
+            batch = [
+                {"source_id": f"b{k}", **agent_event("started", agent_name="tagger", k=k)}
+                for k in range(5)
+            ]
+            assert (await client.post("/agents/events", json={"events": batch})).status_code == 201
+            # Larger than one write: written in pieces by the subscriber's own task.
+            big = [
+                {"source_id": "big", **agent_event("progress", blob="x" * 40_000, k=k)}
+                for k in range(8)
+            ]
+            assert (await client.post("/agents/events", json={"events": big})).status_code == 201
+            await post(client, "last", "started")
+            log = await log_events(client)
+            for (path, params), frames in received.items():
+                count = sum(1 for envelope in log if streamed(envelope, path, dict(params)))
+                await wait_until(lambda f=frames, c=count: len(f) >= c, 20, f"{path} {params}")
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        for (path, params), frames in received.items():
+            replayed = await event_frames(client, path, dict(params), len(frames))
+            assert frames == replayed, (path, params)
+        written = metric((await client.get("/metrics")).text, "activity_sse_fanout_frames_total")
+        if transport == "fanout":
+            # All but the large commit's frames, and the few a subscriber still writing its
+            # pieces (or not yet waiting when the first event came) takes itself.
+            live = sum(len(frames) for frames in received.values())
+            assert live - 12 * len(received) <= written <= live
+        else:
+            assert written == 0
+
+
 async def raw_stream(client: httpx.AsyncClient, path: str, until: bytes | None) -> bytes:
     """The body of one stream, as sent: to its end, or until ``until`` has arrived."""
     body = b""
@@ -888,8 +993,9 @@ async def raw_stream(client: httpx.AsyncClient, path: str, until: bytes | None) 
     return body
 
 
-async def test_both_transports_send_the_same_bytes(database_url: str) -> None:
-    """The lean transport is a fast path of the plain one: every stream is the same bytes."""
+async def test_every_transport_sends_the_same_bytes(database_url: str) -> None:
+    """The lean transport and the fan-out are fast paths of the plain one: every stream is
+    the same bytes."""
     bodies: dict[str, list[bytes]] = {}
     for transport in sorted(TRANSPORTS):
         settings = sse_settings(database_url, transport, HEARTBEAT_SECONDS="60")
@@ -909,5 +1015,5 @@ async def test_both_transports_send_the_same_bytes(database_url: str) -> None:
                 await raw_stream(client, "/agents/stream?agent_name=tagger", b"id: 150\n"),
                 await raw_stream(client, "/ingests/i1/stream", None),
             ]
-    assert bodies["lean"] == bodies["task_group"]
+    assert bodies["fanout"] == bodies["lean"] == bodies["task_group"]
     assert bodies["lean"][2].endswith(b'event: complete\ndata: {"n":1}\n\n')

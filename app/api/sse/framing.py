@@ -18,6 +18,7 @@ from sqlalchemy import ColumnElement
 
 from app.backends import Backend
 from app.eventlog import EventFilter, EventStore, LogEntry, Truncated, replay_then_tail
+from app.eventlog.notify import Sink
 from app.eventlog.store import FramePage
 from app.eventlog.tables import MAX_POSITION, events
 from app.events.envelope import encode_event, format_timestamp
@@ -162,11 +163,16 @@ async def event_stream(
     heartbeat_seconds: float,
     retry_ms: int,
     stop: Callable[[LogEntry], bool] | None = None,
+    sink: Callable[[], Sink | None] | None = None,
 ) -> AsyncIterator[bytes]:
     """The body of an SSE response: ``retry``, optional ``reset``, replay, then live frames
     with heartbeats; a ``truncated`` frame (no id) before a replay reaches into events
     retention removed, naming their range and archive segment. Ends after an entry for
-    which ``stop`` is true."""
+    which ``stop`` is true.
+
+    ``sink``, asked once the response has started, gives the sink that takes the live
+    frames while the stream is caught up, written outside this body (:mod:`app.api.sse.
+    fanout`); the body then carries the rest."""
     yield b"retry: %d\n\n" % retry_ms
     start = 0 if after is None else after
     # The feed's head is a committed position, so at or below the table's: a client resuming
@@ -186,6 +192,7 @@ async def event_stream(
         idle_timeout=heartbeat_seconds,
         frame=frame,
         report_truncated=True,
+        sink=None if sink is None else sink(),
     ):
         if isinstance(entries, Truncated):
             # Never a silent skip: what retention removed is named, with where it is kept.

@@ -12,6 +12,7 @@ from litestar.enums import MediaType
 from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 
+from app.api.sse.fanout import FanoutSink
 from app.api.sse.framing import SSE_HEADERS, FrameBuilder, event_stream
 from app.api.sse.lean import LeanSubscriber
 from app.api.sse.transport import SubscriberResponse, TaskGroupSubscriber
@@ -23,7 +24,8 @@ __all__ = ["EventStreamResponse", "log_stream"]
 
 class EventStreamResponse(Stream):
     """``text/event-stream`` with the contract's headers and the subscriber write timeout,
-    written by the lean transport unless ``SSE_LEAN_STREAMS`` is off."""
+    written by the lean transport unless ``SSE_LEAN_STREAMS`` is off; its live frames by the
+    fan-out (``sink``) where the connection allows."""
 
     def __init__(
         self,
@@ -31,6 +33,7 @@ class EventStreamResponse(Stream):
         *,
         write_timeout: float,
         headers: dict[str, str] | None = None,
+        sink: FanoutSink | None = None,
     ) -> None:
         super().__init__(
             content,
@@ -38,6 +41,7 @@ class EventStreamResponse(Stream):
             headers={**SSE_HEADERS, **(headers or {})},
         )
         self.write_timeout = write_timeout
+        self.sink = sink
 
     def to_asgi_response(
         self,
@@ -76,6 +80,8 @@ class EventStreamResponse(Stream):
             status_code=self.status_code or status_code,
         )
         response.write_timeout = self.write_timeout
+        response.sink = self.sink
+        response.counts = connections
         response.draining = state.get("draining")
         response.retry_ms = services.settings.server.retry_ms if services is not None else 3000
         return response
@@ -93,6 +99,8 @@ def log_stream(
     """The SSE response of a stream of the log (see :func:`event_stream`), as the
     settings shape it: heartbeats, the retry hint, the write timeout."""
     settings = services.settings.server
+    # A stream that looks at its entries (a stop) is written by its own task alone.
+    sink = FanoutSink(event_filter, build) if settings.fanout and stop is None else None
     return EventStreamResponse(
         event_stream(
             services.store,
@@ -102,7 +110,9 @@ def log_stream(
             heartbeat_seconds=settings.heartbeat_seconds,
             retry_ms=settings.retry_ms,
             stop=stop,
+            sink=None if sink is None else sink.if_bound,
         ),
         write_timeout=settings.write_timeout_seconds,
         headers=headers,
+        sink=sink,
     )

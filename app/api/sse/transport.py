@@ -21,6 +21,7 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Scope, Send
 
+from app.api.sse.fanout import FanoutCounts, FanoutSink
 from app.api.sse.framing import shutdown_frame
 from app.server import CONNECTION_EXTENSION
 
@@ -39,7 +40,16 @@ _SENT = MutableScopeHeaders()
 class SubscriberResponse(ASGIStreamingResponse):
     """A stream to one subscriber; how it waits is the subclass's (:meth:`send_body`)."""
 
-    __slots__ = ("abort", "draining", "retry_ms", "started", "write_timeout")
+    __slots__ = (
+        "_chunks",
+        "abort",
+        "counts",
+        "draining",
+        "retry_ms",
+        "sink",
+        "started",
+        "write_timeout",
+    )
 
     write_timeout: float
     #: Set when the process is shutting down: the stream ends with :func:`shutdown_frame`.
@@ -48,10 +58,18 @@ class SubscriberResponse(ASGIStreamingResponse):
     #: Closes the connection at once, unsent bytes dropped (where the server offers it).
     abort: Callable[[], None] | None
     started: float
+    #: Takes the stream's live frames while it is caught up (:mod:`app.api.sse.fanout`),
+    #: once bound to the connection's chunk writer; None: the stream writes them all.
+    sink: FanoutSink | None
+    counts: FanoutCounts | None
+    _chunks: Callable[[], Any] | None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         extensions: dict[str, Any] = scope.get("extensions") or {}
-        self.abort = (extensions.get(CONNECTION_EXTENSION) or {}).get("abort")
+        connection: dict[str, Any] = extensions.get(CONNECTION_EXTENSION) or {}
+        self.abort = connection.get("abort")
+        chunks = connection.get("chunks")
+        self._chunks = None if chunks is None or self.sink is None else lambda: chunks(scope)
         self.started = time.monotonic()
         await super().__call__(scope, receive, send)
 
@@ -59,6 +77,12 @@ class SubscriberResponse(ASGIStreamingResponse):
         await super().start_response(send)
         # Sent: the headers need not be held for the hours the stream may last.
         self.headers = _SENT
+        # Started: from here the body may be written straight to the connection.
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None and self.sink is not None:
+            writer = chunks()
+            if writer is not None:
+                self.sink.bind(writer, self.counts)
 
     async def finish(self, send: Send, end: End) -> None:
         """End the response as ``end`` requires."""

@@ -9,7 +9,9 @@ The loop forms the batches: every append request that arrived while the previous
 was being written and synced joins the next one, so a transaction never starts before the
 requests already sent are in it, and it waits only when there is nothing to write. Between
 two transactions it answers probes, makes guarded writes, and holds still for another writer's
-turn.
+turn. A guarded write that ``yields`` (a purge's deletes) waits until no append is waiting, or
+:data:`YIELD_SECONDS` at most, so background work fills the gaps between appends instead of
+holding them up, and still moves on under appends that never pause.
 
 Messages, by kind (:data:`ASKS`, answered with :data:`ANSWERS`):
 
@@ -35,9 +37,12 @@ from app.backends.sqlite.writer import SqliteWriter
 from app.events.envelope import NewEvent
 from app.events.plan import Plan
 
-__all__ = ["Answer", "Ask", "Inbox", "Outbox", "serve"]
+__all__ = ["YIELD_SECONDS", "Answer", "Ask", "Inbox", "Outbox", "serve"]
 
 logger = logging.getLogger(__name__)
+
+#: The longest a yielding guarded write waits for a moment with no append waiting.
+YIELD_SECONDS = 0.1
 
 
 class Ask(IntEnum):
@@ -106,6 +111,8 @@ class _Loop:
         self._max_batch = max_batch
         self._events_of = events_of
         self._waiting: deque[Any] = deque()
+        #: Yielding guarded writes, with the time each arrived, in arrival order.
+        self._yielding: deque[tuple[int, GuardedWrite, float]] = deque()
         #: Turns released before they were reached (given up by their caller).
         self._released: set[int] = set()
         #: Turns asked for while one is held: each is taken once the held one ends.
@@ -122,13 +129,19 @@ class _Loop:
 
     def run(self) -> None:
         while True:
-            timeout = None if not self._waiting and not self._stopping else 0.0
+            idle = not self._waiting and not self._yielding and not self._stopping
+            timeout = None if idle else 0.0
             while (message := self._inbox.next(timeout)) is not None:
                 timeout = 0.0
                 self._handle(message)
                 while self._turns:
                     self._hold(self._turns.popleft())
-            if self._waiting:
+            if self._yielding and (
+                not self._waiting or time.monotonic() - self._yielding[0][2] >= YIELD_SECONDS
+            ):
+                token, write, _ = self._yielding.popleft()
+                self._make(token, write)
+            elif self._waiting:
                 self._commit()
             elif self._stopping:
                 self._outbox.answer(Answer.STOPPED, None)
@@ -150,6 +163,12 @@ class _Loop:
 
     def _write(self, body: tuple[int, GuardedWrite]) -> None:
         token, write = body
+        if write.yields:
+            self._yielding.append((token, write, time.monotonic()))
+        else:
+            self._make(token, write)
+
+    def _make(self, token: int, write: GuardedWrite) -> None:
         answer: bool | str
         try:
             answer = self._writer.write_guarded(write)
