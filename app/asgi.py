@@ -21,7 +21,7 @@ from app.api.deps import provide_services
 from app.api.direct import DirectAppends
 from app.api.errors import ErrorDocumentingJsonPlugin
 from app.api.ingest import IngestController, IngestsController
-from app.api.limits import SseConnections, limit_sse_connections
+from app.api.limits import SseConnections, drain_refused_bodies, limit_sse_connections
 from app.api.metrics import metrics
 from app.api.security import AccessPolicy, build_cors_config, require_access
 from app.api.shutdown import ShutdownSignal
@@ -92,5 +92,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
     if settings.server.direct_appends:
         router = app.state.direct_appends = DirectAppends(app, router, settings, access)
     # Outermost, so that every response (a 404 too) carries its request id.
-    app.asgi_handler = track_requests(router)  # type: ignore[arg-type,assignment]
+    app.asgi_handler = track_requests(drain_refused_bodies(router))  # type: ignore[arg-type,assignment]
     return app

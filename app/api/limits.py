@@ -4,6 +4,9 @@
   a larger body with 413; :func:`body_too_large_detail` words that refusal.
 - Event payloads: :func:`check_payload_sizes` refuses a payload larger than
   ``EVENT_MAX_PAYLOAD_BYTES`` (as stored: compact JSON) with 413, naming the event.
+- A refused body's unread rest: :func:`drain_refused_bodies` reads it (up to a bound) before
+  the response ends, so the server does not close a socket with unread bytes in it, which
+  the peer's kernel answers with a reset that can reach the client before the 413 does.
 - SSE connections: :func:`limit_sse_connections` counts open streams per instance and answers
   503 with ``Retry-After`` beyond ``SSE_MAX_CONNECTIONS``.
 """
@@ -16,6 +19,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request
+from litestar.enums import ScopeType
 from litestar.exceptions import ClientException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -27,8 +31,12 @@ __all__ = [
     "SseConnections",
     "body_too_large_detail",
     "check_payload_sizes",
+    "drain_refused_bodies",
     "limit_sse_connections",
 ]
+
+#: The most of a refused body read and thrown away, in bytes: past it the connection closes.
+DRAIN_MAX_BYTES = 16 * 1024 * 1024
 
 #: How long a client refused for the connection cap is asked to wait, in seconds.
 RETRY_AFTER_SECONDS = 5
@@ -63,6 +71,35 @@ class SseConnections:
         self.refused = 0
         self.transports: Counter[str] = Counter()
         self.fanout_frames = 0
+
+
+def drain_refused_bodies(app: ASGIApp) -> ASGIApp:
+    """``app``, reading the rest of a request body it refused with 413 unread."""
+
+    async def drained(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        state = {"ended": False, "refused": False}
+
+        async def watched_receive() -> Any:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["ended"] = True
+            return message
+
+        async def watched_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                state["refused"] = True
+            await send(message)
+
+        await app(scope, watched_receive, watched_send)
+        drained_bytes = 0
+        while state["refused"] and not state["ended"] and drained_bytes < DRAIN_MAX_BYTES:
+            message = await watched_receive()
+            drained_bytes += len(message.get("body", b""))
+
+    return drained
 
 
 def _is_sse_route(scope: Scope) -> bool:
