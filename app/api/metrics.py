@@ -146,6 +146,12 @@ async def metrics(
         appends.batch_events,
     )
     out.family("activity_log_head", "gauge", "The newest committed position.", [({}, feed.head)])
+    out.family(
+        "activity_feed_notified_events_total",
+        "counter",
+        "Other instances' events taken from their notifications, not read from the table.",
+        [({}, store.notified_events)],
+    )
     connections: SseConnections | None = state.get("sse_connections")
     if connections is not None:
         out.family(

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.dml import Insert
 
     from app.config import DatabaseSettings
-    from app.events.envelope import NewEvent
+    from app.events.envelope import Event, NewEvent
     from app.events.plan import AppendResult, Plan
 
 __all__ = [
@@ -120,7 +120,10 @@ class Appender(Protocol):
 
 
 class Listener(Protocol):
-    """Hears of other processes' appends (a wake-up only: the table is the data)."""
+    """Hears of other processes' appends: a wake-up, or their committed rows."""
+
+    #: Events handed to the feed from notifications (not read from the table).
+    events_received: int
 
     def start(self) -> None: ...
 
@@ -177,9 +180,17 @@ class Backend(ABC):
     def appender(self, settings: DatabaseSettings) -> Appender:
         """The log's appender, as ``settings`` configure it."""
 
-    def listener(self, on_head: Callable[[int], None]) -> Listener | None:
-        """What tells this process of other processes' appends (their newest position), or
-        None where nothing can (the feed's poll then does)."""
+    def listener(
+        self,
+        on_head: Callable[[int], None],
+        appender: Appender,
+        on_events: Callable[[Sequence[Event]], None] | None = None,
+    ) -> Listener | None:
+        """What tells this process of other processes' appends, or None where nothing can
+        (the feed's poll then does): their newest position (``on_head``), or where the
+        notification carries them, the committed events themselves (``on_events``, which
+        takes them only where they continue what it holds). ``appender`` is this process's
+        own, whose commits the store hands the feed itself: a listener may leave them out."""
         return None
 
     async def write_transaction(self, connection: AsyncConnection) -> AsyncConnection:

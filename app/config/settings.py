@@ -58,6 +58,10 @@ class DatabaseSettings(msgspec.Struct, frozen=True):
     # the chain costs. Events appended with it off get theirs when an appender with it on
     # next appends.
     audit_chain: bool = True
+    # PostgreSQL: a commit's rows travel in its NOTIFY, so other instances' feeds take them
+    # without reading the table (app/backends/postgres/notifications.py); off: the NOTIFY
+    # only names the newest position, and they read the table.
+    notify_events: bool = True
 
 
 class ServerSettings(msgspec.Struct, frozen=True):
@@ -200,6 +204,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "SQLITE_BUSY_TIMEOUT_SECONDS": ("database", "busy_timeout_seconds"),
     "SQLITE_APPENDER": ("database", "sqlite_appender"),
     "AUDIT_CHAIN": ("database", "audit_chain"),
+    "NOTIFY_EVENTS": ("database", "notify_events"),
     "HEARTBEAT_SECONDS": ("server", "heartbeat_seconds"),
     "SSE_RETRY_MS": ("server", "retry_ms"),
     "SSE_WRITE_TIMEOUT_SECONDS": ("server", "write_timeout_seconds"),

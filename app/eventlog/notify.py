@@ -358,8 +358,9 @@ class LogFeed:
         return found
 
     def publish(self, events: Sequence[Event]) -> None:
-        """Hand over events this process just committed; contiguous ones go straight into the
-        ring, anything else (another writer's rows in between) is read from the table."""
+        """Hand over committed events (this process's appender's, or another process's from
+        its notification); contiguous ones go straight into the ring, anything else (another
+        writer's rows in between) is read from the table."""
         if not events:
             return
         if events[0].position == self._head + 1:

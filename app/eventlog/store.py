@@ -276,7 +276,9 @@ class EventStore:
             poll_seconds=poll_seconds,
         )
         store.feed.start()
-        store._listener = backend.listener(store.feed.advance_to)
+        store._listener = backend.listener(
+            store.feed.advance_to, appender, on_events=store.feed.publish
+        )
         if store._listener is not None:
             store._listener.start()
         return store
@@ -328,6 +330,11 @@ class EventStore:
         except LogUnavailable:
             self.metrics.requests["unavailable"] += 1
             raise
+
+    @property
+    def notified_events(self) -> int:
+        """Events of other processes' commits taken from their notifications, not the table."""
+        return 0 if self._listener is None else self._listener.events_received
 
     async def probe(self) -> str | None:
         """None if appends can go ahead; else what stops them (the newest failure's cause,

@@ -73,6 +73,8 @@ async def test_metrics_follow_appends_subscribers_and_projections(
     assert samples['activity_append_requests_total{outcome="conflict"}'] == 1
     assert samples["activity_appended_events_total"] == 7
     assert samples["activity_log_head"] == 7
+    # Only this instance appended: nothing came from another one's notifications.
+    assert samples["activity_feed_notified_events_total"] == 0
     assert samples["activity_append_latency_seconds_count"] == 4
     assert samples["activity_append_batch_events_sum"] == 8  # the refused one was planned too
     for name in (

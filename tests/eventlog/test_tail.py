@@ -302,7 +302,8 @@ async def test_appends_by_another_store_reach_a_tail(log_settings: DatabaseSetti
     # Where the backend notifies other processes of appends, the tailing store never polls
     # within the test: only a notification can wake it. Elsewhere the fallback poll of the
     # test settings does.
-    notified = backend_for(log_settings.url).listener(lambda _: None) is not None
+    backend = backend_for(log_settings.url)
+    notified = backend.listener(lambda _: None, backend.appender(log_settings)) is not None
     poll = 3600.0 if notified else POLL_SECONDS
     async with (
         open_store(log_settings, poll_seconds=poll) as tailing,

@@ -3,7 +3,8 @@ group-committed batch, under a transaction-scoped advisory lock.
 
 The lock is taken before the head is read and held until commit, so commit order is position
 order (see :mod:`app.backends.base`); other writers (projection steps, job leases) take no part
-in it and never wait for appends. ``pg_notify`` at commit wakes other processes' tails.
+in it and never wait for appends. ``pg_notify`` at commit hands other processes' feeds the
+rows (or wakes them).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from app.backends.base import AppendRequest, GuardedWrite, OnCommit, take_group
+from app.backends.postgres.notifications import encode as encode_notifications
 from app.events.chain import GENESIS, chain_rows
 from app.events.envelope import Event, NewEvent, utc_now
 from app.events.errors import LogUnavailable
@@ -54,10 +56,19 @@ class PostgresAppender:
     second connection of their own: they take no lock appends wait for.
     """
 
-    def __init__(self, url: str, *, max_batch_events: int = 2000, chain: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_batch_events: int = 2000,
+        chain: bool = True,
+        notify_events: bool = True,
+    ) -> None:
         self._dsn = postgres_dsn(url)
         # Whether appends carry chain values (AUDIT_CHAIN).
         self._chained = chain
+        # Whether a commit's notifications carry its rows (NOTIFY_EVENTS).
+        self._notify_events = notify_events
         self._max_batch = max_batch_events
         self._connection: Any = None
         self._guarded: Any = None
@@ -80,6 +91,12 @@ class PostgresAppender:
         if self._connection is None or self._connection.is_closed():
             self._connection = await asyncpg.connect(self._dsn)
         return self._connection
+
+    def server_pid(self) -> int | None:
+        """The server process of the appender's connection (its notifications come from it),
+        or None while it has none."""
+        connection = self._connection
+        return None if connection is None else int(connection.get_server_pid())
 
     def submit(self, requests: list[AppendRequest]) -> None:
         self._waiting.extend(requests)
@@ -202,9 +219,12 @@ class PostgresAppender:
                 " $9::bytea[])",
                 *columns,
             )
-            # Delivered at commit; it only wakes other processes' tails (the table is the data).
+            # Delivered at commit, in commit order: the rows themselves for other processes'
+            # feeds, or a wake-up (app/backends/postgres/notifications.py).
             await connection.execute(
-                "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(plan.rows[-1].position)
+                "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+                NOTIFY_CHANNEL,
+                encode_notifications(plan.rows, with_rows=self._notify_events),
             )
         return plan, head, chain
 

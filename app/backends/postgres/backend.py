@@ -3,7 +3,7 @@ lock, other processes woken by NOTIFY."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, String, Table, Text, cast, func, literal, text
@@ -22,6 +22,7 @@ from app.backends.postgres.listener import PostgresListener
 
 if TYPE_CHECKING:
     from app.config import DatabaseSettings
+    from app.events.envelope import Event
 
 __all__ = ["PostgresBackend"]
 
@@ -47,11 +48,22 @@ class PostgresBackend(Backend):
 
     def appender(self, settings: DatabaseSettings) -> Appender:
         return PostgresAppender(
-            self.url, max_batch_events=settings.max_batch_events, chain=settings.audit_chain
+            self.url,
+            max_batch_events=settings.max_batch_events,
+            chain=settings.audit_chain,
+            notify_events=settings.notify_events,
         )
 
-    def listener(self, on_head: Callable[[int], None]) -> Listener:
-        return PostgresListener(postgres_dsn(self.url), NOTIFY_CHANNEL, on_head)
+    def listener(
+        self,
+        on_head: Callable[[int], None],
+        appender: Appender,
+        on_events: Callable[[Sequence[Event]], None] | None = None,
+    ) -> Listener:
+        own = appender.server_pid if isinstance(appender, PostgresAppender) else None
+        return PostgresListener(
+            postgres_dsn(self.url), NOTIFY_CHANNEL, on_head, own=own, on_events=on_events
+        )
 
     async def snapshot_transaction(self, connection: AsyncConnection) -> AsyncConnection:
         # READ COMMITTED takes a new snapshot per statement.

@@ -1,12 +1,17 @@
-"""LISTEN for other processes' appends: a wake-up for this process's feed."""
+"""LISTEN for other processes' appends: their committed rows, or a wake-up, for this process's
+feed."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
+from app.backends.postgres.notifications import decode
+from app.events.envelope import Event
 from app.runtime.background import Background
 
 __all__ = ["PostgresListener"]
@@ -24,10 +29,22 @@ def _on_termination(lost: asyncio.Event) -> Callable[[Any], None]:
 class PostgresListener:
     """LISTEN on the append channel; wakes the feed, re-LISTENs after the connection drops."""
 
-    def __init__(self, dsn: str, channel: str, on_notify: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        channel: str,
+        on_notify: Callable[[int], None],
+        own: Callable[[], int | None] | None = None,
+        on_events: Callable[[Sequence[Event]], None] | None = None,
+    ) -> None:
         self._dsn = dsn
         self._channel = channel
         self._on_notify = on_notify
+        # The server process of this process's appender: its commits reach the feed from the
+        # appender itself, and a wake-up for them would only read them again.
+        self._own = own
+        self._on_events = on_events
+        self.events_received = 0
         self._task = Background("postgres-listener")
         self.connected = asyncio.Event()
 
@@ -37,11 +54,21 @@ class PostgresListener:
     async def close(self) -> None:
         await self._task.stop()
 
-    def _notified(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _notified(self, _connection: Any, pid: int, _channel: str, payload: str) -> None:
+        if self._own is not None and pid == self._own():
+            return
         try:
-            self._on_notify(int(payload))
-        except ValueError:
-            self._on_notify(0)
+            said = decode(payload)
+        except msgspec.DecodeError:
+            logger.warning("a notification on %s could not be read; reading the table", pid)
+            said = 0
+        if isinstance(said, int):
+            self._on_notify(said)
+        elif self._on_events is None:
+            self._on_notify(said[-1].position)
+        else:
+            self.events_received += len(said)
+            self._on_events(said)
 
     async def _run(self) -> None:
         import asyncpg
