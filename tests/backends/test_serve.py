@@ -120,3 +120,34 @@ def test_under_appends_that_never_pause_a_yielding_write_is_made_within_its_limi
     # It was made while appends still waited, once it had waited its limit.
     assert time.monotonic() - asked_at < YIELD_SECONDS + 5
     assert commits_before > 1, "the write did not wait for the appends"
+
+
+def test_while_the_wal_is_about_to_start_over_a_yielding_write_waits_and_a_plain_one_does_not(
+    writer: SqliteWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    until = time.monotonic() + YIELD_SECONDS / 2
+    monkeypatch.setattr(writer, "restarting", lambda: time.monotonic() < until)
+    made: dict[int, float] = {}
+    outbox = _Outbox()
+    answer = outbox.answer
+
+    def answered(kind: Answer, body: Any) -> None:
+        if kind is Answer.WRITTEN:
+            made[body[0]] = time.monotonic()
+        answer(kind, body)
+
+    monkeypatch.setattr(outbox, "answer", answered)
+    stopping = False
+
+    def more() -> tuple[Ask, Any] | None:
+        nonlocal stopping
+        if len(made) == 2 and not stopping:
+            stopping = True
+            return (Ask.STOP, None)
+        return None
+
+    messages = [(Ask.WRITE, (1, _write(yields=True))), (Ask.WRITE, (2, _write(yields=False)))]
+    _serve(writer, _Script(messages, more), outbox)
+    assert made[2] < until
+    assert made[1] >= until
+    assert outbox.done == [("written", 2), ("written", 1)]

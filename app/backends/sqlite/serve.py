@@ -9,7 +9,8 @@ The loop forms the batches: every append request that arrived while the previous
 was being written and synced joins the next one, so a transaction never starts before the
 requests already sent are in it, and it waits only when there is nothing to write. Between
 two transactions it answers probes, makes guarded writes, and holds still for another writer's
-turn. A guarded write that ``yields`` (a purge's deletes) waits until no append is waiting, or
+turn. A guarded write that ``yields`` (a purge's deletes) waits until no append is waiting and
+the WAL is not about to start over (app/backends/sqlite/checkpoints.py), or
 :data:`YIELD_SECONDS` at most, so background work fills the gaps between appends instead of
 holding them up, and still moves on under appends that never pause.
 
@@ -41,8 +42,10 @@ __all__ = ["YIELD_SECONDS", "Answer", "Ask", "Inbox", "Outbox", "serve"]
 
 logger = logging.getLogger(__name__)
 
-#: The longest a yielding guarded write waits for a moment with no append waiting.
+#: The longest a yielding guarded write waits for a moment with no append waiting (and the
+#: WAL not about to start over).
 YIELD_SECONDS = 0.1
+_RESTART_POLL_SECONDS = 0.002
 
 
 class Ask(IntEnum):
@@ -131,13 +134,17 @@ class _Loop:
         while True:
             idle = not self._waiting and not self._yielding and not self._stopping
             timeout = None if idle else 0.0
+            if self._yielding and not self._waiting and self._writer.restarting():
+                # Held back until the WAL starts over; look again shortly.
+                timeout = _RESTART_POLL_SECONDS
             while (message := self._inbox.next(timeout)) is not None:
                 timeout = 0.0
                 self._handle(message)
                 while self._turns:
                     self._hold(self._turns.popleft())
             if self._yielding and (
-                not self._waiting or time.monotonic() - self._yielding[0][2] >= YIELD_SECONDS
+                not (self._waiting or self._writer.restarting())
+                or time.monotonic() - self._yielding[0][2] >= YIELD_SECONDS
             ):
                 token, write, _ = self._yielding.popleft()
                 self._make(token, write)

@@ -177,6 +177,13 @@ class SqliteWriter:
                 connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
                 logger.debug("WAL checkpoint failed: %s", exc)
+            finally:
+                self._checkpoints.copied()
+
+    def restarting(self) -> bool:
+        """Whether the WAL is about to start over: writes that can wait should, so that
+        what the writer copies first is small (app/backends/sqlite/checkpoints.py)."""
+        return self._checkpoints is not None and self._checkpoints.restarting()
 
     def commit(self, batch: Sequence[Sequence[NewEvent]]) -> Plan | Exception:
         """One transaction of ``batch``: its plan, or the exception that rolled it back."""
