@@ -17,7 +17,7 @@ from app.client import (
     SearchResults,
     Segment,
 )
-from tests.fakes.youtube import OEMBED, VIDEO, player, read_fixture, serve_video
+from tests.fakes.youtube import VIDEO, recorded_video
 from tests.support import LocalSite, make_settings, running_server
 
 ARTICLE = (
@@ -27,10 +27,7 @@ ARTICLE = (
 
 @pytest.fixture
 def youtube() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.get(OEMBED, body=read_fixture("oembed.json"), content_type="application/json")
-        serve_video(mock, VIDEO, player("player_manual_and_generated.json"))
-        mock.add_passthru("http://127.0.0.1")
+    with recorded_video() as mock:
         yield mock
 
 

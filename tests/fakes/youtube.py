@@ -4,8 +4,10 @@ and requests."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,17 @@ def serve_video(mock: responses.RequestsMock, video_id: str, data: dict[str, Any
     serve_watch_page(mock, video_id)
     serve_player(mock, video_id, data)
     serve_timedtext(mock, data)
+
+
+@contextlib.contextmanager
+def recorded_video(video_id: str = VIDEO) -> Iterator[responses.RequestsMock]:
+    """YouTube serving ``video_id`` (its oEmbed, watch page, player and captions: manual and
+    generated English, manual German), and the local servers reached for real."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(OEMBED, body=read_fixture("oembed.json"), content_type="application/json")
+        serve_video(mock, video_id, player("player_manual_and_generated.json"))
+        mock.add_passthru("http://127.0.0.1")
+        yield mock
 
 
 def calls_to(mock: responses.RequestsMock, prefix: str) -> int:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import responses
 
-from tests.fakes.youtube import OEMBED, VIDEO, player, read_fixture, serve_video
+from tests.fakes.youtube import VIDEO, recorded_video
 from tests.support import InProcessServer, LocalSite, make_settings, running_server
 from tests.web.test_dashboard import (
     ARTICLE,
@@ -35,10 +35,7 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture
 def youtube() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.get(OEMBED, body=read_fixture("oembed.json"), content_type="application/json")
-        serve_video(mock, VIDEO, player("player_manual_and_generated.json"))
-        mock.add_passthru("http://127.0.0.1")
+    with recorded_video() as mock:
         yield mock
 
 
