@@ -17,26 +17,36 @@ from app.eventlog import NewEvent, canonical_payload
 PAGE = 4096
 
 
+def _open(path: Path) -> SqliteWriter:
+    asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{path}"))
+    writer = SqliteWriter(path, busy_timeout_ms=10_000, cache_kib=1024)
+    writer.connect()
+    return writer
+
+
+def _fill(writer: SqliteWriter, commits: int, *, size: int = 500) -> None:
+    for n in range(commits):
+        batch = [
+            NewEvent(
+                "agents", f"s{n % 7}", "progress", canonical_payload({"n": n, "x": "y" * size})
+            )
+            for _ in range(20)
+        ]
+        plan = writer.commit([batch])
+        assert not isinstance(plan, Exception), plan
+
+
 def test_steady_appends_keep_the_wal_bounded_though_no_commit_copies_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(checkpoints, "CHECKPOINT_SECONDS", 0.02)
     monkeypatch.setattr(checkpoints, "RESTART_FRAMES", 200)
     path = tmp_path / "events.db"
-    asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{path}"))
-    writer = SqliteWriter(path, busy_timeout_ms=10_000, cache_kib=1024)
-    writer.connect()
+    writer = _open(path)
     largest = 0
     try:
-        for n in range(400):
-            batch = [
-                NewEvent(
-                    "agents", f"s{n % 7}", "progress", canonical_payload({"n": n, "x": "y" * 500})
-                )
-                for _ in range(20)
-            ]
-            plan = writer.commit([batch])
-            assert not isinstance(plan, Exception), plan
+        for _ in range(400):
+            _fill(writer, 1)
             largest = max(largest, (path.parent / "events.db-wal").stat().st_size)
             time.sleep(0.002)
     finally:
@@ -53,27 +63,13 @@ def test_steady_appends_keep_the_wal_bounded_though_no_commit_copies_it(
     assert largest < 4 * 200 * (PAGE + 24), f"the WAL grew to {largest} bytes"
 
 
-def _fill(writer: SqliteWriter, commits: int, *, size: int = 500) -> None:
-    for n in range(commits):
-        batch = [
-            NewEvent(
-                "agents", f"s{n % 7}", "progress", canonical_payload({"n": n, "x": "y" * size})
-            )
-            for _ in range(20)
-        ]
-        plan = writer.commit([batch])
-        assert not isinstance(plan, Exception), plan
-
-
 def test_past_the_mark_background_writes_are_held_back_until_the_writer_has_copied(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(checkpoints, "CHECKPOINT_SECONDS", 0.02)
     monkeypatch.setattr(checkpoints, "RESTART_FRAMES", 100)
     path = tmp_path / "events.db"
-    asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{path}"))
-    writer = SqliteWriter(path, busy_timeout_ms=10_000, cache_kib=1024)
-    writer.connect()
+    writer = _open(path)
     try:
         assert not writer.restarting()
         _fill(writer, 60)
@@ -110,9 +106,7 @@ def test_the_checkpointer_syncs_what_it_copied_so_the_writer_has_little_to_sync(
 
     monkeypatch.setattr(checkpoints, "_sync", sync)
     path = tmp_path / "events.db"
-    asyncio.run(upgrade_database(f"sqlite+aiosqlite:///{path}"))
-    writer = SqliteWriter(path, busy_timeout_ms=10_000, cache_kib=1024)
-    writer.connect()
+    writer = _open(path)
     try:
         _fill(writer, 20)
         copier = checkpoints.Checkpointer(path, interval=0.01)
