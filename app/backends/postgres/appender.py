@@ -5,6 +5,14 @@ The lock is taken before the head is read and held until commit, so commit order
 order (see :mod:`app.backends.base`); other writers (projection steps, job leases) take no part
 in it and never wait for appends. ``pg_notify`` at commit hands other processes' feeds the
 rows (or wakes them).
+
+Every round trip under the lock holds every other instance's appends too, and waits for this
+process's event loop to come round to its answer, so a transaction makes four: ``BEGIN`` with
+the lock (one simple-protocol message), one statement reading all the batch needs (the head,
+versions, supplied ids, the head's chain value), one writing the rows and their
+notifications, and ``COMMIT``. The reading statement is a statement of its own after the
+lock's: in READ COMMITTED each statement's snapshot is taken when it starts, so only a
+statement that starts once the lock is granted sees the previous holder's commit.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from app.events.errors import LogUnavailable
 from app.events.plan import (
     COLUMNS,
     Plan,
+    SourceKey,
     VersionCache,
     event_from_row,
     plan_batch,
@@ -107,37 +116,63 @@ class PostgresAppender:
             await self._wake.wait()
             self._wake.clear()
             while self._waiting:
-                group = take_group(self._waiting, self._max_batch, _event_count)
-                started = time.perf_counter()
-                outcome: Plan | Exception
-                try:
-                    outcome = await self._transaction([request.events for request in group])
-                except Exception as exc:
-                    outcome = exc
+                group, outcome, seconds = await self._transaction()
                 assert self._on_commit is not None
                 try:
-                    self._on_commit(group, outcome, time.perf_counter() - started)
+                    self._on_commit(group, outcome, seconds)
                 except Exception:
                     # The outcome is the store's to deliver; the next batch must still go.
                     logger.exception("delivering the outcome of an append failed")
             if self._stopping:
                 return
 
-    async def _transaction(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+    def _take_group(self) -> list[AppendRequest]:
+        return take_group(self._waiting, self._max_batch, _event_count)
+
+    async def _transaction(self) -> tuple[list[AppendRequest], Plan | Exception, float]:
+        """One transaction: the lock, then the group of whatever waits when it is granted.
+
+        The group is taken only once the lock is held, so requests that arrive while another
+        instance holds it join this transaction instead of waiting for the next one.
+        """
         import asyncpg
 
+        started = time.perf_counter()
+        group: list[AppendRequest] | None = None
+        connection: Any = None
         try:
             connection = await self._connect()
-            async with connection.transaction():
-                plan, head, chain = await self._write(connection, batch)
+            await connection.execute(_BEGIN_LOCKED)
+            group = self._take_group()
+            plan, head, chain = await self._write(connection, [r.events for r in group])
+            await connection.execute("COMMIT")
         except BaseException as exc:
             self._cache.forget()
+            if group is None:
+                group = self._take_group()
             if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
                 await self._discard()
-                raise LogUnavailable(f"the event log could not be written: {exc}") from exc
-            raise
+                failure = LogUnavailable(f"the event log could not be written: {exc}")
+                failure.__cause__ = exc
+                return group, failure, time.perf_counter() - started
+            await self._roll_back(connection)
+            if not isinstance(exc, Exception):
+                raise
+            return group, exc, time.perf_counter() - started
         self._cache.committed(plan, head, chain)
-        return plan
+        return group, plan, time.perf_counter() - started
+
+    async def _roll_back(self, connection: Any) -> None:
+        """End a transaction that failed in this process's code; a connection that cannot
+        is dropped (the server then rolls back)."""
+        import asyncpg
+
+        if connection is None or connection.is_closed() or not connection.is_in_transaction():
+            return
+        try:
+            await connection.execute("ROLLBACK")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await self._discard()
 
     async def probe(self) -> str | None:
         # The connection is the writer's alone; /health's reads show whether the server answers.
@@ -182,27 +217,34 @@ class PostgresAppender:
     async def _write(
         self, connection: Any, batch: Sequence[Sequence[NewEvent]]
     ) -> tuple[Plan, int, bytes | None]:
-        await connection.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
-        head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
-        versions, missing = self._cache.begin(head, source_keys(batch))
-        if missing:
-            records = await connection.fetch(
-                "SELECT s.stream, s.source_id, (SELECT max(e.version) FROM events e"
-                " WHERE e.stream = s.stream AND e.source_id = s.source_id)"
-                " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)",
-                [key[0] for key in missing],
-                [key[1] for key in missing],
-            )
-            versions.update({(r[0], r[1]): r[2] or 0 for r in records})
-        ids = supplied_ids(batch)
+        keys = list(source_keys(batch))
+        cache = self._cache
+        cached_head = cache.head
+        head = 0
+        read_chain: bytes | None = None
+        read: dict[SourceKey, int] = {}
         existing: dict[str, Event] = {}
-        if ids:
-            for record in await connection.fetch(
-                f"SELECT {COLUMNS} FROM events WHERE event_id = ANY($1::text[])", list(ids)
-            ):
-                existing[record[5]] = event_from_row(record)
-        # Read under the same lock as the head, so the chain follows commit order.
-        chain = await self._head_chain(connection, head)
+        for record in await connection.fetch(
+            _STATE,
+            -1 if cached_head is None else cached_head,
+            [key[0] for key in keys],
+            [key[1] for key in keys],
+            [cache.knows(key) for key in keys],
+            list(supplied_ids(batch)),
+            self._chained,
+        ):
+            kind = record[0]
+            if kind == _HEAD:
+                head, read_chain = record[1], record[9]
+            elif kind == _VERSION:
+                read[(record[2], record[3])] = record[4] or 0
+            else:
+                existing[record[6]] = event_from_row(record[1:])
+        versions, missing = cache.begin(head, set(keys))
+        # The statement read every key the cache does not hold at this head.
+        assert read.keys() >= set(missing), "a source's version was not read"
+        versions.update(read)
+        chain = await self._head_chain(connection, head, read_chain)
         plan = plan_batch(
             batch,
             head=head,
@@ -213,24 +255,22 @@ class PostgresAppender:
         )
         if plan.rows:
             columns = list(zip(*plan.rows, strict=True))
-            await connection.execute(
-                f"INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[],"
-                " $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[],"
-                " $9::bytea[])",
-                *columns,
-            )
             # Delivered at commit, in commit order: the rows themselves for other processes'
             # feeds, or a wake-up (app/backends/postgres/notifications.py).
             await connection.execute(
-                "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+                _INSERT_NOTIFY,
+                *columns,
                 NOTIFY_CHANNEL,
                 encode_notifications(plan.rows, with_rows=self._notify_events),
             )
         return plan, head, chain
 
-    async def _head_chain(self, connection: Any, head: int) -> bytes | None:
+    async def _head_chain(
+        self, connection: Any, head: int, read_chain: bytes | None
+    ) -> bytes | None:
         """The chain value at ``head``: the one this appender committed last, unless another
-        instance moved the head since (then read, under the lock); None if off."""
+        instance moved the head since (then the state statement read it, under the lock);
+        None if off."""
         if not self._chained:
             return None
         known = self._cache.chain_at(head)
@@ -238,10 +278,7 @@ class PostgresAppender:
             return known
         if head == 0:
             return GENESIS
-        found: bytes | None = await connection.fetchval(
-            "SELECT chain FROM events WHERE position = $1", head
-        )
-        return found if found is not None else await self._fill_chain(connection)
+        return bytes(read_chain) if read_chain is not None else await self._fill_chain(connection)
 
     @staticmethod
     async def _fill_chain(connection: Any) -> bytes:
@@ -279,6 +316,43 @@ class PostgresAppender:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+
+
+#: One simple-protocol message, one round trip: the transaction and the lock. The reads
+#: come in a statement of their own, whose snapshot is taken once the lock is granted.
+_BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
+
+_HEAD, _VERSION, _EXISTING = 0, 1, 2
+#: Everything a batch's plan needs, in one snapshot taken under the lock, as rows shaped like
+#: the events table's after a kind: the head (and its chain value, where the appender's own
+#: is not the head's: $1 is the head the appender last committed, -1 for none); the version
+#: of each source ($2, $3) whose version the appender does not hold ($4) or whose holding is
+#: void, the head having moved; the events already holding the supplied ids ($5).
+_STATE = f"""
+WITH h AS (SELECT coalesce(max(position), 0) AS head FROM events)
+SELECT {_HEAD}, h.head, NULL::text, NULL::text, NULL::int, NULL::text, NULL::text,
+    NULL::text, NULL::text,
+    CASE WHEN $6 AND h.head <> $1
+        THEN (SELECT e.chain FROM events e WHERE e.position = h.head) END
+FROM h
+UNION ALL
+SELECT {_VERSION}, NULL, k.stream, k.source_id,
+    (SELECT max(e.version) FROM events e WHERE e.stream = k.stream AND e.source_id = k.source_id),
+    NULL, NULL, NULL, NULL, NULL
+FROM h, unnest($2::text[], $3::text[], $4::bool[]) AS k(stream, source_id, known)
+WHERE NOT k.known OR h.head <> $1
+UNION ALL
+SELECT {_EXISTING}, {COLUMNS} FROM events WHERE event_id = ANY($5::text[])
+"""
+
+#: The rows, and the notifications PostgreSQL delivers when they commit.
+_INSERT_NOTIFY = f"""
+WITH written AS (
+    INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[],
+        $4::int[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bytea[])
+)
+SELECT pg_notify($10, payload) FROM unnest($11::text[]) AS payload
+"""
 
 
 def _event_count(request: AppendRequest) -> int:
