@@ -33,6 +33,7 @@ from app.events.errors import LogUnavailable
 from app.events.plan import (
     COLUMNS,
     Plan,
+    Row,
     SourceKey,
     VersionCache,
     event_from_row,
@@ -83,6 +84,8 @@ class PostgresAppender:
         self._guarded: Any = None
         self._guarded_turn = asyncio.Lock()
         self._cache = VersionCache()
+        # Whether the last transaction found the head where this appender had left it.
+        self._alone = False
         self._waiting: deque[AppendRequest] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -98,7 +101,13 @@ class PostgresAppender:
         import asyncpg
 
         if self._connection is None or self._connection.is_closed():
-            self._connection = await asyncpg.connect(self._dsn)
+            connection = await asyncpg.connect(self._dsn)
+            try:
+                await connection.execute(_CREATE_APPEND_ALONE)
+            except BaseException:
+                connection.terminate()
+                raise
+            self._connection = connection
         return self._connection
 
     def server_pid(self) -> int | None:
@@ -142,8 +151,14 @@ class PostgresAppender:
         connection: Any = None
         try:
             connection = await self._connect()
+            if self._alone:
+                group = self._take_group()
+                written = await self._write_alone(connection, [r.events for r in group])
+                if written is not None:
+                    return group, written, time.perf_counter() - started
             await connection.execute(_BEGIN_LOCKED)
-            group = self._take_group()
+            if group is None:
+                group = self._take_group()
             plan, head, chain = await self._write(connection, [r.events for r in group])
             await connection.execute("COMMIT")
         except BaseException as exc:
@@ -161,6 +176,41 @@ class PostgresAppender:
             return group, exc, time.perf_counter() - started
         self._cache.committed(plan, head, chain)
         return group, plan, time.perf_counter() - started
+
+    async def _write_alone(
+        self, connection: Any, batch: Sequence[Sequence[NewEvent]]
+    ) -> Plan | None:
+        """Write ``batch`` in one round trip, planned on what this appender committed last;
+        None, nothing written, if another instance appended since or the batch needs what
+        only the table holds (a source's version the cache lacks, supplied ids).
+
+        One statement is one transaction: the server takes the lock, checks the head and
+        writes, and no round trip waits under the lock.
+        """
+        cache = self._cache
+        head = cache.head
+        if head is None or supplied_ids(batch):
+            return None
+        versions, missing = cache.begin(head, source_keys(batch))
+        chain = cache.chain_at(head) if self._chained else None
+        if missing or (self._chained and chain is None):
+            return None
+        plan = plan_batch(
+            batch, head=head, versions=versions, existing={}, timestamp=utc_now(), chain=chain
+        )
+        columns: list[Sequence[Any]] = list(zip(*plan.rows, strict=True)) or [
+            [] for _ in Row._fields
+        ]
+        notifications = (
+            encode_notifications(plan.rows, with_rows=self._notify_events) if plan.rows else []
+        )
+        if not await connection.fetchval(
+            _APPEND_ALONE, head, *columns, NOTIFY_CHANNEL, notifications
+        ):
+            self._alone = False
+            return None
+        cache.committed(plan, head, chain)
+        return plan
 
     async def _roll_back(self, connection: Any) -> None:
         """End a transaction that failed in this process's code; a connection that cannot
@@ -223,6 +273,7 @@ class PostgresAppender:
         head = 0
         read_chain: bytes | None = None
         read: dict[SourceKey, int] = {}
+        after: list[Any] = []
         existing: dict[str, Event] = {}
         for record in await connection.fetch(
             _STATE,
@@ -236,14 +287,27 @@ class PostgresAppender:
             kind = record[0]
             if kind == _HEAD:
                 head, read_chain = record[1], record[9]
+            elif kind == _AFTER:
+                after.append(record)
             elif kind == _VERSION:
                 read[(record[2], record[3])] = record[4] or 0
             else:
                 existing[record[6]] = event_from_row(record[1:])
+        # While nobody else appends, the next batch can go in one round trip.
+        self._alone = head == cached_head
+        if cached_head is not None and head != cached_head and len(after) == head - cached_head:
+            # Every event appended elsewhere since this appender's last commit: the cache
+            # follows them instead of being read again source by source.
+            after.sort(key=lambda record: record[1])
+            cache.caught_up(
+                head, {(r[2], r[3]): r[4] for r in after}, after[-1][9] if after else None
+            )
         versions, missing = cache.begin(head, set(keys))
-        # The statement read every key the cache does not hold at this head.
-        assert read.keys() >= set(missing), "a source's version was not read"
         versions.update(read)
+        if unread := [key for key in missing if key not in read]:
+            # Events appended elsewhere that the statement did not return (more than it
+            # reads, or some purged since): each source is read.
+            versions.update(await self._versions(connection, unread))
         chain = await self._head_chain(connection, head, read_chain)
         plan = plan_batch(
             batch,
@@ -264,6 +328,17 @@ class PostgresAppender:
                 encode_notifications(plan.rows, with_rows=self._notify_events),
             )
         return plan, head, chain
+
+    @staticmethod
+    async def _versions(connection: Any, keys: list[SourceKey]) -> dict[SourceKey, int]:
+        records = await connection.fetch(
+            "SELECT s.stream, s.source_id, (SELECT max(e.version) FROM events e"
+            " WHERE e.stream = s.stream AND e.source_id = s.source_id)"
+            " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)",
+            [key[0] for key in keys],
+            [key[1] for key in keys],
+        )
+        return {(r[0], r[1]): r[2] or 0 for r in records}
 
     async def _head_chain(
         self, connection: Any, head: int, read_chain: bytes | None
@@ -322,12 +397,16 @@ class PostgresAppender:
 #: come in a statement of their own, whose snapshot is taken once the lock is granted.
 _BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
 
-_HEAD, _VERSION, _EXISTING = 0, 1, 2
+_HEAD, _AFTER, _VERSION, _EXISTING = 0, 1, 2, 3
+#: The most events appended elsewhere that a transaction reads to bring its cache up to date;
+#: past that, it reads each of its sources instead.
+CATCH_UP = 5000
 #: Everything a batch's plan needs, in one snapshot taken under the lock, as rows shaped like
-#: the events table's after a kind: the head (and its chain value, where the appender's own
-#: is not the head's: $1 is the head the appender last committed, -1 for none); the version
-#: of each source ($2, $3) whose version the appender does not hold ($4) or whose holding is
-#: void, the head having moved; the events already holding the supplied ids ($5).
+#: the events table's after a kind ($1 is the head this appender last committed, -1 for
+#: none): the head, and its chain value where the head has moved; the events appended since
+#: $1 by other writers (their sources' versions), unless there are too many; the version of
+#: each source ($2, $3) the cache does not hold ($4), or of every source where the events
+#: since $1 are not read; the events already holding the supplied ids ($5).
 _STATE = f"""
 WITH h AS (SELECT coalesce(max(position), 0) AS head FROM events)
 SELECT {_HEAD}, h.head, NULL::text, NULL::text, NULL::int, NULL::text, NULL::text,
@@ -336,11 +415,16 @@ SELECT {_HEAD}, h.head, NULL::text, NULL::text, NULL::int, NULL::text, NULL::tex
         THEN (SELECT e.chain FROM events e WHERE e.position = h.head) END
 FROM h
 UNION ALL
+(SELECT {_AFTER}, e.position, e.stream, e.source_id, e.version, NULL, NULL, NULL, NULL, e.chain
+FROM events e
+WHERE e.position > $1 AND e.position <= $1 + {CATCH_UP} AND $1 >= 0
+    AND (SELECT head FROM h) - $1 <= {CATCH_UP})
+UNION ALL
 SELECT {_VERSION}, NULL, k.stream, k.source_id,
     (SELECT max(e.version) FROM events e WHERE e.stream = k.stream AND e.source_id = k.source_id),
     NULL, NULL, NULL, NULL, NULL
 FROM h, unnest($2::text[], $3::text[], $4::bool[]) AS k(stream, source_id, known)
-WHERE NOT k.known OR h.head <> $1
+WHERE NOT k.known OR $1 < 0 OR h.head - $1 > {CATCH_UP}
 UNION ALL
 SELECT {_EXISTING}, {COLUMNS} FROM events WHERE event_id = ANY($5::text[])
 """
@@ -353,6 +437,26 @@ WITH written AS (
 )
 SELECT pg_notify($10, payload) FROM unnest($11::text[]) AS payload
 """
+
+
+#: A session's own function (dropped with its connection): one batch planned on the head
+#: $1, written only if the head is still $1 once the lock is granted. Each statement of a
+#: VOLATILE function takes a snapshot of its own, so the head is read after the lock.
+_CREATE_APPEND_ALONE = f"""
+CREATE FUNCTION pg_temp.append_alone(bigint, bigint[], text[], text[], int[], text[], text[],
+    text[], text[], bytea[], text, text[]) RETURNS boolean VOLATILE LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock({APPEND_LOCK_KEY});
+    IF (SELECT coalesce(max(position), 0) FROM events) <> $1 THEN
+        RETURN false;
+    END IF;
+    INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($2, $3, $4, $5, $6, $7, $8, $9, $10);
+    PERFORM pg_notify($11, payload) FROM unnest($12) AS payload;
+    RETURN true;
+END
+$$
+"""
+_APPEND_ALONE = "SELECT pg_temp.append_alone($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 
 
 def _event_count(request: AppendRequest) -> int:
