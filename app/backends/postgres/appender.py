@@ -275,14 +275,15 @@ class PostgresAppender:
         read: dict[SourceKey, int] = {}
         after: list[Any] = []
         existing: dict[str, Event] = {}
+        ids = list(supplied_ids(batch))
         for record in await connection.fetch(
-            _STATE,
+            _STATE_WITH_IDS if ids else _STATE,
             -1 if cached_head is None else cached_head,
             [key[0] for key in keys],
             [key[1] for key in keys],
             [cache.knows(key) for key in keys],
-            list(supplied_ids(batch)),
             self._chained,
+            *([ids] if ids else []),
         ):
             kind = record[0]
             if kind == _HEAD:
@@ -403,15 +404,15 @@ _HEAD, _AFTER, _VERSION, _EXISTING = 0, 1, 2, 3
 CATCH_UP = 5000
 #: Everything a batch's plan needs, in one snapshot taken under the lock, as rows shaped like
 #: the events table's after a kind ($1 is the head this appender last committed, -1 for
-#: none): the head, and its chain value where the head has moved; the events appended since
-#: $1 by other writers (their sources' versions), unless there are too many; the version of
-#: each source ($2, $3) the cache does not hold ($4), or of every source where the events
-#: since $1 are not read; the events already holding the supplied ids ($5).
+#: none): the head, and its chain value where the head has moved and the chain is on ($5);
+#: the events appended since $1 by other writers (their sources' versions), unless there are
+#: too many; the version of each source ($2, $3) the cache does not hold ($4), or of every
+#: source where the events since $1 are not read.
 _STATE = f"""
 WITH h AS (SELECT coalesce(max(position), 0) AS head FROM events)
 SELECT {_HEAD}, h.head, NULL::text, NULL::text, NULL::int, NULL::text, NULL::text,
     NULL::text, NULL::text,
-    CASE WHEN $6 AND h.head <> $1
+    CASE WHEN $5 AND h.head <> $1
         THEN (SELECT e.chain FROM events e WHERE e.position = h.head) END
 FROM h
 UNION ALL
@@ -425,8 +426,11 @@ SELECT {_VERSION}, NULL, k.stream, k.source_id,
     NULL, NULL, NULL, NULL, NULL
 FROM h, unnest($2::text[], $3::text[], $4::bool[]) AS k(stream, source_id, known)
 WHERE NOT k.known OR $1 < 0 OR h.head - $1 > {CATCH_UP}
-UNION ALL
-SELECT {_EXISTING}, {COLUMNS} FROM events WHERE event_id = ANY($5::text[])
+"""
+#: The same and the events already holding the supplied ids ($6): a statement of its own, as
+#: a plan made while the table was small scans it whole for ids, however large it grows.
+_STATE_WITH_IDS = f"""{_STATE}UNION ALL
+SELECT {_EXISTING}, {COLUMNS} FROM events WHERE event_id = ANY($6::text[])
 """
 
 #: The rows, and the notifications PostgreSQL delivers when they commit.
