@@ -7,12 +7,23 @@ in it and never wait for appends. ``pg_notify`` at commit hands other processes'
 rows (or wakes them).
 
 Every round trip under the lock holds every other instance's appends too, and waits for this
-process's event loop to come round to its answer, so a transaction makes four: ``BEGIN`` with
-the lock (one simple-protocol message), one statement reading all the batch needs (the head,
-versions, supplied ids, the head's chain value), one writing the rows and their
-notifications, and ``COMMIT``. The reading statement is a statement of its own after the
-lock's: in READ COMMITTED each statement's snapshot is taken when it starts, so only a
-statement that starts once the lock is granted sees the previous holder's commit.
+process's event loop to come round to its answer, so a transaction makes as few as it can:
+
+- While nobody else appends (the last transaction found the head where this appender left
+  it), a batch is planned on the appender's cache and sent in one statement, its own
+  transaction: a session function takes the lock, checks that the head is still the
+  expected one and writes; if another instance appended meanwhile it writes nothing and
+  the batch goes the other way. No round trip waits under the lock.
+- Otherwise four: ``BEGIN`` with the lock (one simple-protocol message), one statement
+  reading all the batch needs, one writing the rows and their notifications, and
+  ``COMMIT``. The reading statement is a statement of its own after the lock's: in READ
+  COMMITTED each statement's snapshot is taken when it starts, so only a statement that
+  starts once the lock is granted sees the previous holder's commit. It returns the events
+  appended elsewhere since this appender's last commit (a range of positions), which bring
+  the cache up to date, rather than each source's version.
+
+The group of requests is taken once the lock is granted, so requests that arrive while
+another instance holds it join this transaction.
 """
 
 from __future__ import annotations
@@ -139,11 +150,7 @@ class PostgresAppender:
         return take_group(self._waiting, self._max_batch, _event_count)
 
     async def _transaction(self) -> tuple[list[AppendRequest], Plan | Exception, float]:
-        """One transaction: the lock, then the group of whatever waits when it is granted.
-
-        The group is taken only once the lock is held, so requests that arrive while another
-        instance holds it join this transaction instead of waiting for the next one.
-        """
+        """One transaction of the requests waiting: its group, and its plan or failure."""
         import asyncpg
 
         started = time.perf_counter()
