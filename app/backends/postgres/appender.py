@@ -280,7 +280,8 @@ class PostgresAppender:
         head = 0
         read_chain: bytes | None = None
         read: dict[SourceKey, int] = {}
-        after: list[Any] = []
+        after: dict[SourceKey, int] = {}
+        seen = 0
         existing: dict[str, Event] = {}
         ids = list(supplied_ids(batch))
         for record in await connection.fetch(
@@ -296,20 +297,18 @@ class PostgresAppender:
             if kind == _HEAD:
                 head, read_chain = record[1], record[9]
             elif kind == _AFTER:
-                after.append(record)
+                after[(record[2], record[3])] = record[4]
+                seen += record[1]
             elif kind == _VERSION:
                 read[(record[2], record[3])] = record[4] or 0
             else:
                 existing[record[6]] = event_from_row(record[1:])
         # While nobody else appends, the next batch can go in one round trip.
         self._alone = head == cached_head
-        if cached_head is not None and head != cached_head and len(after) == head - cached_head:
+        if cached_head is not None and head != cached_head and seen == head - cached_head:
             # Every event appended elsewhere since this appender's last commit: the cache
             # follows them instead of being read again source by source.
-            after.sort(key=lambda record: record[1])
-            cache.caught_up(
-                head, {(r[2], r[3]): r[4] for r in after}, after[-1][9] if after else None
-            )
+            cache.caught_up(head, after, read_chain)
         versions, missing = cache.begin(head, set(keys))
         versions.update(read)
         if unread := [key for key in missing if key not in read]:
@@ -412,9 +411,10 @@ CATCH_UP = 5000
 #: Everything a batch's plan needs, in one snapshot taken under the lock, as rows shaped like
 #: the events table's after a kind ($1 is the head this appender last committed, -1 for
 #: none): the head, and its chain value where the head has moved and the chain is on ($5);
-#: the events appended since $1 by other writers (their sources' versions), unless there are
-#: too many; the version of each source ($2, $3) the cache does not hold ($4), or of every
-#: source where the events since $1 are not read.
+#: the sources of the events appended since $1 by other writers, each with its newest version
+#: and how many of those events it has, unless there are too many; the version of each
+#: source ($2, $3) the cache does not hold ($4), or of every source where the events since
+#: $1 are not read.
 _STATE = f"""
 WITH h AS (SELECT coalesce(max(position), 0) AS head FROM events)
 SELECT {_HEAD}, h.head, NULL::text, NULL::text, NULL::int, NULL::text, NULL::text,
@@ -423,10 +423,11 @@ SELECT {_HEAD}, h.head, NULL::text, NULL::text, NULL::int, NULL::text, NULL::tex
         THEN (SELECT e.chain FROM events e WHERE e.position = h.head) END
 FROM h
 UNION ALL
-(SELECT {_AFTER}, e.position, e.stream, e.source_id, e.version, NULL, NULL, NULL, NULL, e.chain
+(SELECT {_AFTER}, count(*), e.stream, e.source_id, max(e.version), NULL, NULL, NULL, NULL, NULL
 FROM events e
 WHERE e.position > $1 AND e.position <= $1 + {CATCH_UP} AND $1 >= 0
-    AND (SELECT head FROM h) - $1 <= {CATCH_UP})
+    AND (SELECT head FROM h) - $1 <= {CATCH_UP}
+GROUP BY e.stream, e.source_id)
 UNION ALL
 SELECT {_VERSION}, NULL, k.stream, k.source_id,
     (SELECT max(e.version) FROM events e WHERE e.stream = k.stream AND e.source_id = k.source_id),
