@@ -22,8 +22,8 @@ process's event loop to come round to its answer, so a transaction makes as few 
   appended elsewhere since this appender's last commit (a range of positions), which bring
   the cache up to date, rather than each source's version.
 
-The group of requests is taken once the lock is granted, so requests that arrive while
-another instance holds it join this transaction.
+The group of requests is taken before the lock is asked for: a transaction holds what was
+waiting when it began, and what arrives while it waits for the lock goes into the next.
 """
 
 from __future__ import annotations
@@ -154,24 +154,19 @@ class PostgresAppender:
         import asyncpg
 
         started = time.perf_counter()
-        group: list[AppendRequest] | None = None
+        group = self._take_group()
         connection: Any = None
         try:
             connection = await self._connect()
             if self._alone:
-                group = self._take_group()
                 written = await self._write_alone(connection, [r.events for r in group])
                 if written is not None:
                     return group, written, time.perf_counter() - started
             await connection.execute(_BEGIN_LOCKED)
-            if group is None:
-                group = self._take_group()
             plan, head, chain = await self._write(connection, [r.events for r in group])
             await connection.execute("COMMIT")
         except BaseException as exc:
             self._cache.forget()
-            if group is None:
-                group = self._take_group()
             if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
                 await self._discard()
                 failure = LogUnavailable(f"the event log could not be written: {exc}")
