@@ -301,6 +301,21 @@ class VersionCache:
         known = {key: self._versions[key] for key in keys if key in self._versions}
         return known, [key for key in keys if key not in known]
 
+    @property
+    def head(self) -> int | None:
+        """The head this appender committed last, or None if the cache knows nothing."""
+        return self._head
+
+    def knows(self, key: SourceKey) -> bool:
+        """Whether ``key``'s version is cached (valid only if the head is still :attr:`head`)."""
+        return key in self._versions
+
+    def caught_up(self, head: int, versions: Mapping[SourceKey, int], chain: bytes | None) -> None:
+        """After reading every event another writer appended since :attr:`head`: their
+        sources' versions, and ``head`` with its chain value, are now the log's."""
+        self._versions.update(versions)
+        self._head, self._chain = head, chain
+
     def chain_at(self, head: int) -> bytes | None:
         """The chain value at ``head`` if this appender committed it, else None (read it)."""
         return self._chain if head == self._head else None

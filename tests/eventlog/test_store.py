@@ -744,3 +744,40 @@ async def test_payloads_come_back_byte_for_byte(
     rows = await table_contents(log_settings.url)
     assert [row[6].encode() for row in rows] == [*canonical, canonical[1]]
     assert [r.position for r in results] + [single.position] == [e.position for e in read]
+
+
+async def test_postgres_appenders_follow_each_other_s_appends(postgres_url: str) -> None:
+    # Each appender plans on what it committed last, brought up to date under the lock with
+    # what others appended since, or, past what one statement reads, with each source read.
+    from app.audit.history import read_chained
+    from app.audit.verify import Verified, verify_history
+    from app.backends.postgres.appender import CATCH_UP
+
+    async with open_store(postgres_url) as first, open_store(postgres_url) as second:
+        for version in range(3):  # the last ones alone: one round trip each
+            done = await first.append_one(new("a1", expected_version=version))
+            assert done.version == version + 1
+        assert (await second.append_one(new("a1", expected_version=3))).version == 4
+        # Planned alone, refused (the head moved), then planned on the events since.
+        assert (await first.append_one(new("a1", expected_version=4))).version == 5
+        with pytest.raises(VersionConflict):
+            await second.append_one(new("a1", expected_version=4))
+        replayed = await second.append_one(new("a1", event_id=done.event_id))
+        assert replayed.duplicate
+        assert replayed.position == done.position
+        for start in range(0, CATCH_UP + 1, 1000):
+            await second.append(
+                [new(f"b{n}") for n in range(start, min(start + 1000, CATCH_UP + 1))]
+            )
+        assert (await second.append_one(new("a1", expected_version=5))).version == 6
+        assert (await first.append_one(new("a1", expected_version=6))).version == 7
+        with pytest.raises(VersionConflict):
+            await first.append_one(new("b7", expected_version=0))
+    engine = create_engine(postgres_url, pool_size=1)
+    try:
+        rows = await read_chained(engine, 0, 100_000)
+    finally:
+        await engine.dispose()
+    found = verify_history(rows)
+    assert isinstance(found, Verified), found
+    assert found.verified == len(rows) == rows[-1].event.position == CATCH_UP + 8

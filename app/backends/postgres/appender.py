@@ -5,6 +5,25 @@ The lock is taken before the head is read and held until commit, so commit order
 order (see :mod:`app.backends.base`); other writers (projection steps, job leases) take no part
 in it and never wait for appends. ``pg_notify`` at commit hands other processes' feeds the
 rows (or wakes them).
+
+Every round trip under the lock holds every other instance's appends too, and waits for this
+process's event loop to come round to its answer, so a transaction makes as few as it can:
+
+- While nobody else appends (the last transaction found the head where this appender left
+  it), a batch is planned on the appender's cache and sent in one statement, its own
+  transaction: a session function takes the lock, checks that the head is still the
+  expected one and writes; if another instance appended meanwhile it writes nothing and
+  the batch goes the other way. No round trip waits under the lock.
+- Otherwise four: ``BEGIN`` with the lock (one simple-protocol message), one statement
+  reading all the batch needs, one writing the rows and their notifications, and
+  ``COMMIT``. The reading statement is a statement of its own after the lock's: in READ
+  COMMITTED each statement's snapshot is taken when it starts, so only a statement that
+  starts once the lock is granted sees the previous holder's commit. It returns the events
+  appended elsewhere since this appender's last commit (a range of positions), which bring
+  the cache up to date, rather than each source's version.
+
+The group of requests is taken before the lock is asked for: a transaction holds what was
+waiting when it began, and what arrives while it waits for the lock goes into the next.
 """
 
 from __future__ import annotations
@@ -25,6 +44,8 @@ from app.events.errors import LogUnavailable
 from app.events.plan import (
     COLUMNS,
     Plan,
+    Row,
+    SourceKey,
     VersionCache,
     event_from_row,
     plan_batch,
@@ -74,6 +95,8 @@ class PostgresAppender:
         self._guarded: Any = None
         self._guarded_turn = asyncio.Lock()
         self._cache = VersionCache()
+        # Whether the last transaction found the head where this appender had left it.
+        self._alone = False
         self._waiting: deque[AppendRequest] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -89,7 +112,13 @@ class PostgresAppender:
         import asyncpg
 
         if self._connection is None or self._connection.is_closed():
-            self._connection = await asyncpg.connect(self._dsn)
+            connection = await asyncpg.connect(self._dsn)
+            try:
+                await connection.execute(_CREATE_APPEND_ALONE)
+            except BaseException:
+                connection.terminate()
+                raise
+            self._connection = connection
         return self._connection
 
     def server_pid(self) -> int | None:
@@ -107,37 +136,95 @@ class PostgresAppender:
             await self._wake.wait()
             self._wake.clear()
             while self._waiting:
-                group = take_group(self._waiting, self._max_batch, _event_count)
-                started = time.perf_counter()
-                outcome: Plan | Exception
-                try:
-                    outcome = await self._transaction([request.events for request in group])
-                except Exception as exc:
-                    outcome = exc
+                group, outcome, seconds = await self._transaction()
                 assert self._on_commit is not None
                 try:
-                    self._on_commit(group, outcome, time.perf_counter() - started)
+                    self._on_commit(group, outcome, seconds)
                 except Exception:
                     # The outcome is the store's to deliver; the next batch must still go.
                     logger.exception("delivering the outcome of an append failed")
             if self._stopping:
                 return
 
-    async def _transaction(self, batch: Sequence[Sequence[NewEvent]]) -> Plan:
+    def _take_group(self) -> list[AppendRequest]:
+        return take_group(self._waiting, self._max_batch, _event_count)
+
+    async def _transaction(self) -> tuple[list[AppendRequest], Plan | Exception, float]:
+        """One transaction of the requests waiting: its group, and its plan or failure."""
         import asyncpg
 
+        started = time.perf_counter()
+        group = self._take_group()
+        connection: Any = None
         try:
             connection = await self._connect()
-            async with connection.transaction():
-                plan, head, chain = await self._write(connection, batch)
+            if self._alone:
+                written = await self._write_alone(connection, [r.events for r in group])
+                if written is not None:
+                    return group, written, time.perf_counter() - started
+            await connection.execute(_BEGIN_LOCKED)
+            plan, head, chain = await self._write(connection, [r.events for r in group])
+            await connection.execute("COMMIT")
         except BaseException as exc:
             self._cache.forget()
             if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
                 await self._discard()
-                raise LogUnavailable(f"the event log could not be written: {exc}") from exc
-            raise
+                failure = LogUnavailable(f"the event log could not be written: {exc}")
+                failure.__cause__ = exc
+                return group, failure, time.perf_counter() - started
+            await self._roll_back(connection)
+            if not isinstance(exc, Exception):
+                raise
+            return group, exc, time.perf_counter() - started
         self._cache.committed(plan, head, chain)
+        return group, plan, time.perf_counter() - started
+
+    async def _write_alone(
+        self, connection: Any, batch: Sequence[Sequence[NewEvent]]
+    ) -> Plan | None:
+        """Write ``batch`` in one round trip, planned on what this appender committed last;
+        None, nothing written, if another instance appended since or the batch needs what
+        only the table holds (a source's version the cache lacks, supplied ids).
+
+        One statement is one transaction: the server takes the lock, checks the head and
+        writes, and no round trip waits under the lock.
+        """
+        cache = self._cache
+        head = cache.head
+        if head is None or supplied_ids(batch):
+            return None
+        versions, missing = cache.begin(head, source_keys(batch))
+        chain = cache.chain_at(head) if self._chained else None
+        if missing or (self._chained and chain is None):
+            return None
+        plan = plan_batch(
+            batch, head=head, versions=versions, existing={}, timestamp=utc_now(), chain=chain
+        )
+        columns: list[Sequence[Any]] = list(zip(*plan.rows, strict=True)) or [
+            [] for _ in Row._fields
+        ]
+        notifications = (
+            encode_notifications(plan.rows, with_rows=self._notify_events) if plan.rows else []
+        )
+        if not await connection.fetchval(
+            _APPEND_ALONE, head, *columns, NOTIFY_CHANNEL, notifications
+        ):
+            self._alone = False
+            return None
+        cache.committed(plan, head, chain)
         return plan
+
+    async def _roll_back(self, connection: Any) -> None:
+        """End a transaction that failed in this process's code; a connection that cannot
+        is dropped (the server then rolls back)."""
+        import asyncpg
+
+        if connection is None or connection.is_closed() or not connection.is_in_transaction():
+            return
+        try:
+            await connection.execute("ROLLBACK")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await self._discard()
 
     async def probe(self) -> str | None:
         # The connection is the writer's alone; /health's reads show whether the server answers.
@@ -182,27 +269,48 @@ class PostgresAppender:
     async def _write(
         self, connection: Any, batch: Sequence[Sequence[NewEvent]]
     ) -> tuple[Plan, int, bytes | None]:
-        await connection.execute("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
-        head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
-        versions, missing = self._cache.begin(head, source_keys(batch))
-        if missing:
-            records = await connection.fetch(
-                "SELECT s.stream, s.source_id, (SELECT max(e.version) FROM events e"
-                " WHERE e.stream = s.stream AND e.source_id = s.source_id)"
-                " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)",
-                [key[0] for key in missing],
-                [key[1] for key in missing],
-            )
-            versions.update({(r[0], r[1]): r[2] or 0 for r in records})
-        ids = supplied_ids(batch)
+        keys = list(source_keys(batch))
+        cache = self._cache
+        cached_head = cache.head
+        head = 0
+        read_chain: bytes | None = None
+        read: dict[SourceKey, int] = {}
+        after: dict[SourceKey, int] = {}
+        seen = 0
         existing: dict[str, Event] = {}
-        if ids:
-            for record in await connection.fetch(
-                f"SELECT {COLUMNS} FROM events WHERE event_id = ANY($1::text[])", list(ids)
-            ):
-                existing[record[5]] = event_from_row(record)
-        # Read under the same lock as the head, so the chain follows commit order.
-        chain = await self._head_chain(connection, head)
+        ids = list(supplied_ids(batch))
+        for record in await connection.fetch(
+            _STATE_WITH_IDS if ids else _STATE,
+            -1 if cached_head is None else cached_head,
+            [key[0] for key in keys],
+            [key[1] for key in keys],
+            [cache.knows(key) for key in keys],
+            self._chained,
+            *([ids] if ids else []),
+        ):
+            kind = record[0]
+            if kind == _HEAD:
+                head, read_chain = record[1], record[9]
+            elif kind == _AFTER:
+                after[(record[2], record[3])] = record[4]
+                seen += record[1]
+            elif kind == _VERSION:
+                read[(record[2], record[3])] = record[4] or 0
+            else:
+                existing[record[6]] = event_from_row(record[1:])
+        # While nobody else appends, the next batch can go in one round trip.
+        self._alone = head == cached_head
+        if cached_head is not None and head != cached_head and seen == head - cached_head:
+            # Every event appended elsewhere since this appender's last commit: the cache
+            # follows them instead of being read again source by source.
+            cache.caught_up(head, after, read_chain)
+        versions, missing = cache.begin(head, set(keys))
+        versions.update(read)
+        if unread := [key for key in missing if key not in read]:
+            # Events appended elsewhere that the statement did not return (more than it
+            # reads, or some purged since): each source is read.
+            versions.update(await self._versions(connection, unread))
+        chain = await self._head_chain(connection, head, read_chain)
         plan = plan_batch(
             batch,
             head=head,
@@ -213,24 +321,33 @@ class PostgresAppender:
         )
         if plan.rows:
             columns = list(zip(*plan.rows, strict=True))
-            await connection.execute(
-                f"INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[],"
-                " $3::text[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[],"
-                " $9::bytea[])",
-                *columns,
-            )
             # Delivered at commit, in commit order: the rows themselves for other processes'
             # feeds, or a wake-up (app/backends/postgres/notifications.py).
             await connection.execute(
-                "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+                _INSERT_NOTIFY,
+                *columns,
                 NOTIFY_CHANNEL,
                 encode_notifications(plan.rows, with_rows=self._notify_events),
             )
         return plan, head, chain
 
-    async def _head_chain(self, connection: Any, head: int) -> bytes | None:
+    @staticmethod
+    async def _versions(connection: Any, keys: list[SourceKey]) -> dict[SourceKey, int]:
+        records = await connection.fetch(
+            "SELECT s.stream, s.source_id, (SELECT max(e.version) FROM events e"
+            " WHERE e.stream = s.stream AND e.source_id = s.source_id)"
+            " FROM unnest($1::text[], $2::text[]) AS s(stream, source_id)",
+            [key[0] for key in keys],
+            [key[1] for key in keys],
+        )
+        return {(r[0], r[1]): r[2] or 0 for r in records}
+
+    async def _head_chain(
+        self, connection: Any, head: int, read_chain: bytes | None
+    ) -> bytes | None:
         """The chain value at ``head``: the one this appender committed last, unless another
-        instance moved the head since (then read, under the lock); None if off."""
+        instance moved the head since (then the state statement read it, under the lock);
+        None if off."""
         if not self._chained:
             return None
         known = self._cache.chain_at(head)
@@ -238,10 +355,7 @@ class PostgresAppender:
             return known
         if head == 0:
             return GENESIS
-        found: bytes | None = await connection.fetchval(
-            "SELECT chain FROM events WHERE position = $1", head
-        )
-        return found if found is not None else await self._fill_chain(connection)
+        return bytes(read_chain) if read_chain is not None else await self._fill_chain(connection)
 
     @staticmethod
     async def _fill_chain(connection: Any) -> bytes:
@@ -279,6 +393,77 @@ class PostgresAppender:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+
+
+#: One simple-protocol message, one round trip: the transaction and the lock. The reads
+#: come in a statement of their own, whose snapshot is taken once the lock is granted.
+_BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
+
+_HEAD, _AFTER, _VERSION, _EXISTING = 0, 1, 2, 3
+#: The most events appended elsewhere that a transaction reads to bring its cache up to date;
+#: past that, it reads each of its sources instead.
+CATCH_UP = 5000
+#: Everything a batch's plan needs, in one snapshot taken under the lock, as rows shaped like
+#: the events table's after a kind ($1 is the head this appender last committed, -1 for
+#: none): the head, and its chain value where the head has moved and the chain is on ($5);
+#: the sources of the events appended since $1 by other writers, each with its newest version
+#: and how many of those events it has, unless there are too many; the version of each
+#: source ($2, $3) the cache does not hold ($4), or of every source where the events since
+#: $1 are not read.
+_STATE = f"""
+WITH h AS (SELECT coalesce(max(position), 0) AS head FROM events)
+SELECT {_HEAD}, h.head, NULL::text, NULL::text, NULL::int, NULL::text, NULL::text,
+    NULL::text, NULL::text,
+    CASE WHEN $5 AND h.head <> $1
+        THEN (SELECT e.chain FROM events e WHERE e.position = h.head) END
+FROM h
+UNION ALL
+(SELECT {_AFTER}, count(*), e.stream, e.source_id, max(e.version), NULL, NULL, NULL, NULL, NULL
+FROM events e
+WHERE e.position > $1 AND e.position <= $1 + {CATCH_UP} AND $1 >= 0
+    AND (SELECT head FROM h) - $1 <= {CATCH_UP}
+GROUP BY e.stream, e.source_id)
+UNION ALL
+SELECT {_VERSION}, NULL, k.stream, k.source_id,
+    (SELECT max(e.version) FROM events e WHERE e.stream = k.stream AND e.source_id = k.source_id),
+    NULL, NULL, NULL, NULL, NULL
+FROM h, unnest($2::text[], $3::text[], $4::bool[]) AS k(stream, source_id, known)
+WHERE NOT k.known OR $1 < 0 OR h.head - $1 > {CATCH_UP}
+"""
+#: The same and the events already holding the supplied ids ($6): a statement of its own, as
+#: a plan made while the table was small scans it whole for ids, however large it grows.
+_STATE_WITH_IDS = f"""{_STATE}UNION ALL
+SELECT {_EXISTING}, {COLUMNS} FROM events WHERE event_id = ANY($6::text[])
+"""
+
+#: The rows, and the notifications PostgreSQL delivers when they commit.
+_INSERT_NOTIFY = f"""
+WITH written AS (
+    INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[],
+        $4::int[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bytea[])
+)
+SELECT pg_notify($10, payload) FROM unnest($11::text[]) AS payload
+"""
+
+
+#: A session's own function (dropped with its connection): one batch planned on the head
+#: $1, written only if the head is still $1 once the lock is granted. Each statement of a
+#: VOLATILE function takes a snapshot of its own, so the head is read after the lock.
+_CREATE_APPEND_ALONE = f"""
+CREATE FUNCTION pg_temp.append_alone(bigint, bigint[], text[], text[], int[], text[], text[],
+    text[], text[], bytea[], text, text[]) RETURNS boolean VOLATILE LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock({APPEND_LOCK_KEY});
+    IF (SELECT coalesce(max(position), 0) FROM events) <> $1 THEN
+        RETURN false;
+    END IF;
+    INSERT INTO events ({COLUMNS}) SELECT * FROM unnest($2, $3, $4, $5, $6, $7, $8, $9, $10);
+    PERFORM pg_notify($11, payload) FROM unnest($12) AS payload;
+    RETURN true;
+END
+$$
+"""
+_APPEND_ALONE = "SELECT pg_temp.append_alone($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 
 
 def _event_count(request: AppendRequest) -> int:
