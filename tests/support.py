@@ -22,6 +22,8 @@ import uvicorn
 from sqlalchemy import MetaData
 
 from app.asgi import create_app
+from app.audit.history import read_chained
+from app.audit.verify import Verified, verify_history
 from app.config import DatabaseSettings, Settings, load_settings
 from app.database import create_engine, upgrade_database
 from app.eventlog import EventStore, NewEvent, canonical_payload
@@ -100,6 +102,20 @@ async def open_store(
             await store.close()
     finally:
         await engine.dispose()
+
+
+async def verified_chain(url: str) -> int:
+    """The whole log at ``url`` with its chain recomputed, asserted unbroken from the first
+    position to the head; the number of events."""
+    engine = create_engine(url, pool_size=1)
+    try:
+        rows = await read_chained(engine, 0, 100_000)
+    finally:
+        await engine.dispose()
+    found = verify_history(rows)
+    assert isinstance(found, Verified), found
+    assert found.verified == len(rows) == rows[-1].event.position
+    return found.verified
 
 
 def make_settings(database_url: str, **env: str) -> Settings:

@@ -33,7 +33,7 @@ from app.eventlog import (
 )
 from app.eventlog.store import page_query
 from app.eventlog.tables import events as events_table
-from tests.support import open_store, sqlite_settings
+from tests.support import open_store, sqlite_settings, verified_chain
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -749,8 +749,6 @@ async def test_payloads_come_back_byte_for_byte(
 async def test_postgres_appenders_follow_each_other_s_appends(postgres_url: str) -> None:
     # Each appender plans on what it committed last, brought up to date under the lock with
     # what others appended since, or, past what one statement reads, with each source read.
-    from app.audit.history import read_chained
-    from app.audit.verify import Verified, verify_history
     from app.backends.postgres.appender import CATCH_UP
 
     async with open_store(postgres_url) as first, open_store(postgres_url) as second:
@@ -773,11 +771,4 @@ async def test_postgres_appenders_follow_each_other_s_appends(postgres_url: str)
         assert (await first.append_one(new("a1", expected_version=6))).version == 7
         with pytest.raises(VersionConflict):
             await first.append_one(new("b7", expected_version=0))
-    engine = create_engine(postgres_url, pool_size=1)
-    try:
-        rows = await read_chained(engine, 0, 100_000)
-    finally:
-        await engine.dispose()
-    found = verify_history(rows)
-    assert isinstance(found, Verified), found
-    assert found.verified == len(rows) == rows[-1].event.position == CATCH_UP + 8
+    assert await verified_chain(postgres_url) == CATCH_UP + 8
